@@ -1,0 +1,162 @@
+"""The root configuration: presets, YAML files and ``a.b=c`` overrides, validated.
+
+``load_config`` merges (defaults <- preset or YAML file <- overrides) into the
+structured :class:`TurnoutConfig` and validates every range and cross-field rule. Any
+problem becomes a :class:`ConfigError` naming the dotted key, before a worker starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from turnout.models.config import ModelConfig, validate_model
+from turnout.models.errors import ConfigError
+from turnout.parallel.config import ParallelConfig, validate_parallel
+from turnout.trainer.config import (
+    DataConfig,
+    TrackingConfig,
+    TrainConfig,
+    validate_data,
+    validate_train,
+)
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+
+@dataclass
+class LaunchConfig:
+    num_workers: int = 2
+    """Training processes (world size)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL)."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves per worker."""
+    address: str = ""
+    """Ray cluster to join ('' = RAY_ADDRESS if set, else an embedded local cluster)."""
+    storage_path: str = ""
+    """Where Ray Train keeps run state ('' = ./.turnout/ray)."""
+
+
+@dataclass
+class TurnoutConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The language model."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Expert parallelism and ZeRO."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and tokenizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, evaluation, checkpoints."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Workers and the Ray cluster."""
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path, label: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(label, f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "invalid YAML"
+        raise ConfigError(label, f"{path} is not valid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(label, f"{path} must hold a mapping at the top level")
+    return data
+
+
+def _source(name: str | None) -> dict:
+    if name is None:
+        name = DEFAULT_PRESET
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError("config", f"no such config file: {name}")
+        return _read_yaml(path, "config")
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            "config", f"unknown preset {name!r}; presets: {', '.join(preset_names())}"
+        )
+    return _read_yaml(path, "config")
+
+
+def _omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
+    key = getattr(e, "full_key", None) or "config"
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ConfigError(str(key), msg)
+
+
+def load_config(
+    source: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TurnoutConfig:
+    """Merge defaults, a preset name or YAML path, and ``a.b=c`` overrides; validate."""
+    base = OmegaConf.structured(TurnoutConfig)
+    try:
+        merged = OmegaConf.merge(base, _source(source))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(item, "override must look like key=value")
+            key, value = item.split("=", 1)
+            parsed = yaml.safe_load(value) if value.strip() else ""
+            if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
+                raise ConfigError(key, "unknown key")
+            OmegaConf.update(merged, key, parsed, merge=False)
+        cfg: TurnoutConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e) from None
+    except yaml.YAMLError as e:
+        raise ConfigError("overrides", f"cannot parse value: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TurnoutConfig) -> None:
+    """All range and cross-field checks; raises ConfigError naming the key."""
+    validate_model(cfg.model)
+    if cfg.launch.num_workers < 1:
+        raise ConfigError("launch.num_workers", f"must be >= 1, got {cfg.launch.num_workers}")
+    if cfg.launch.cpus_per_worker < 1:
+        raise ConfigError(
+            "launch.cpus_per_worker", f"must be >= 1, got {cfg.launch.cpus_per_worker}"
+        )
+    validate_parallel(
+        cfg.parallel, cfg.model.moe.num_experts, cfg.launch.num_workers, cfg.model.uses_moe()
+    )
+    if cfg.parallel.backend == "nccl" and not cfg.launch.use_gpu:
+        raise ConfigError("parallel.backend", "nccl needs launch.use_gpu=true")
+    validate_data(cfg.data)
+    validate_train(cfg.train)
+
+
+def to_yaml(cfg: TurnoutConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: TurnoutConfig) -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(node)
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return out

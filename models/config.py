@@ -1,0 +1,168 @@
+"""Model configuration: structured (omegaconf) dataclasses for the LM, MoE and MoD.
+
+Every field has a docstring-style comment; ``validate_model`` checks ranges and
+cross-field rules and raises ``ConfigError(key, message)`` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from turnout.models.errors import ConfigError
+
+#: Block kinds a layer pattern may name.
+#: dense: attention + SwiGLU FFN; moe: attention + MoE FFN;
+#: mod: MoD-routed dense block; mode: MoD-routed block whose FFN is an MoE (staged MoDE);
+#: imode: integrated MoDE, attention + MoE whose router also offers no-op experts.
+BLOCK_KINDS = ("dense", "moe", "mod", "mode", "imode")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    """Number of routed experts E (global, across all expert-parallel ranks)."""
+    top_k: int = 2
+    """Experts chosen per token (token-choice top-k)."""
+    capacity_factor: float | None = 1.25
+    """C = max(min_capacity, ceil(capacity_factor * T * k / E)); null means dropless."""
+    min_capacity: int = 4
+    """Lower bound on the per-expert capacity C."""
+    normalize_gates: bool | None = None
+    """Renormalise the top-k gates to sum 1; null picks true for k>1, false for k=1."""
+    expert_ffn_dim: int = 0
+    """Hidden size of each SwiGLU expert; 0 means model.ffn_dim."""
+    aux_loss_coef: float = 0.01
+    """Weight of the load-balance loss E * sum_e f_e * P_e."""
+    z_loss_coef: float = 0.001
+    """Weight of the router z-loss mean(logsumexp(logits)^2)."""
+    num_noop_experts: int = 0
+    """Integrated MoDE ('imode' blocks): extra router choices that compute nothing."""
+
+    def gates_normalized(self) -> bool:
+        """The effective gate normalisation (the null default resolved from top_k)."""
+        if self.normalize_gates is None:
+            return self.top_k > 1
+        return bool(self.normalize_gates)
+
+
+@dataclass
+class MoDConfig:
+    capacity: float = 0.125
+    """Fraction of each sequence a routed block processes: k = ceil(capacity * S)."""
+    predictor: str = "mlp"
+    """Causal decision for sampling: 'mlp' (small MLP on the stop-gradient input) or
+    'router' (auxiliary BCE on the router score itself)."""
+    predictor_hidden: int = 64
+    """Hidden width of the causal predictor MLP."""
+    predictor_loss_coef: float = 0.1
+    """Weight of the predictor's BCE loss (membership in the sequence's top-k)."""
+    router_gate: str = "sigmoid"
+    """g(r) scaling the chosen tokens' residual increment: 'sigmoid' or 'identity'."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    """Vocabulary size (256 for the byte-level tokenizer)."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads; d_model must be divisible by it."""
+    ffn_dim: int = 256
+    """SwiGLU hidden size of dense FFNs."""
+    max_seq_len: int = 256
+    """Training sequence length S (and the RoPE table size)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal initialisation of linear and embedding weights."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output projection."""
+    layer_pattern: list[str] = field(default_factory=lambda: ["dense", "mode"])
+    """Block kinds, cycled over n_layers; each one of dense, moe, mod, mode, imode."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-Experts settings (moe, mode, imode blocks)."""
+    mod: MoDConfig = field(default_factory=MoDConfig)
+    """Mixture-of-Depths settings (mod, mode blocks)."""
+
+    def block_kinds(self) -> list[str]:
+        """The kind of each of the n_layers blocks (the pattern cycled)."""
+        return [self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.n_layers)]
+
+    def expert_hidden(self) -> int:
+        return self.moe.expert_ffn_dim or self.ffn_dim
+
+    def uses_moe(self) -> bool:
+        return any(k in ("moe", "mode", "imode") for k in self.block_kinds())
+
+    def uses_mod(self) -> bool:
+        return any(k in ("mod", "mode") for k in self.block_kinds())
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+
+
+def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
+    """Check ranges and cross-field rules; raise ConfigError naming the dotted key."""
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+        _positive(f"{prefix}.{name}", getattr(cfg, name))
+    _positive(f"{prefix}.rope_theta", cfg.rope_theta)
+    _positive(f"{prefix}.norm_eps", cfg.norm_eps)
+    _positive(f"{prefix}.init_std", cfg.init_std)
+    if cfg.d_model % cfg.n_heads:
+        raise ConfigError(
+            f"{prefix}.n_heads", f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}"
+        )
+    if (cfg.d_model // cfg.n_heads) % 2:
+        raise ConfigError(f"{prefix}.n_heads", "head dim d_model/n_heads must be even for RoPE")
+    if not cfg.layer_pattern:
+        raise ConfigError(f"{prefix}.layer_pattern", "must name at least one block kind")
+    for i, kind in enumerate(cfg.layer_pattern):
+        if kind not in BLOCK_KINDS:
+            raise ConfigError(
+                f"{prefix}.layer_pattern[{i}]",
+                f"unknown block kind {kind!r}; expected one of {', '.join(BLOCK_KINDS)}",
+            )
+    kinds = cfg.block_kinds()
+    moe, mod = cfg.moe, cfg.mod
+    m = f"{prefix}.moe"
+    _positive(f"{m}.num_experts", moe.num_experts)
+    _positive(f"{m}.top_k", moe.top_k)
+    if moe.top_k > moe.num_experts + (moe.num_noop_experts if "imode" in kinds else 0):
+        raise ConfigError(f"{m}.top_k", f"top_k={moe.top_k} exceeds num_experts={moe.num_experts}")
+    if moe.capacity_factor is not None:
+        cf = moe.capacity_factor
+        if not math.isfinite(cf) or cf <= 0:
+            raise ConfigError(f"{m}.capacity_factor", f"must be > 0 or null (dropless), got {cf}")
+    if moe.min_capacity < 0:
+        raise ConfigError(f"{m}.min_capacity", f"must be >= 0, got {moe.min_capacity}")
+    if moe.expert_ffn_dim < 0:
+        raise ConfigError(f"{m}.expert_ffn_dim", f"must be >= 0, got {moe.expert_ffn_dim}")
+    if moe.aux_loss_coef < 0 or moe.z_loss_coef < 0:
+        key = "aux_loss_coef" if moe.aux_loss_coef < 0 else "z_loss_coef"
+        raise ConfigError(f"{m}.{key}", "must be >= 0")
+    if moe.num_noop_experts < 0:
+        raise ConfigError(f"{m}.num_noop_experts", f"must be >= 0, got {moe.num_noop_experts}")
+    if "imode" in kinds and moe.num_noop_experts == 0:
+        raise ConfigError(
+            f"{m}.num_noop_experts", "an 'imode' block needs at least one no-op expert"
+        )
+    d = f"{prefix}.mod"
+    if not (0.0 < mod.capacity <= 1.0):
+        raise ConfigError(f"{d}.capacity", f"must be in (0, 1], got {mod.capacity}")
+    if mod.predictor not in ("mlp", "router"):
+        raise ConfigError(f"{d}.predictor", f"must be 'mlp' or 'router', got {mod.predictor!r}")
+    if mod.router_gate not in ("sigmoid", "identity"):
+        raise ConfigError(
+            f"{d}.router_gate", f"must be 'sigmoid' or 'identity', got {mod.router_gate!r}"
+        )
+    _positive(f"{d}.predictor_hidden", mod.predictor_hidden)
+    if mod.predictor_loss_coef < 0:
+        raise ConfigError(f"{d}.predictor_loss_coef", "must be >= 0")

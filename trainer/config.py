@@ -1,0 +1,102 @@
+"""Data, training and tracking configuration (omegaconf structured dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from turnout.models.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"
+    """'stdlib' (this Python's own standard-library sources, on disk everywhere) or a
+    path to a text file or a directory of text files."""
+    max_bytes: int = 16_000_000
+    """Read at most this many bytes of the corpus (0 = all)."""
+    val_fraction: float = 0.02
+    """Fraction of the token stream held out for validation (the tail)."""
+    cache_dir: str = ".turnout_cache"
+    """Where the memory-mapped token cache is written (keyed by a corpus fingerprint)."""
+    tokenizer: str = "byte"
+    """Tokenizer; 'byte' maps each UTF-8 byte to one token (vocab 256)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per rank per micro step."""
+    grad_accum: int = 1
+    """Micro steps per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 30
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms and biases)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPUs that support it, else fp32), 'bf16' or 'fp32'."""
+    eval_every: int = 100
+    """Validation every N steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 8
+    """Micro batches per validation pass, per rank."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    ckpt_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    ckpt_dir: str = "checkpoints"
+    """Where checkpoints are written (one folder per run)."""
+    resume: str = ""
+    """Checkpoint folder to resume from ('' = start fresh)."""
+    seed: int = 1234
+    """Seed for weights and data order."""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow (rank 0 only)."""
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI: a local store by default, or a tracking server's URI."""
+    experiment: str = "turnout"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name ('' = generated)."""
+
+
+def validate_data(cfg: DataConfig) -> None:
+    if cfg.max_bytes < 0:
+        raise ConfigError("data.max_bytes", f"must be >= 0, got {cfg.max_bytes}")
+    if not (0.0 < cfg.val_fraction < 0.5):
+        raise ConfigError("data.val_fraction", f"must be in (0, 0.5), got {cfg.val_fraction}")
+    if cfg.tokenizer != "byte":
+        raise ConfigError("data.tokenizer", f"only 'byte' is supported, got {cfg.tokenizer!r}")
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    for name in ("steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "eval_every", "ckpt_every"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise ConfigError("train.lr", f"must be > 0, got {cfg.lr}")
+    if not (0 <= cfg.min_lr <= cfg.lr):
+        raise ConfigError("train.min_lr", f"must be in [0, lr={cfg.lr}], got {cfg.min_lr}")
+    if cfg.weight_decay < 0:
+        raise ConfigError("train.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ConfigError("train.betas", f"must be two numbers in [0, 1), got {list(cfg.betas)}")
+    if cfg.grad_clip < 0:
+        raise ConfigError("train.grad_clip", f"must be >= 0, got {cfg.grad_clip}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError("train.precision", f"must be auto, bf16 or fp32, got {cfg.precision!r}")
