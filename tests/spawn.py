@@ -1,0 +1,71 @@
+"""Run a function on N spawned gloo ranks and collect each rank's return value.
+
+Used by the distributed tier: every test there compares what the ranks computed with
+the single-process reference on the same seed and weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    path = os.path.join(outdir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+    """Spawn ``world`` gloo ranks running ``fn(rank, world, *args)``; return their results.
+
+    ``fn`` must be a module-level function (picklable). A failure on any rank raises
+    with that rank's traceback.
+    """
+    with tempfile.TemporaryDirectory() as outdir:
+        try:
+            mp.spawn(_entry, args=(world, free_port(), outdir, fn, args), nprocs=world, join=True)
+        except Exception as e:
+            errors = []
+            for r in range(world):
+                p = os.path.join(outdir, f"rank{r}.pt")
+                if os.path.exists(p):
+                    rec = torch.load(p, weights_only=False)
+                    if not rec["ok"]:
+                        errors.append(f"rank {r}:\n{rec['error']}")
+            raise RuntimeError("\n".join(errors) or str(e)) from e
+        return [
+            torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)["result"]
+            for r in range(world)
+        ]
