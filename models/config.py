@@ -135,8 +135,19 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
     m = f"{prefix}.moe"
     _positive(f"{m}.num_experts", moe.num_experts)
     _positive(f"{m}.top_k", moe.top_k)
-    if moe.top_k > moe.num_experts + (moe.num_noop_experts if "imode" in kinds else 0):
-        raise ConfigError(f"{m}.top_k", f"top_k={moe.top_k} exceeds num_experts={moe.num_experts}")
+    # moe/mode routers offer num_experts choices; imode routers add the no-op experts.
+    choices = [
+        moe.num_experts + (moe.num_noop_experts if k == "imode" else 0)
+        for k in kinds
+        if k in ("moe", "mode", "imode")
+    ]
+    n_choices = min(choices, default=moe.num_experts)
+    if moe.top_k > n_choices:
+        raise ConfigError(
+            f"{m}.top_k",
+            f"top_k={moe.top_k} exceeds the router choices ({n_choices}; "
+            f"num_experts={moe.num_experts}, num_noop_experts={moe.num_noop_experts})",
+        )
     if moe.capacity_factor is not None:
         cf = moe.capacity_factor
         if not math.isfinite(cf) or cf <= 0:

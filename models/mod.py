@@ -58,18 +58,21 @@ class MoDBlock(nn.Module):
         B, S, D = x_BSD.shape
         score_BS = self.scores(x_BSD)
         pred_BS = self.causal_logits(x_BSD, score_BS)
+        if routing not in ("topk", "causal"):
+            raise ValueError(f"routing must be 'topk' or 'causal', got {routing!r}")
+        # The predictor's target is always top-k membership in the sequence it sees (also in
+        # causal mode, where the block runs on the predictor's own decisions instead).
+        idx_BM, topk_BS = ops.mod_select(score_BS, mod_capacity(S, self.capacity))
         if routing == "topk":
-            idx_BM, chosen_BS = ops.mod_select(score_BS, mod_capacity(S, self.capacity))
+            chosen_BS = topk_BS
             out_BSD, aux = self._compact(x_BSD, pos_BS, score_BS, idx_BM)
-        elif routing == "causal":
+        else:
             chosen_BS = pred_BS > 0
             out_BSD, aux = masked_dense(self, x_BSD, pos_BS, score_BS, chosen_BS)
-        else:
-            raise ValueError(f"routing must be 'topk' or 'causal', got {routing!r}")
-        target_BS = chosen_BS.float()
+        target_BS = topk_BS.float()
         aux["mod_pred_loss"] = F.binary_cross_entropy_with_logits(pred_BS, target_BS)
-        aux["mod_capacity"] = target_BS.mean().detach()
-        aux["mod_pred_acc"] = ((pred_BS > 0) == chosen_BS).float().mean().detach()
+        aux["mod_capacity"] = chosen_BS.float().mean().detach()
+        aux["mod_pred_acc"] = ((pred_BS > 0) == topk_BS).float().mean().detach()
         return out_BSD, aux
 
     def _compact(

@@ -44,7 +44,8 @@ class MoELayer(nn.Module):
         self.num_experts = cfg.num_experts
         self.num_noop = num_noop
         self.top_k = cfg.top_k
-        # Router weights stay fp32 (kept out of bf16 casting by ``router_fp32``).
+        # The router matmul always runs in fp32 (see router_logits); under a bf16 engine the
+        # stored copy is bf16 while the optimizer keeps the fp32 master.
         self.router_DE = nn.Parameter(torch.empty(d_model, cfg.num_experts + num_noop))
         nn.init.normal_(self.router_DE, std=init_std)
         self.experts = ExpertBank(cfg.num_experts, d_model, hidden, init_std)
@@ -65,7 +66,7 @@ class MoELayer(nn.Module):
         y_TD = self.dispatcher(x_TD, plan, self.experts)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         noop = (
-            (plan.expert_TK >= self.num_experts).float().mean()
+            (plan.expert_TK >= self.num_experts).float().sum() / max(plan.expert_TK.numel(), 1)
             if self.num_noop
             else probs_TE.new_zeros(())
         )

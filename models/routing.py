@@ -59,7 +59,7 @@ def expert_capacity(
     """C = max(min_capacity, ceil(capacity_factor * T * k / E)); None when dropless."""
     if capacity_factor is None:
         return None
-    # The small epsilon keeps float noise (0.1 * 30 = 3.0000000000000004) from adding a row.
+    # The small epsilon keeps float noise (1.1 * 50 * 2 / 2 = 55.00000000000001) from adding a row.
     raw = capacity_factor * num_tokens * top_k / num_experts
     return max(int(min_capacity), int(math.ceil(raw - 1e-9)))
 
@@ -125,13 +125,15 @@ def load_balance_loss(probs_TE: Tensor, expert_TK: Tensor) -> Tensor:
         0, expert_TK.reshape(-1), torch.ones_like(expert_TK, dtype=probs_TE.dtype).reshape(-1)
     )
     f_E = counts_E / max(T * K, 1)
-    P_E = probs_TE.mean(dim=0)
+    # sum / max(T, 1) rather than mean: no tokens (a MoD block that chose none) gives 0, not NaN.
+    P_E = probs_TE.sum(dim=0) / max(T, 1)
     return E * torch.sum(f_E * P_E)
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
-    """mean over tokens of logsumexp(logits)^2 (in fp32)."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).pow(2).mean()
+    """mean over tokens of logsumexp(logits)^2 (in fp32); 0 when there are no tokens."""
+    z_T = torch.logsumexp(logits_TE.float(), dim=-1).pow(2)
+    return z_T.sum() / max(z_T.numel(), 1)
 
 
 def permute(x_TD: Tensor, plan: RoutingPlan) -> Tensor:

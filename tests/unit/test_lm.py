@@ -1,0 +1,208 @@
+"""TransformerLM: every block kind trains, the loss is ce + weighted aux, stats, generate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from turnout.models.config import MoDConfig, ModelConfig, MoEConfig, validate_model
+from turnout.models.lm import TransformerLM
+from turnout.models.mod import MoDBlock
+from turnout.models.moe import MoELayer
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+B, S, V = 2, 16, 64
+
+
+def _cfg(pattern: list[str], max_seq_len: int = 32, **moe: object) -> ModelConfig:
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=32,
+        n_layers=len(pattern),
+        n_heads=4,
+        ffn_dim=48,
+        max_seq_len=max_seq_len,
+        layer_pattern=pattern,
+        moe=MoEConfig(num_experts=4, top_k=2, min_capacity=1, **moe),  # type: ignore[arg-type]
+        mod=MoDConfig(capacity=0.25),
+    )
+    validate_model(cfg)
+    return cfg
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens_BS = torch.randint(0, V, (B, S + 1), generator=g)
+    return tokens_BS[:, :-1], tokens_BS[:, 1:]
+
+
+EXPECTED_STATS = {
+    "dense": set(),
+    "moe": {"moe_lb", "moe_z", "moe_counts", "moe_drop"},
+    "mod": {"mod_pred_loss", "mod_capacity", "mod_pred_acc"},
+    "mode": {"moe_lb", "moe_z", "moe_counts", "moe_drop"}
+    | {"mod_pred_loss", "mod_capacity", "mod_pred_acc"},
+    "imode": {"moe_lb", "moe_z", "moe_counts", "moe_drop", "moe_noop"},
+}
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "mod", "mode", "imode"])
+def test_forward_backward_every_block_kind(kind: str) -> None:
+    torch.manual_seed(0)
+    cfg = _cfg(["dense", kind], num_noop_experts=2 if kind == "imode" else 0)
+    lm = TransformerLM(cfg)
+    tokens, targets = _batch()
+    out = lm(tokens, targets)
+    assert out.logits.shape == (B, S, V)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in lm.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    keys = {k.split("/", 1)[1] for k in out.stats if k.startswith("layer1/")}
+    assert keys == EXPECTED_STATS[kind]
+    assert not any(k.startswith("layer0/") for k in out.stats)  # the dense layer has none
+    if kind in ("moe", "mode", "imode"):
+        counts = out.stats["layer1/moe_counts"]
+        assert counts.dtype == torch.long and counts.shape == (4,)
+        n_tokens = S * B if kind != "mode" else B * 4  # mode: ceil(0.25 * 16) = 4 per row
+        assert (
+            int(counts.sum())
+            + (round(out.stats["layer1/moe_noop"].item() * n_tokens * 2) if kind == "imode" else 0)
+            == n_tokens * 2
+        )
+    if kind in ("mod", "mode"):
+        assert out.stats["layer1/mod_capacity"].item() == pytest.approx(0.25)
+
+
+def test_imode_noop_experts_are_never_dispatched() -> None:
+    torch.manual_seed(0)
+    lm = TransformerLM(_cfg(["imode"], num_noop_experts=2))
+    moe = lm.moe_layers()[0]
+    assert moe.router_DE.shape == (32, 6) and moe.experts.num_experts == 4
+    with torch.no_grad():  # make both no-op columns win for every token
+        moe.router_DE.zero_()
+        moe.router_DE[:, 4:] = 1.0
+        lm.embed.weight.abs_()
+    tokens, targets = _batch()
+    block = lm.layers[0]
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep_output(module: torch.nn.Module, args: object, output: tuple) -> None:
+        captured["y"] = output[0]
+
+    handle = block.ffn.register_forward_hook(keep_output)
+    out = lm(tokens, targets)
+    handle.remove()
+    assert out.stats["layer0/moe_noop"].item() == 1.0
+    assert int(out.stats["layer0/moe_counts"].sum()) == 0
+    assert torch.equal(captured["y"], torch.zeros_like(captured["y"]))
+    out.loss.backward()
+    for p in moe.experts.parameters():
+        assert p.grad is None or p.grad.abs().sum() == 0
+
+
+def test_loss_is_ce_plus_weighted_aux() -> None:
+    torch.manual_seed(0)
+    cfg = _cfg(["moe", "mode", "mod"])
+    cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef, cfg.mod.predictor_loss_coef = 0.3, 0.05, 0.7
+    lm = TransformerLM(cfg)
+    tokens, targets = _batch()
+    out = lm(tokens, targets)
+    ce = F.cross_entropy(out.logits.reshape(-1, V), targets.reshape(-1))
+    assert out.ce.item() == pytest.approx(ce.item(), rel=1e-6)
+    lb = out.stats["layer0/moe_lb"] + out.stats["layer1/moe_lb"]
+    z = out.stats["layer0/moe_z"] + out.stats["layer1/moe_z"]
+    pred = out.stats["layer1/mod_pred_loss"] + out.stats["layer2/mod_pred_loss"]
+    assert out.terms["moe_lb"].item() == pytest.approx(lb.item(), rel=1e-6)
+    assert out.terms["moe_z"].item() == pytest.approx(z.item(), rel=1e-6)
+    assert out.terms["mod_pred_loss"].item() == pytest.approx(pred.item(), rel=1e-6)
+    aux = 0.3 * lb + 0.05 * z + 0.7 * pred
+    assert out.aux_loss.item() == pytest.approx(aux.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(ce.item() + aux.item(), rel=1e-5)
+    assert out.aux_loss.requires_grad and not out.ce.requires_grad
+    assert all(not v.requires_grad for v in out.stats.values())
+    # Without targets: logits only.
+    bare = lm(tokens)
+    assert bare.loss is None and bare.ce is None
+    torch.testing.assert_close(bare.logits, out.logits)
+
+
+def test_causal_routing_with_no_token_chosen_gives_finite_loss() -> None:
+    # Causal (sampling) mode where the predictor skips every token: the MoE inside the
+    # MoD block sees zero tokens; its aux losses must be 0, not NaN.
+    torch.manual_seed(0)
+    lm = TransformerLM(_cfg(["dense", "mode"]))
+    mod = lm.layers[1]
+    assert isinstance(mod, MoDBlock)
+    with torch.no_grad():
+        mod.predictor[-1].weight.zero_()  # type: ignore[index]
+        mod.predictor[-1].bias.fill_(-5.0)  # type: ignore[index]
+    tokens, targets = _batch()
+    out = lm(tokens, targets, routing="causal")
+    assert out.stats["layer1/mod_capacity"].item() == 0.0
+    assert torch.isfinite(out.loss), out.stats
+    assert out.stats["layer1/moe_lb"].item() == 0.0
+
+
+def test_generate_runs_and_argmax_is_deterministic() -> None:
+    torch.manual_seed(0)
+    cfg = _cfg(["dense", "mode", "imode"], max_seq_len=16, num_noop_experts=1)
+    lm = TransformerLM(cfg).eval()
+    prompt = _batch()[0][:, :5]
+    a = lm.generate(prompt, 6, temperature=0.0)
+    b = lm.generate(prompt, 6, temperature=0.0)
+    assert a.shape == (B, 11)
+    assert torch.equal(a[:, :5], prompt)
+    assert torch.equal(a, b)
+    # argmax continuation = the argmax of a causal forward over the generated prefix
+    for t in range(5, 11):
+        logits = lm(a[:, :t], routing="causal").logits[:, -1]
+        assert torch.equal(a[:, t], logits.argmax(-1))
+    # sampling with a seeded generator is reproducible too; beyond max_seq_len it slides
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    s1 = lm.generate(prompt, 14, temperature=1.0, generator=g1)  # 19 > max_seq_len = 16
+    s2 = lm.generate(prompt, 14, temperature=1.0, generator=g2)
+    assert s1.shape == (B, 19) and torch.equal(s1, s2)
+    assert int(s1.max()) < V and int(s1.min()) >= 0
+
+
+def test_tied_embeddings() -> None:
+    torch.manual_seed(0)
+    lm = TransformerLM(_cfg(["dense"]))
+    assert lm.head.weight is lm.embed.weight
+    names = [n for n, _ in lm.named_parameters()]
+    assert "head.weight" not in names and "embed.weight" in names
+    tokens, targets = _batch()
+    lm(tokens, targets).loss.backward()
+    assert lm.embed.weight.grad is not None
+    cfg = _cfg(["dense"])
+    cfg.tie_embeddings = False
+    untied = TransformerLM(cfg)
+    assert untied.head.weight is not untied.embed.weight
+    n_tied = sum(p.numel() for p in lm.parameters())
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert n_untied - n_tied == V * 32
+
+
+def test_moe_layers_lists_every_moe() -> None:
+    lm = TransformerLM(_cfg(["dense", "moe", "mode", "imode", "mod"], num_noop_experts=1))
+    layers = lm.moe_layers()
+    assert len(layers) == 3 and all(isinstance(m, MoELayer) for m in layers)
+    assert [m.num_noop for m in layers] == [0, 0, 1]
+    assert lm.kinds == ["dense", "moe", "mode", "imode", "mod"]

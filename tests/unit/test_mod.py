@@ -1,0 +1,412 @@
+"""Mixture-of-Depths (models/mod.py): one test per trap listed in DESIGN.md, and more.
+
+Shape suffixes: B batch, S sequence, M chosen positions per sequence, D width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from turnout.models.block import Block
+from turnout.models.config import MoDConfig, ModelConfig, MoEConfig
+from turnout.models.layers import Rotary
+from turnout.models.mod import MoDBlock, masked_dense
+from turnout.models.routing import mod_capacity, mod_select
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+D, H, S = 16, 2, 12
+
+
+def _cfg(capacity: float = 0.25, **mod: object) -> ModelConfig:
+    return ModelConfig(
+        d_model=D,
+        n_heads=H,
+        ffn_dim=32,
+        max_seq_len=64,
+        n_layers=1,
+        init_std=0.2,
+        moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=None),
+        mod=MoDConfig(capacity=capacity, **mod),  # type: ignore[arg-type]
+    )
+
+
+def _mod(ffn: str = "dense", seed: int = 0, **kw: object) -> MoDBlock:
+    torch.manual_seed(seed)
+    cfg = _cfg(**kw)  # type: ignore[arg-type]
+    block = Block(cfg, Rotary(D // H, cfg.max_seq_len, cfg.rope_theta), ffn)
+    for p in block.parameters():  # visible increments, not ~0.02-scale ones
+        torch.nn.init.normal_(p, std=0.3)
+    mod = MoDBlock(cfg, block)
+    torch.nn.init.normal_(mod.router.weight, std=0.5)
+    return mod
+
+
+def _pos(B: int, S_: int = S) -> torch.Tensor:
+    return torch.arange(S_).expand(B, S_)
+
+
+def _chosen(mod: MoDBlock, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return mod_select(mod.scores(x_BSD), mod_capacity(x_BSD.shape[1], mod.capacity))
+
+
+# ---------------------------------------------------------------- exact k, ties
+
+
+@pytest.mark.parametrize(
+    ("S_", "cap", "k"), [(12, 0.25, 3), (10, 0.125, 2), (8, 1.0, 8), (3, 0.01, 1)]
+)
+def test_capacity_is_ceil(S_: int, cap: float, k: int) -> None:
+    assert mod_capacity(S_, cap) == k == min(S_, max(1, math.ceil(cap * S_)))
+
+
+def test_exact_k_with_ties() -> None:
+    # k = 2; the k-th largest value (2.0) is shared by three positions. A strict '>' against
+    # it would select 1 token; '>=' would select 4. Exactly 2, lower positions first.
+    scores_BS = torch.tensor([[3.0, 2.0, 2.0, 0.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    idx_BM, chosen_BS = mod_select(scores_BS, 2)
+    assert idx_BM.tolist() == [[0, 1], [0, 1]]
+    assert chosen_BS.sum(1).tolist() == [2, 2]
+    assert (scores_BS > scores_BS.gather(1, idx_BM)[:, -1:]).sum(1).tolist() == [1, 0]
+
+
+def test_block_processes_exactly_k_per_sequence_even_when_all_scores_tie() -> None:
+    mod = _mod()
+    with torch.no_grad():
+        mod.router.weight.zero_()  # every score 0: all tie
+    x_BSD = torch.randn(3, S, D)
+    out_BSD, aux = mod(x_BSD, _pos(3))
+    changed_BS = (out_BSD != x_BSD).any(-1)
+    assert changed_BS.sum(1).tolist() == [3, 3, 3]  # k = ceil(0.25 * 12)
+    assert changed_BS[:, :3].all()  # ties go to the lower positions
+    assert aux["mod_capacity"].item() == pytest.approx(3 / 12)
+
+
+# ---------------------------------------------------------------- position order
+
+
+def test_chosen_indices_in_position_order() -> None:
+    torch.manual_seed(0)
+    scores_BS = torch.randn(4, 20)
+    idx_BM, chosen_BS = mod_select(scores_BS, 5)
+    assert torch.equal(idx_BM, idx_BM.sort(-1).values)
+    for b in range(4):
+        assert idx_BM[b].tolist() == torch.nonzero(chosen_BS[b]).flatten().tolist()
+        top = sorted(range(20), key=lambda s, b=b: (-scores_BS[b, s].item(), s))[:5]
+        assert sorted(top) == idx_BM[b].tolist()
+
+
+def test_descending_scores_keep_causal_order() -> None:
+    # The router ranks later positions higher, so top-k order is the reverse of position
+    # order; the compacted run must still attend causally by original position.
+    mod = _mod()
+    x_BSD = torch.randn(2, S, D)
+    with torch.no_grad():
+        mod.router.weight.zero_()
+        mod.router.weight[0, 0] = 1.0
+        x_BSD[:, :, 0] = torch.arange(S, dtype=torch.float32)  # score grows with position
+    idx_BM, chosen_BS = _chosen(mod, x_BSD)
+    assert idx_BM.tolist() == [[9, 10, 11]] * 2
+    out_BSD, _ = mod(x_BSD, _pos(2))
+    ref_BSD, _ = masked_dense(mod, x_BSD, _pos(2), mod.scores(x_BSD), chosen_BS)
+    torch.testing.assert_close(out_BSD, ref_BSD, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- unchosen bit-identical
+
+
+def test_unchosen_tokens_bit_identical() -> None:
+    mod = _mod()
+    x_BSD = torch.randn(3, S, D)
+    out_BSD, _ = mod(x_BSD, _pos(3))
+    _, chosen_BS = _chosen(mod, x_BSD)
+    assert torch.equal(out_BSD[~chosen_BS], x_BSD[~chosen_BS])
+    assert not torch.equal(out_BSD[chosen_BS], x_BSD[chosen_BS])
+
+
+# ---------------------------------------------------------------- router scales the increment
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "identity"])
+def test_chosen_output_is_x_plus_gate_times_block_increment(gate: str) -> None:
+    mod = _mod(router_gate=gate)
+    B = 2
+    x_BSD = torch.randn(B, S, D)
+    out_BSD, _ = mod(x_BSD, _pos(B))
+    idx_BM, _ = _chosen(mod, x_BSD)
+    x_BMD = x_BSD.gather(1, idx_BM.unsqueeze(-1).expand(-1, -1, D))
+    pos_BM = _pos(B).gather(1, idx_BM)
+    blk_BMD, _ = mod.block(x_BMD, pos_BM)  # Block.forward = x + (block(x) - x)
+    r_BM = (x_BMD @ mod.router.weight[0]).unsqueeze(-1)
+    g_BM1 = torch.sigmoid(r_BM) if gate == "sigmoid" else r_BM
+    got_BMD = out_BSD.gather(1, idx_BM.unsqueeze(-1).expand(-1, -1, D))
+    torch.testing.assert_close(got_BMD, x_BMD + g_BM1 * (blk_BMD - x_BMD), rtol=1e-5, atol=1e-5)
+    # The trap: scaling the block's full output (which already holds the residual).
+    wrong_BMD = x_BMD + g_BM1 * blk_BMD
+    assert (got_BMD - wrong_BMD).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------- RoPE at real positions
+
+
+def test_rope_uses_real_positions_not_0_to_k() -> None:
+    mod = _mod()
+    B = 2
+    x_BSD = torch.randn(B, S, D)
+    out_BSD, _ = mod(x_BSD, _pos(B))
+    idx_BM, chosen_BS = _chosen(mod, x_BSD)
+    assert idx_BM.ne(torch.arange(idx_BM.shape[1])).any()  # not trivially 0..k-1
+    x_BMD = x_BSD.gather(1, idx_BM.unsqueeze(-1).expand(-1, -1, D))
+    g_BM1 = torch.sigmoid(mod.scores(x_BSD).gather(1, idx_BM)).unsqueeze(-1)
+    # The trap: positions 0..k-1 for the compacted tokens.
+    delta0_BMD, _ = mod.block.increment(x_BMD, torch.arange(idx_BM.shape[1]).expand_as(idx_BM))
+    wrong_BSD = x_BSD.scatter(1, idx_BM.unsqueeze(-1).expand(-1, -1, D), x_BMD + g_BM1 * delta0_BMD)
+    assert (out_BSD - wrong_BSD).abs().max() > 1e-3
+    ref_BSD, _ = masked_dense(mod, x_BSD, _pos(B), mod.scores(x_BSD), chosen_BS)
+    torch.testing.assert_close(out_BSD, ref_BSD, rtol=1e-5, atol=1e-5)
+    assert (ref_BSD - wrong_BSD).abs().max() > 1e-3
+
+
+def test_rope_offset_positions_are_honoured() -> None:
+    # Shifting every position changes nothing relative (RoPE), but shifting only the
+    # chosen tokens' positions unevenly would; the block must read pos_BS, not arange.
+    mod = _mod()
+    x_BSD = torch.randn(1, S, D)
+    a_BSD, _ = mod(x_BSD, _pos(1))
+    b_BSD, _ = mod(x_BSD, _pos(1) + 7)
+    torch.testing.assert_close(a_BSD, b_BSD, rtol=1e-4, atol=1e-5)
+    c_BSD, _ = mod(x_BSD, _pos(1) * 2)
+    assert (a_BSD - c_BSD).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- compacted == masked dense
+
+
+@pytest.mark.parametrize(
+    ("ffn", "moe"),
+    [
+        ("dense", None),
+        ("moe", MoEConfig(num_experts=4, top_k=2, capacity_factor=None)),
+        ("moe", MoEConfig(num_experts=4, top_k=2, capacity_factor=0.5, min_capacity=0)),
+    ],
+    ids=["dense", "moe-dropless", "moe-capacity"],
+)
+def test_compacted_equals_masked_dense(ffn: str, moe: MoEConfig | None) -> None:
+    mod = _mod(ffn)
+    if moe is not None:
+        mod.block.ffn.cfg = moe  # type: ignore[union-attr]
+    B = 3
+    x_BSD = torch.randn(B, S, D)
+    out_BSD, aux = mod(x_BSD, _pos(B))
+    score_BS = mod.scores(x_BSD)
+    _, chosen_BS = _chosen(mod, x_BSD)
+    ref_BSD, aux_ref = masked_dense(mod, x_BSD, _pos(B), score_BS, chosen_BS)
+    torch.testing.assert_close(out_BSD, ref_BSD, rtol=1e-5, atol=1e-5)
+    if moe is not None:
+        assert torch.equal(aux["moe_counts"], aux_ref["moe_counts"])
+        assert aux["moe_drop"].item() == aux_ref["moe_drop"].item()
+        if moe.capacity_factor is not None:
+            assert aux["moe_drop"].item() > 0  # the capacity case really drops
+
+
+def test_batch_rows_do_not_leak() -> None:
+    # A batch-offset bug (flat indices without b * S) mixes rows across sequences:
+    # changing sequence 1 must leave sequence 0's output untouched.
+    mod = _mod()
+    x_BSD = torch.randn(2, S, D)
+    y_BSD = x_BSD.clone()
+    y_BSD[1] = torch.randn(S, D)
+    a_BSD, _ = mod(x_BSD, _pos(2))
+    b_BSD, _ = mod(y_BSD, _pos(2))
+    assert torch.equal(a_BSD[0], b_BSD[0])
+
+
+# ---------------------------------------------------------------- gradient to the router
+
+
+def test_router_receives_gradient() -> None:
+    mod = _mod()
+    x_BSD = torch.randn(2, S, D, requires_grad=True)
+    out_BSD, _ = mod(x_BSD, _pos(2))
+    out_BSD.pow(2).sum().backward()
+    assert mod.router.weight.grad is not None
+    assert mod.router.weight.grad.abs().sum() > 0
+    assert x_BSD.grad is not None and torch.isfinite(x_BSD.grad).all()
+    # The predictor sees a stop-gradient input: the LM loss alone gives it no gradient.
+    assert all(p.grad is None for p in mod.predictor.parameters())  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- no softmax over the sequence
+
+
+def test_score_of_a_token_does_not_depend_on_other_tokens() -> None:
+    mod = _mod()
+    x_BSD = torch.randn(1, S, D)
+    y_BSD = x_BSD.clone()
+    y_BSD[0, 1:] = 5 * torch.randn(S - 1, D)
+    sx, sy = mod.scores(x_BSD), mod.scores(y_BSD)
+    assert sx[0, 0].item() == sy[0, 0].item()
+    assert sx[0, 0].item() == pytest.approx((x_BSD[0, 0] @ mod.router.weight[0]).item(), rel=1e-6)
+    # and the gate is the per-token sigmoid: no normalisation over positions
+    assert torch.softmax(sx, -1).sum().item() == pytest.approx(1.0)
+    assert torch.sigmoid(sx).sum().item() != pytest.approx(1.0, abs=1e-3)
+
+
+# ---------------------------------------------------------------- vectorised over the batch
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_batch_equals_each_sequence_alone(ffn: str) -> None:
+    mod = _mod(ffn)  # the MoE in _cfg is dropless, so tokens do not compete across rows
+    B = 4
+    x_BSD = torch.randn(B, S, D)
+    out_BSD, aux = mod(x_BSD, _pos(B))
+    for b in range(B):
+        one_BSD, _ = mod(x_BSD[b : b + 1], _pos(1))
+        torch.testing.assert_close(out_BSD[b : b + 1], one_BSD, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- decode path
+
+
+@pytest.mark.parametrize("predictor", ["mlp", "router"])
+def test_causal_decode_at_s1_follows_predictor(predictor: str) -> None:
+    mod = _mod(predictor=predictor)
+    x_B1D = torch.randn(3, 1, D)
+    pos_B1 = torch.tensor([[5], [0], [11]])
+    # Top-k at S=1 always chooses the token (the trap); causal mode asks the predictor.
+    assert mod_capacity(1, mod.capacity) == 1
+    last = mod.predictor[-1] if predictor == "mlp" else None  # type: ignore[index]
+    with torch.no_grad():
+        if last is not None:
+            last.weight.zero_()
+            last.bias.fill_(-4.0)
+        else:
+            mod.router.weight.zero_()
+            mod.router.weight[0, 0] = -1.0  # score = -x[0]
+            x_B1D[:, 0, 0] = torch.tensor([2.0, -2.0, 3.0])  # scores -2, +2, -3
+    out_B1D, aux = mod(x_B1D, pos_B1, routing="causal")
+    pred_B = mod.causal_logits(x_B1D, mod.scores(x_B1D))[:, 0]
+    decide_B = pred_B > 0
+    assert decide_B.tolist() == ([False] * 3 if last is not None else [False, True, False])
+    for b in range(3):
+        if decide_B[b]:
+            # chosen: the block on that single token at its real position
+            blk, _ = mod.block(x_B1D[b : b + 1], pos_B1[b : b + 1])
+            g = mod.gate(mod.scores(x_B1D[b : b + 1]))[0, 0]
+            expected = x_B1D[b] + g * (blk[0] - x_B1D[b])
+            torch.testing.assert_close(out_B1D[b], expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(out_B1D[b], x_B1D[b])
+    assert aux["mod_capacity"].item() == pytest.approx(decide_B.float().mean().item())
+    if last is not None:  # flip the predictor: every token chosen
+        with torch.no_grad():
+            last.bias.fill_(4.0)
+        out_B1D, aux = mod(x_B1D, pos_B1, routing="causal")
+        assert (out_B1D != x_B1D).any(-1).all()
+        assert aux["mod_capacity"].item() == 1.0
+
+
+def test_causal_mode_over_a_sequence_equals_definition() -> None:
+    # An arbitrary (non top-k) per-token choice: masked dense is the block's definition,
+    # computed by hand here on the compacted chosen tokens.
+    mod = _mod()
+    x_BSD = torch.randn(2, S, D)
+    last = mod.predictor[-1]  # type: ignore[index]
+    with torch.no_grad():
+        mod.predictor[0].weight.zero_()  # type: ignore[index]
+        mod.predictor[0].bias.zero_()  # type: ignore[index]
+        last.weight.zero_()
+        last.bias.fill_(-1.0)
+    out_BSD, _ = mod(x_BSD, _pos(2), routing="causal")
+    assert torch.equal(out_BSD, x_BSD)  # nothing chosen
+    chosen_BS = torch.zeros(2, S, dtype=torch.bool)
+    chosen_BS[0, [1, 4, 5]] = True
+    chosen_BS[1, [0, 11]] = True
+    ref_BSD, _ = masked_dense(mod, x_BSD, _pos(2), mod.scores(x_BSD), chosen_BS)
+    for b in range(2):
+        idx = torch.nonzero(chosen_BS[b]).flatten()
+        blk, _ = mod.block(x_BSD[b : b + 1, idx], _pos(1)[:, idx])
+        g = mod.gate(mod.scores(x_BSD[b : b + 1, idx]))[0].unsqueeze(-1)
+        exp = x_BSD[b, idx] + g * (blk[0] - x_BSD[b, idx])
+        torch.testing.assert_close(ref_BSD[b, idx], exp, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_routing_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="routing"):
+        _mod()(torch.randn(1, S, D), _pos(1), routing="sample")
+
+
+# ---------------------------------------------------------------- auxiliary targets, B > 1
+
+
+def test_aux_targets_are_per_sequence_topk_for_b_gt_1() -> None:
+    mod = _mod()
+    B = 3
+    x_BSD = torch.randn(B, S, D)
+    _, aux = mod(x_BSD, _pos(B))
+    scores_BS = mod.scores(x_BSD)
+    pred_BS = mod.causal_logits(x_BSD, scores_BS)
+    target_BS = torch.zeros(B, S)
+    for b in range(B):  # built sequence by sequence, by hand
+        order = sorted(range(S), key=lambda s, b=b: (-scores_BS[b, s].item(), s))
+        target_BS[b, order[:3]] = 1.0
+    expected = F.binary_cross_entropy_with_logits(pred_BS, target_BS)
+    assert aux["mod_pred_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    acc = ((pred_BS > 0).float() == target_BS).float().mean().item()
+    assert aux["mod_pred_acc"].item() == pytest.approx(acc)
+
+
+def test_causal_mode_targets_are_topk_not_own_decisions() -> None:
+    # In causal mode the block runs on the predictor's decisions, but the predictor's
+    # loss and accuracy must still be measured against top-k membership.
+    mod = _mod()
+    last = mod.predictor[-1]  # type: ignore[index]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(-6.0)  # predicts "not chosen" everywhere
+    x_BSD = torch.randn(2, S, D)
+    _, aux = mod(x_BSD, _pos(2), routing="causal")
+    assert aux["mod_capacity"].item() == 0.0  # realised: nothing processed
+    assert aux["mod_pred_acc"].item() == pytest.approx(1 - 3 / 12)  # the base rate
+    assert aux["mod_pred_loss"].item() > 1.0  # the 3 top-k tokens per row cost ~6 nats each
+
+
+def test_causal_predictor_learns() -> None:
+    mod = _mod(predictor_hidden=64)
+    B = 8
+    x_BSD = torch.randn(B, 32, D)
+    pos = _pos(B, 32)
+    opt = torch.optim.Adam(mod.predictor.parameters(), lr=3e-3)  # type: ignore[union-attr]
+    with torch.no_grad():
+        _, aux = mod(x_BSD, pos)
+    first = aux["mod_pred_acc"].item()
+    for _ in range(150):
+        _, aux = mod(x_BSD, pos)
+        opt.zero_grad()
+        aux["mod_pred_loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        _, aux = mod(x_BSD, pos)
+        _, causal = mod(x_BSD, pos, routing="causal")
+    base = 1 - mod_capacity(32, mod.capacity) / 32  # always answering "skip"
+    assert base == 0.75
+    assert aux["mod_pred_acc"].item() > 0.9 > base
+    assert aux["mod_pred_acc"].item() > first
+    # the causal decisions now realise roughly the trained capacity
+    assert abs(causal["mod_capacity"].item() - 0.25) < 0.1
