@@ -1,19 +1,126 @@
 """The routing ops the layers call: fused kernels from csrc/ when built, else the reference.
 
 Every layer calls routing through this module (never ``routing`` directly), so that one
-switch decides between the fused ``turnout._C`` ops and the pure-PyTorch reference.
+switch decides between the fused ``torch.ops.turnout`` kernels (C++ on CPU, CUDA on GPU;
+built on first use by :mod:`turnout.models.kernels`) and the pure-PyTorch reference in
+:mod:`turnout.models.routing`. ``TURNOUT_KERNELS=0`` forces the reference. Both return
+the same :class:`RoutingPlan`; gates stay differentiable w.r.t. the router logits.
+
+Shape legend: T tokens, E router columns (real + no-op), K top-k, D width, C capacity,
+B batch, S positions, M MoD-chosen positions per sequence, N = B * S rows.
 """
 
 from __future__ import annotations
 
-from turnout.models import routing as _ref
+import torch
 
-moe_plan = _ref.moe_plan
-permute = _ref.permute
-combine = _ref.combine
-mod_select = _ref.mod_select
+from turnout.models import kernels
+from turnout.models import routing as _ref
+from turnout.models.routing import RoutingPlan
+
+Tensor = torch.Tensor
+
+# CUDA kernels keep per-warp column histograms in shared memory: at most this many columns.
+CUDA_MAX_COLUMNS = 1024
 
 
 def backend() -> str:
-    """Which implementation the layers use: 'reference' until csrc/ ops are loaded."""
-    return "reference"
+    """'fused' when the csrc/ kernels are loaded and used by default, else 'reference'."""
+    return "fused" if kernels.load() else "reference"
+
+
+def _fused(t: Tensor, columns: int = 0) -> bool:
+    if not kernels.supports(t):
+        return False
+    return t.device.type == "cpu" or columns <= CUDA_MAX_COLUMNS
+
+
+def _dropless_capacity(counts_E: Tensor) -> int:
+    return int(counts_E.max().item()) if counts_E.numel() else 0
+
+
+def moe_plan(
+    logits_TE: Tensor,
+    top_k: int,
+    capacity: int | None,
+    normalize_gates: bool,
+    num_experts: int | None = None,
+) -> RoutingPlan:
+    """Token-choice top-k plan; same contract as :func:`routing.moe_plan`."""
+    E = logits_TE.shape[1]
+    if not _fused(logits_TE, E):
+        return _ref.moe_plan(logits_TE, top_k, capacity, normalize_gates, num_experts)
+    n_real = E if num_experts is None else num_experts
+    cap_arg = -1 if capacity is None else int(capacity)
+    expert_TK, gate_TK, slot_TK, keep_TK, counts_E = torch.ops.turnout.moe_plan(
+        logits_TE.float(), top_k, cap_arg, normalize_gates, n_real
+    )
+    cap = _dropless_capacity(counts_E) if capacity is None else int(capacity)
+    return RoutingPlan(expert_TK, gate_TK, slot_TK, keep_TK, counts_E, cap, n_real)
+
+
+def mod_select(scores_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """MoD top-k positions per sequence: ``idx_BM`` (position order), ``chosen_BS``."""
+    if not _fused(scores_BS):
+        return _ref.mod_select(scores_BS, k)
+    return torch.ops.turnout.mod_select(scores_BS.float(), k)
+
+
+def mode_plan(
+    scores_BS: Tensor,
+    k: int,
+    logits_NE: Tensor,
+    top_k: int,
+    capacity: int | None,
+    normalize_gates: bool,
+    num_experts: int | None = None,
+) -> tuple[Tensor, Tensor, RoutingPlan]:
+    """Fused MoDE plan: the MoD choice and the expert plan of the chosen tokens only.
+
+    ``logits_NE`` has one router row per position (row ``b * S + s``); the plan's tokens
+    are the chosen positions in (batch, position) order, ``T = B * k``. Equal to
+    ``mod_select`` followed by ``moe_plan`` on the chosen rows. No-op columns beyond
+    ``num_experts`` make it integrated MoDE. ``capacity`` is for the ``B * k`` tokens.
+    """
+    E = logits_NE.shape[1]
+    n_real = E if num_experts is None else num_experts
+    if not _fused(logits_NE, E):
+        idx_BM, chosen_BS = _ref.mod_select(scores_BS, k)
+        rows_T = _chosen_rows(idx_BM, scores_BS.shape[1])
+        plan = _ref.moe_plan(logits_NE[rows_T], top_k, capacity, normalize_gates, num_experts)
+        return idx_BM, chosen_BS, plan
+    cap_arg = -1 if capacity is None else int(capacity)
+    idx_BM, chosen_BS, expert_TK, gate_TK, slot_TK, keep_TK, counts_E = torch.ops.turnout.mode_plan(
+        scores_BS.float(), k, logits_NE.float(), top_k, cap_arg, normalize_gates, n_real
+    )
+    cap = _dropless_capacity(counts_E) if capacity is None else int(capacity)
+    plan = RoutingPlan(expert_TK, gate_TK, slot_TK, keep_TK, counts_E, cap, n_real)
+    return idx_BM, chosen_BS, plan
+
+
+def _chosen_rows(idx_BM: Tensor, seq_len: int) -> Tensor:
+    """Flat row ``b * S + s`` of each chosen position, in (batch, position) order."""
+    B = idx_BM.shape[0]
+    return (idx_BM + torch.arange(B, device=idx_BM.device).unsqueeze(1) * seq_len).reshape(-1)
+
+
+def _gate(plan: RoutingPlan, dtype: torch.dtype) -> Tensor:
+    return plan.gate_TK.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def permute(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
+    """Gather token rows into capacity buckets ``[E, C, D]`` (empty rows are zero)."""
+    if not _fused(x_TD):
+        return _ref.permute(x_TD, plan)
+    return torch.ops.turnout.permute(
+        x_TD, plan.expert_TK, plan.slot_TK, plan.keep_TK, None, plan.num_experts, plan.capacity
+    )
+
+
+def combine(y_ECD: Tensor, plan: RoutingPlan) -> Tensor:
+    """Gate-weighted sum of each token's kept expert outputs: ``[T, D]``."""
+    if not _fused(y_ECD):
+        return _ref.combine(y_ECD, plan)
+    return torch.ops.turnout.combine(
+        y_ECD, plan.expert_TK, plan.slot_TK, plan.keep_TK, _gate(plan, y_ECD.dtype)
+    )
