@@ -30,7 +30,8 @@ class LocalDispatcher:
     def __call__(self, x_TD: torch.Tensor, plan: RoutingPlan, experts: ExpertBank) -> torch.Tensor:
         if experts.num_local != plan.num_experts:
             raise RuntimeError(
-                f"LocalDispatcher needs all {plan.num_experts} experts, bank holds {experts.num_local}"
+                f"LocalDispatcher needs all {plan.num_experts} experts, "
+                f"the bank holds {experts.num_local}"
             )
         buckets_ECD = ops.permute(x_TD, plan)
         y_ECD = experts(buckets_ECD)

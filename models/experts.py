@@ -42,4 +42,5 @@ class ExpertBank(nn.Module):
 
     def extra_repr(self) -> str:
         d, f = self.w_gate_EDF.shape[1:]
-        return f"experts={self.num_experts}, local={self.num_local}@{self.expert_offset}, d={d}, hidden={f}"
+        where = f"{self.num_local}@{self.expert_offset}"
+        return f"experts={self.num_experts}, local={where}, d={d}, hidden={f}"

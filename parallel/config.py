@@ -34,5 +34,6 @@ def validate_parallel(
     if world_size % cfg.ep_size:
         raise ConfigError(
             "parallel.ep_size",
-            f"world size {world_size} (launch.num_workers) is not divisible by ep_size={cfg.ep_size}",
+            f"world size {world_size} (launch.num_workers) is not divisible "
+            f"by ep_size={cfg.ep_size}",
         )
