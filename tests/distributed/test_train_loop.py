@@ -1,0 +1,175 @@
+"""train() on 2 gloo ranks: finite losses, MLflow run, atomic checkpoints, exact resume,
+and a non-finite loss that stops both ranks together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.spawn import run_ranks
+from turnout.launch.config import load_config
+from turnout.trainer.data import prepare_corpus
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+MOD_CAPACITY = 0.5  # configs/tiny.yaml model.mod.capacity: ceil(0.5 * 32) / 32 realised
+
+
+def _corpus(tmp_path: Path) -> Path:
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "experts",
+        "route",
+        "tokens",
+    ]
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(9)) for i in range(600)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _overrides(tmp_path: Path, steps: int = 6) -> list[str]:
+    return [
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.ffn_dim=64",
+        "model.max_seq_len=32",
+        "model.layer_pattern=[dense,mode]",
+        "model.moe.num_experts=4",
+        "model.moe.top_k=2",
+        "model.moe.expert_ffn_dim=32",
+        f"data.corpus={_corpus(tmp_path)}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.val_fraction=0.1",
+        f"train.steps={steps}",
+        "train.micro_batch_size=2",
+        "train.grad_accum=2",
+        "train.warmup_steps=2",
+        "train.eval_every=3",
+        "train.eval_batches=2",
+        "train.log_every=2",
+        "train.ckpt_every=3",
+        f"train.ckpt_dir={tmp_path / 'ckpt'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "parallel.zero_stage=2",
+        f"launch.num_workers={WORLD}",
+    ]
+
+
+def _train_then_resume(rank: int, world: int, overrides: list[str], data: str) -> tuple:
+    from turnout.trainer.loop import train
+
+    cfg = load_config("tiny", overrides)
+    first = train(cfg, Path(data))
+    resume_from = str(Path(first.checkpoint).parent / "step3")
+    cfg2 = load_config("tiny", [*overrides, f"train.resume={resume_from}"])
+    second = train(cfg2, Path(data))
+    return first, second
+
+
+def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
+    overrides = _overrides(tmp_path)
+    data = prepare_corpus(load_config("tiny", overrides).data)
+    (first, second), (first1, second1) = run_ranks(_train_then_resume, WORLD, overrides, str(data))
+    for res in (first, second, first1, second1):
+        assert res.steps == 6
+        for value in (res.final_train_loss, res.final_val_loss, res.final_val_loss_causal):
+            assert 0 < value < 10
+        assert res.tokens_per_s > 0
+    # Learning happened: below the uniform-byte loss log(256) = 5.55.
+    assert first.final_val_loss < 5.4
+    # Val loss is averaged over ranks: both ranks report the same value.
+    assert first.final_val_loss == first1.final_val_loss
+    # MLflow run ids only on rank 0.
+    assert first.run_id and second.run_id and first.run_id != second.run_id
+    assert first1.run_id == "" and second1.run_id == ""
+    # Checkpoints: step3 and step6 complete, 'latest' -> step6, no temporary folders.
+    run_dir = Path(first.checkpoint).parent
+    assert Path(first.checkpoint).name == "step6"
+    assert (run_dir / "latest").read_text() == "step6"
+    for tag in ("step3", "step6"):
+        names = {p.name for p in (run_dir / tag).iterdir()}
+        assert "mp_rank_00_model_states.pt" in names
+        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(WORLD)} <= names
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+    # The resumed run restored weights, optimizer, schedule and data position:
+    # it ends exactly where the uninterrupted run ended, in a new run folder.
+    assert second.final_val_loss == pytest.approx(first.final_val_loss, rel=1e-6, abs=1e-7)
+    assert second.final_train_loss == pytest.approx(first.final_train_loss, rel=1e-6, abs=1e-7)
+    assert Path(second.checkpoint).parent != run_dir
+    _check_mlflow(tmp_path, first.run_id, second.run_id)
+
+
+def _check_mlflow(tmp_path: Path, run_id: str, resumed_id: str) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.d_model"] == "32"
+    assert run.data.params["parallel.zero_stage"] == "2"
+    assert run.data.tags["world_size"] == "2"
+    assert run.data.tags["ep_size"] == "1"
+    assert run.data.tags["zero_stage"] == "2"
+    assert run.data.tags["git_commit"]
+    metrics = run.data.metrics
+    for key in ("loss", "val_loss", "val_loss_causal", "lr", "grad_norm", "tokens_per_s"):
+        assert key in metrics, key
+    for key in ("aux/moe_lb", "aux/moe_z", "aux/mod_pred_loss", "unigram_entropy"):
+        assert key in metrics, key
+    # Layer 1 is the MoDE block: expert loads (summed over ranks) are fractions.
+    loads = [metrics[f"layer1/expert{e}_load"] for e in range(4)]
+    assert sum(loads) == pytest.approx(1.0, abs=1e-6)
+    assert metrics["layer1/load_max"] == pytest.approx(max(loads))
+    assert metrics["layer1/mod_capacity"] == pytest.approx(MOD_CAPACITY, abs=1e-6)
+    assert 0.0 <= metrics["layer1/mod_pred_acc"] <= 1.0
+    assert 0.0 <= metrics["layer1/drop_fraction"] <= 1.0
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert steps == [2, 4, 6]
+    # The resumed run starts after step 3.
+    assert [m.step for m in client.get_metric_history(resumed_id, "loss")] == [4, 6]
+    artifacts = [a.path for a in client.list_artifacts(run_id)]
+    assert "config.yaml" in artifacts
+    assert (tmp_path / "mlartifacts").is_dir()
+
+
+def _train_expect_nonfinite(rank: int, world: int, overrides: list[str], data: str) -> str:
+    from turnout.trainer.loop import NonFiniteLossError, train
+
+    cfg = load_config("tiny", overrides)
+    try:
+        train(cfg, Path(data))
+    except NonFiniteLossError as e:
+        return str(e)
+    return "no error"
+
+
+def test_nonfinite_loss_stops_every_rank(tmp_path: Path) -> None:
+    overrides = [
+        *_overrides(tmp_path, steps=6),
+        "train.lr=1e30",
+        "train.min_lr=1e30",
+        "train.warmup_steps=0",
+        "tracking.enabled=false",
+    ]
+    data = prepare_corpus(load_config("tiny", overrides).data)
+    messages = run_ranks(_train_expect_nonfinite, WORLD, overrides, str(data))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("non-finite loss at step ")
+    assert "stopped all 2 ranks" in messages[0]
+    assert "\n" not in messages[0]
+    # Nothing was checkpointed: it never reached ckpt_every.
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").rglob("step*"))

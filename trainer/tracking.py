@@ -1,0 +1,124 @@
+"""MLflow tracking, rank 0 only: one run per job, params, config artifact, tags, metrics.
+
+``Tracker`` is a no-op on ranks other than 0 and when ``tracking.enabled`` is false;
+MLflow is imported lazily, so a disabled tracker has no MLflow import side effects.
+A local ``sqlite:///...`` store keeps its artifacts beside the database
+(``<db dir>/mlartifacts``) rather than in the working directory, and the alembic
+migration chatter of a fresh store is silenced.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from turnout.launch.config import flatten, to_yaml
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_NOISY_LOGGERS = ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils")
+
+
+def git_commit(path: Path = _PACKAGE_DIR) -> str:
+    """HEAD of the git checkout holding the turnout sources, else 'unknown'."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def sqlite_artifact_root(uri: str) -> str | None:
+    """For ``sqlite:///path/x.db``, the folder beside the database that holds artifacts."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :]).expanduser().resolve()
+    return (db.parent / "mlartifacts").as_uri()
+
+
+def _quiet() -> None:
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Tracker:
+    """MLflow on rank 0 (no-op elsewhere or when disabled)."""
+
+    def __init__(self, cfg: Any, rank: int, world_size: int) -> None:
+        self.active = bool(cfg.tracking.enabled) and rank == 0
+        self.run_id = ""
+        self._mlflow: Any = None
+        if not self.active:
+            return
+        _quiet()
+        import mlflow
+
+        _quiet()
+        self._mlflow = mlflow
+        t = cfg.tracking
+        uri = t.uri
+        if uri.startswith("sqlite:///"):
+            db = Path(uri[len("sqlite:///") :]).expanduser().resolve()
+            db.parent.mkdir(parents=True, exist_ok=True)
+            uri = f"sqlite:///{db}"
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient()
+        exp = client.get_experiment_by_name(t.experiment)
+        if exp is None:
+            try:
+                exp_id = client.create_experiment(
+                    t.experiment, artifact_location=sqlite_artifact_root(uri)
+                )
+            except mlflow.exceptions.MlflowException:
+                # Created concurrently by another job: use theirs.
+                exp_id = client.get_experiment_by_name(t.experiment).experiment_id
+        else:
+            exp_id = exp.experiment_id
+        tags = {
+            "world_size": str(world_size),
+            "ep_size": str(cfg.parallel.ep_size),
+            "zero_stage": str(cfg.parallel.zero_stage),
+            "git_commit": git_commit(),
+        }
+        run = client.create_run(exp_id, run_name=t.run_name or None, tags=tags)
+        self.run_id = run.info.run_id
+        self._client = client
+        params = flatten(cfg)
+        items = list(params.items())
+        from mlflow.entities import Param
+
+        for i in range(0, len(items), 90):  # MLflow caps one batch at 100 params
+            client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 90]])
+        client.log_text(self.run_id, to_yaml(cfg), "config.yaml")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))
+        ]
+        for i in range(0, len(batch), 900):
+            self._client.log_batch(self.run_id, metrics=batch[i : i + 900])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self.active:
+            return
+        self._client.set_terminated(self.run_id, status=status)
+        self.active = False
+
+
+def ui_hint(uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    return f"mlflow ui --backend-store-uri {uri}"
