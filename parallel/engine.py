@@ -81,10 +81,20 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
 
 
 def quiet_deepspeed() -> None:
-    """DeepSpeed logs every engine detail at INFO; keep warnings only."""
+    """DeepSpeed logs every engine detail at INFO; keep warnings only.
+
+    On CPU, DeepSpeed's communication backend JIT-builds a shared-memory all-reduce
+    op (``deepspeed_shm_comm``) that only its inference all-reduce uses; we reduce
+    through torch.distributed (gloo), and the build costs ~60 s per fresh cache (and
+    was seen rebuilding itself across processes). Mark it unavailable before the
+    engine creates its backend.
+    """
+    import deepspeed.ops
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def build_engine(model: nn.Module, cfg: Any) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler]:

@@ -52,6 +52,7 @@ def _optimizer(param_groups: list) -> torch.optim.Optimizer:
 def _ds_worker(rank: int, world: int, zero_stage: int, cf: float | None) -> dict:
     import deepspeed
 
+    from turnout.parallel.engine import quiet_deepspeed
     from turnout.parallel.expert_parallel import (
         install_expert_parallel,
         prepare_for_deepspeed,
@@ -72,6 +73,7 @@ def _ds_worker(rank: int, world: int, zero_stage: int, cf: float | None) -> dict
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,
     }
+    quiet_deepspeed()
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=_optimizer(param_groups), config=config
     )
