@@ -129,7 +129,9 @@ def _marker_class(zero3: bool) -> type:
             self.expert_group_name = groups.name
             self.ep_group_name = groups.name
             self.num_experts = num_experts
-            self.num_local_experts = num_experts // groups.ep_size
+            # Zero under ZeRO-1/2: DeepSpeed then neither saves nor loads per-expert files
+            # for this marker; turnout.trainer.checkpoint saves the expert slices itself.
+            self.num_local_experts = num_experts // groups.ep_size if zero3 else 0
             self.enable_expert_tensor_parallelism = False
 
         def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:

@@ -11,6 +11,14 @@ The client state carries the next optimizer step, which is also the data positio
 (``BatchSampler`` windows are a pure function of the step).
 Assumes ``ckpt_dir`` is one filesystem shared by all ranks (one machine, or a shared
 mount on a cluster).
+
+Expert parallelism: DeepSpeed's model-state file leaves out expert parameters (those
+marked ``allreduce=False``) and expects its own MoE layer's naming to save them, which
+our expert banks do not have. So each rank that is first in its expert-data-parallel
+group also writes its local expert slice as ``experts_ep<ep rank>.pt`` inside the same
+temporary tag, and ``load`` puts the slice back after DeepSpeed has restored the rest
+(the ZeRO-1/2 optimizer's fp32 master partitions are restored by DeepSpeed itself).
+Under ZeRO-3 expert parameters are partitioned and saved with the ZeRO shards.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from turnout.models.errors import ConfigError
 from turnout.parallel.dist import barrier
@@ -65,6 +75,7 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict, rank: int) -
         shutil.rmtree(run_dir / tmp_tag, ignore_errors=True)
     barrier()
     engine.save_checkpoint(str(run_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    _save_expert_slice(engine, run_dir / tmp_tag)
     barrier()
     final = run_dir / tag
     if rank == 0:
@@ -79,9 +90,59 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict, rank: int) -
 def load(engine: Any, path: str | os.PathLike) -> dict:
     """Collective: restore model, optimizer and lr scheduler; return the client state."""
     load_dir, tag = resolve_resume(path)
+    sharded_experts = _expert_groups(engine) is not None
     loaded, client_state = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(load_dir),
+        tag=tag,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+        # The model-state file lacks the expert slices; _load_expert_slice adds them.
+        load_module_strict=not sharded_experts,
     )
     if loaded is None:
         raise ConfigError("train.resume", f"could not load checkpoint {load_dir / tag}")
+    _load_expert_slice(engine, load_dir / tag)
     return client_state or {}
+
+
+def _expert_groups(engine: Any) -> Any | None:
+    """This rank's expert-parallel groups when experts are sharded (else None)."""
+    from turnout.parallel.ep_dispatcher import AllToAllDispatcher
+    from turnout.parallel.expert_parallel import moe_layers
+
+    if engine.zero_optimization_stage() == 3:
+        return None
+    for layer in moe_layers(engine.module):
+        if isinstance(layer.dispatcher, AllToAllDispatcher):
+            return layer.dispatcher.groups
+    return None
+
+
+def _expert_params(engine: Any) -> dict[str, Any]:
+    return {
+        n: p for n, p in engine.module.named_parameters() if getattr(p, "allreduce", True) is False
+    }
+
+
+def _save_expert_slice(engine: Any, folder: Path) -> None:
+    groups = _expert_groups(engine)
+    if groups is None or groups.layout.edp_rank(groups.rank) != 0:
+        return
+    state = {n: p.detach().cpu().clone() for n, p in _expert_params(engine).items()}
+    torch.save(state, folder / f"experts_ep{groups.ep_rank}.pt")
+
+
+def _load_expert_slice(engine: Any, folder: Path) -> None:
+    groups = _expert_groups(engine)
+    if groups is None:
+        return
+    path = folder / f"experts_ep{groups.ep_rank}.pt"
+    if not path.is_file():
+        raise ConfigError("train.resume", f"{path} is missing (saved with another ep_size?)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = _expert_params(engine)
+    if set(state) != set(params):
+        raise ConfigError("train.resume", f"{path} holds other expert parameters than this model")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name].to(p.device, p.dtype))

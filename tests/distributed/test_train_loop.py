@@ -104,6 +104,8 @@ def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
         names = {p.name for p in (run_dir / tag).iterdir()}
         assert "mp_rank_00_model_states.pt" in names
         assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(WORLD)} <= names
+        # ep 2: each expert-parallel rank's slice of the experts is saved beside them.
+        assert {"experts_ep0.pt", "experts_ep1.pt"} <= names
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
     # The resumed run restored weights, optimizer, schedule and data position:
     # it ends exactly where the uninterrupted run ended, in a new run folder.
@@ -122,7 +124,7 @@ def _check_mlflow(tmp_path: Path, run_id: str, resumed_id: str) -> None:
     assert run.data.params["model.d_model"] == "32"
     assert run.data.params["parallel.zero_stage"] == "2"
     assert run.data.tags["world_size"] == "2"
-    assert run.data.tags["ep_size"] == "1"
+    assert run.data.tags["ep_size"] == "2"  # configs/tiny.yaml splits the experts
     assert run.data.tags["zero_stage"] == "2"
     assert run.data.tags["git_commit"]
     metrics = run.data.metrics
