@@ -6,7 +6,6 @@ Shape suffixes: B batch, S sequence, M chosen positions per sequence, D width.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,15 +18,6 @@ from turnout.models.mod import MoDBlock, masked_dense
 from turnout.models.routing import mod_capacity, mod_select
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 D, H, S = 16, 2, 12
