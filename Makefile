@@ -1,0 +1,51 @@
+# turnout: two commands do all the set-up on a fresh machine.
+#   make train   the default job (preset tiny: 2 CPU workers on a local Ray cluster)
+#   make test    the whole test suite (unit, distributed, e2e; gpu tests skip without CUDA)
+# Both create .venv when missing, install torch only when the venv has none (a user's own
+# CUDA build stays), then install this project editable with its dev extras, once.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.turnout-installed
+TORCH_VERSION ?= 2.13.0
+PRESET ?= tiny
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: all setup train test lint format clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	@if $(BIN)/python -c 'import torch' >/dev/null 2>&1; then \
+	  echo "torch already in $(VENV): $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	else \
+	  $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
+	fi
+	$(BIN)/python -m pip install -e '.[dev]'
+	@touch $@
+
+setup: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/turnout train $(PRESET) $(ARGS)
+
+test: $(STAMP)
+	@rc=0; $(BIN)/python -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; \
+	exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf .turnout .turnout_cache .pytest_cache

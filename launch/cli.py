@@ -1,0 +1,216 @@
+"""The ``turnout`` command.
+
+    turnout train [PRESET|file.yaml] [key=value ...] [--address ADDR] [--launcher ray|torchrun]
+    turnout presets
+    turnout show [PRESET|file.yaml] [key=value ...]
+    turnout keys [--markdown]
+
+Everything that can be wrong with a config is found here, on the launcher, before a
+worker starts: one line ``turnout: error: <key>: <message>`` on stderr, exit code 2.
+Ray, DeepSpeed, MLflow and torch.distributed are imported only after validation, so a
+bad config fails in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from turnout.launch.config import (
+    DEFAULT_PRESET,
+    PRESET_DIR,
+    TurnoutConfig,
+    load_config,
+    preset_names,
+    to_yaml,
+)
+from turnout.models.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line too (and exit 2, as argparse does)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"turnout: error: {message} (see turnout {self._sub_name()}--help)", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+
+    def _sub_name(self) -> str:
+        parts = self.prog.split()
+        return f"{parts[-1]} " if len(parts) > 1 else ""
+
+
+def one_line_text(text: str) -> str:
+    """Collapse a message onto one line (the error contract is exactly one line)."""
+    return " ".join(text.split())
+
+
+def _split_source(items: list[str]) -> tuple[str | None, list[str]]:
+    """First positional without '=' is the preset or YAML file; the rest are overrides."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _preset_blurb(name: str) -> str:
+    """The first sentence of a preset file's leading comment, as its description."""
+    try:
+        text = (PRESET_DIR / f"{name}.yaml").read_text()
+    except OSError:
+        return ""
+    words: list[str] = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("# ").strip())
+    blurb = " ".join(words)
+    end = blurb.find(". ")
+    return (blurb[:end] if end >= 0 else blurb).rstrip(".")
+
+
+def _load(items: list[str], address: str | None = None) -> TurnoutConfig:
+    source, overrides = _split_source(items)
+    if address:
+        overrides = [*overrides, f"launch.address={address}"]
+    return load_config(source, overrides)
+
+
+def cmd_presets(_: argparse.Namespace) -> int:
+    names = preset_names()
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        mark = " (default)" if name == DEFAULT_PRESET else ""
+        print(f"{name.ljust(width)}  {_preset_blurb(name)}{mark}")
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from turnout.launch.keys import markdown_table, plain_listing
+
+    print(markdown_table() if args.markdown else plain_listing())
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    cfg = _load(args.items)
+    print(to_yaml(cfg), end="")
+    return EXIT_OK
+
+
+def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
+    """Run the same worker entry under torchrun on this machine (no Ray)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={cfg.launch.num_workers}",
+        "-m",
+        "turnout.launch.worker",
+        *args.items,
+        # The store the launcher resolved against its cwd (same machine, same cwd).
+        f"tracking.uri={cfg.tracking.uri}",
+    ]
+    return subprocess.call(cmd)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args.items, args.address)
+    from turnout.launch.paths import resolve_paths
+    from turnout.launch.worker import prepare_data
+
+    cfg = resolve_paths(cfg)
+    data_path = prepare_data(cfg)  # validation ends here: nothing heavy imported yet
+    if args.launcher == "torchrun":
+        return _train_torchrun(args, cfg)
+
+    from turnout.launch.ray_launch import WorkerFailed, run_ray
+    from turnout.launch.worker import format_summary
+
+    where = cfg.launch.address or os.environ.get("RAY_ADDRESS") or "an embedded local Ray cluster"
+    print(
+        f"turnout: {cfg.launch.num_workers} worker(s) on {where}; "
+        f"tracking {cfg.tracking.uri if cfg.tracking.enabled else 'off'}",
+        flush=True,
+    )
+    try:
+        res = run_ray(cfg, data_path)
+    except WorkerFailed as e:
+        if e.config_error:  # a check only a worker could make: still a config error
+            print(f"turnout: error: {e.config_error}", file=sys.stderr)
+            return EXIT_CONFIG
+        hint = f" (worker logs: {e.log})" if e.log and "(traceback:" not in e.reason else ""
+        print(f"turnout: error: training failed: {e.reason}{hint}", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_summary(cfg, res), flush=True)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="turnout",
+        description="Train transformers with input-dependent compute (MoE, MoD, MoDE).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    items_help = (
+        f"a preset name (default {DEFAULT_PRESET!r}; see `turnout presets`) or a YAML file, "
+        "then key=value overrides (e.g. train.steps=50 model.moe.num_experts=8)"
+    )
+
+    p = sub.add_parser("train", help="train a model (embedded Ray cluster by default)")
+    p.add_argument(
+        "items", nargs="*", metavar="[PRESET|FILE.yaml] [key=value ...]", help=items_help
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (e.g. ray://head:10001); default RAY_ADDRESS, else a local one",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=("ray", "torchrun"),
+        default="ray",
+        help="ray (default): Ray Train workers; torchrun: plain torchrun on this machine",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("presets", help="list the presets in configs/")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("keys", help="list every config key with its default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as a Markdown table (README)")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("show", help="print the resolved, validated config as YAML")
+    p.add_argument(
+        "items", nargs="*", metavar="[PRESET|FILE.yaml] [key=value ...]", help=items_help
+    )
+    p.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may follow an option (`train tiny --launcher torchrun a.b=c`): argparse
+    # hands those back as extras; they join the items in order.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if any(e.startswith("-") for e in extra) or not hasattr(args, "items"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items = [*args.items, *extra]
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"turnout: error: {one_line_text(str(e))}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("turnout: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Run a validated config on Ray: an embedded local cluster, or one joined by address.
+
+The driver (``turnout train``) has already validated the config and prepared the token
+cache; here we start or join Ray, run ``cfg.launch.num_workers`` workers with Ray
+Train's ``TorchTrainer`` (gloo on CPU, NCCL on GPU) and hand back rank 0's TrainResult.
+
+Ray is chatty. The user should see the trainer's own progress and the summary, so the
+driver replaces Ray's log printer with one that forwards only the training workers'
+output, without Ray's ``(RayTrainWorker pid=...)`` prefixes; Ray Train's own logs go
+to WARNING. ``TURNOUT_RAY_VERBOSE=1`` restores Ray's normal output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from turnout.launch.config import TurnoutConfig
+from turnout.launch.worker import one_line, run_worker, write_traceback
+
+
+class WorkerFailed(RuntimeError):
+    """Training failed on a worker; ``reason`` is one line, ``log`` the traceback file."""
+
+    def __init__(self, reason: str, log: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.log = log
+        # "rank r: ConfigError: key: message (traceback: ...)" -> "key: message"
+        m = re.match(r"rank \d+: ConfigError: (.*?)(?: \(traceback: .*\))?$", reason)
+        self.config_error = m.group(1) if m else None
+
+
+# Lines Ray's (and DeepSpeed's) machinery prints from inside a training worker.
+_RAY_NOISE = (
+    "Setting up process group for",
+    "Reporting training result",
+    "[repeated",
+    "core_worker.cc",
+    "Started distributed worker processes",
+    "deepspeed_shm_comm_op built successfully",
+)
+# How often a progress bar is echoed when the driver's stderr is not a terminal.
+_BAR_EVERY_S = 10.0
+
+
+def _verbose() -> bool:
+    return os.environ.get("TURNOUT_RAY_VERBOSE", "") not in ("", "0")
+
+
+class _WorkerLogPrinter:
+    """Ray log handler: print the training workers' lines, unprefixed; drop the rest.
+
+    A tqdm bar arrives as chunks of ``\\r``-separated redraws. On a terminal the latest
+    redraw replaces the bar in place; otherwise one redraw every ``_BAR_EVERY_S``
+    seconds (and the last) is printed as a plain line.
+    """
+
+    def __init__(self) -> None:
+        self.skipping = False
+        self.bar_open = False
+        self.last_bar_t = 0.0
+        self.pending_bar = ""
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        name = data.get("actor_name") or data.get("task_name") or ""
+        if "RayTrainWorker" not in name:
+            return
+        sink = sys.stderr if data.get("is_err") else sys.stdout
+        for line in data.get("lines", []):
+            # Ray Train logs a failed worker's traceback; the driver reports it in one line.
+            if line.startswith("Error in training function"):
+                self.skipping = True
+            if self.skipping:
+                self.skipping = bool(line.strip())
+                continue
+            if any(tag in line for tag in _RAY_NOISE):
+                continue
+            if "\r" in line:
+                redraws = [seg.rstrip() for seg in line.split("\r") if seg.strip()]
+                if redraws:
+                    self._bar(redraws[-1])
+                continue
+            self._line(line, sink)
+
+    def _bar(self, text: str) -> None:
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\x1b[K" + text)
+            sys.stderr.flush()
+            self.bar_open = True
+            return
+        now = time.monotonic()
+        self.pending_bar = text
+        if now - self.last_bar_t >= _BAR_EVERY_S:
+            self.flush_bar()
+
+    def flush_bar(self) -> None:
+        if self.pending_bar:
+            print(self.pending_bar, file=sys.stderr, flush=True)
+            self.pending_bar = ""
+            self.last_bar_t = time.monotonic()
+
+    def _line(self, line: str, sink: Any) -> None:
+        if self.bar_open:
+            sys.stderr.write("\r\x1b[K")
+            self.bar_open = False
+        print(line, file=sink, flush=True)
+
+    def close(self) -> None:
+        self.flush_bar()
+        if self.bar_open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.bar_open = False
+
+
+_printer = _WorkerLogPrinter()
+
+
+def _quiet_ray_output() -> None:
+    """Swap Ray's driver-side log printer for :class:`_WorkerLogPrinter`."""
+    if _verbose():
+        return
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # a Ray without this hook: keep its default printer
+        return
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("turnout_worker_logs", _printer)
+
+
+def _set_ray_env() -> None:
+    """Environment the driver must set before Ray Train reads it (user settings win)."""
+    # Keep the workers in the driver's working directory (not a Ray trial dir).
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # Plain print() in workers, not rerouted through Ray Train's logger.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker; rank 0's return value reaches the driver."""
+    import ray.train
+
+    cwd = config["cwd"]
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    cfg: TurnoutConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    try:
+        res = run_worker(cfg, config["data_path"])
+    except Exception as e:
+        log = write_traceback(Path(config["log_dir"]), rank, e)
+        where = f" (traceback: {log})" if log else ""
+        raise RuntimeError(f"rank {rank}: {one_line(e)}{where}") from None
+    ray.train.report({k: v for k, v in res.items() if isinstance(v, int | float)})
+    return res
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """One line out of Ray's TrainingFailedError (worker or controller failure)."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        err = failures[rank]
+        text = str(err).strip()
+        if text.startswith("rank "):  # our own RuntimeError from _ray_train_fn
+            return text.splitlines()[0]
+        # Otherwise Ray may have wrapped it in its own traceback text.
+        for line in reversed(text.splitlines()):
+            if "RuntimeError: rank " in line:
+                return line.split("RuntimeError: ", 1)[1].strip()
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return f"rank {rank}: {lines[-1] if lines else type(err).__name__}"
+    cause = getattr(exc, "controller_failure", None)
+    if cause is not None:
+        return f"Ray Train controller: {one_line(cause)}"
+    return one_line(exc)
+
+
+def _init_ray(cfg: TurnoutConfig) -> bool:
+    """Start an embedded cluster or join one; True when we started it (and must stop it)."""
+    import ray
+
+    address = cfg.launch.address or os.environ.get("RAY_ADDRESS", "")
+    quiet = dict(
+        logging_level=logging.WARNING if _verbose() else logging.ERROR,
+        log_to_driver=True,
+        configure_logging=True,
+    )
+    if address:
+        ray.init(address=address, **quiet)
+        embedded = False
+    else:
+        ray.init(
+            num_cpus=cfg.launch.num_workers * cfg.launch.cpus_per_worker,
+            num_gpus=cfg.launch.num_workers if cfg.launch.use_gpu else 0,
+            include_dashboard=False,
+            **quiet,
+        )
+        embedded = True
+    _quiet_ray_output()
+    return embedded
+
+
+def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
+    """Train ``cfg`` (paths already absolute) on Ray; returns rank 0's TrainResult dict.
+
+    Raises :class:`WorkerFailed` with a one-line reason when any worker fails.
+    """
+    _set_ray_env()
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    try:
+        from ray.train.v2.api.config import LoggingConfig
+    except ImportError:  # Ray Train v1
+        LoggingConfig = None  # noqa: N806
+
+    storage = Path(cfg.launch.storage_path)
+    name = f"{cfg.tracking.run_name or 'turnout'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    log_dir = storage / name / "logs"
+    run_kw: dict[str, Any] = dict(
+        storage_path=str(storage),
+        name=name,
+        failure_config=FailureConfig(max_failures=0),
+    )
+    if LoggingConfig is not None and not _verbose():
+        run_kw["logging_config"] = LoggingConfig(log_level="WARNING")
+
+    embedded = _init_ray(cfg)
+    try:
+        trainer = TorchTrainer(
+            _ray_train_fn,
+            train_loop_config={
+                "cfg": cfg,
+                "data_path": str(data_path),
+                "cwd": os.getcwd(),
+                "log_dir": str(log_dir),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.launch.num_workers,
+                use_gpu=cfg.launch.use_gpu,
+                resources_per_worker={"CPU": cfg.launch.cpus_per_worker},
+            ),
+            run_config=RunConfig(**run_kw),
+            torch_config=TorchConfig(backend=resolve_backend_for_ray(cfg)),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            raise WorkerFailed(_failure_reason(e), str(log_dir)) from None
+        res = getattr(result, "return_value", None)
+        if not res:
+            res = dict(result.metrics or {})
+        return res
+    finally:
+        _printer.close()
+        if embedded:
+            ray.shutdown()
+
+
+def resolve_backend_for_ray(cfg: TurnoutConfig) -> str:
+    """The backend Ray Train initialises: nccl for GPU workers, gloo otherwise.
+
+    The driver may have no GPU (a laptop joining a cluster), so 'auto' is decided from
+    ``launch.use_gpu`` here, not from the driver's CUDA.
+    """
+    if cfg.parallel.backend != "auto":
+        return cfg.parallel.backend
+    return "nccl" if cfg.launch.use_gpu else "gloo"

@@ -1,0 +1,246 @@
+"""The worker entry every training process runs, with Ray or without it.
+
+Under Ray, :mod:`turnout.launch.ray_launch` calls :func:`run_worker` inside each Ray
+Train worker. Without Ray (SLURM, the GPU test machine) the same entry runs under
+torchrun::
+
+    torchrun --nproc_per_node 2 -m turnout.launch.worker tiny train.steps=50
+
+There every rank validates the config (cheap), rank 0 prepares the token cache while
+the others wait at a barrier, and rank 0 prints the summary. Config errors give one
+``turnout: error: <key>: <message>`` line (from rank 0) and exit code 2; a training
+failure gives one line naming the rank and the reason, exit code 1, and the full
+traceback in a log file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+from turnout.launch.config import TurnoutConfig, load_config
+from turnout.models.errors import ConfigError
+
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
+
+def resolve_backend(cfg: TurnoutConfig) -> str:
+    """'auto' -> nccl when this run uses GPUs and CUDA is there, else gloo."""
+    if cfg.parallel.backend != "auto":
+        return cfg.parallel.backend
+    if cfg.launch.use_gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            return "nccl"
+    return "gloo"
+
+
+def result_to_dict(result: Any) -> dict[str, Any]:
+    """A TrainResult (dataclass or plain object) as a picklable dict of plain values."""
+    if result is None:
+        return {}
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        raw = dataclasses.asdict(result)
+    elif isinstance(result, dict):
+        raw = dict(result)
+    else:
+        raw = dict(vars(result))
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in raw.items()}
+
+
+def quiet_worker(cfg: TurnoutConfig) -> None:
+    """Silence start-up chatter the user cannot act on (call before DeepSpeed loads).
+
+    DeepSpeed warns on every CPU run that it 'was unable to detect' an accelerator:
+    tell it. ZeRO calls torch.distributed APIs that torch marks deprecated.
+    """
+    if not cfg.launch.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings(
+        "ignore", message=r".*torch\.distributed\..* is deprecated", category=FutureWarning
+    )
+
+
+def run_worker(cfg: TurnoutConfig, data_path: Path | str) -> dict[str, Any]:
+    """init_distributed + train on this rank; returns the TrainResult as a dict."""
+    quiet_worker(cfg)
+    from turnout.parallel.dist import init_distributed
+    from turnout.trainer.loop import train
+
+    init_distributed(resolve_backend(cfg))
+    return result_to_dict(train(cfg, Path(data_path)))
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first meaningful line`` of an exception, for a one-line failure report."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    msg = lines[0] if lines else ""
+    name = type(exc).__name__
+    return f"{name}: {msg}" if msg else name
+
+
+def write_traceback(log_dir: Path, rank: int, exc: BaseException) -> Path | None:
+    """Write the full traceback of ``exc`` to ``log_dir/rank<r>.log``; return the path."""
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / f"rank{rank}.log"
+        path.write_text("".join(traceback.format_exception(exc)))
+        return path
+    except OSError:
+        return None
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    if value is None:
+        return "n/a"
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return format(f, spec) if math.isfinite(f) else str(f)
+
+
+def ui_hint(uri: str) -> str:
+    """How to look at the MLflow store ``uri``."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
+    """The end-of-run summary the user reads (printed by the launcher or torchrun rank 0)."""
+    val, ent = res.get("final_val_loss"), res.get("unigram_entropy")
+    causal = res.get("final_val_loss_causal")
+    rel = ""
+    if val is not None and ent:
+        rel = f"  ({100.0 * float(val) / float(ent):.0f}% of the unigram entropy)"
+    lines = [
+        "",
+        "turnout: training finished",
+        f"  steps                  {res.get('steps', 'n/a')}",
+        f"  final train loss       {_fmt(res.get('final_train_loss'))} nats/byte",
+        f"  final val loss         {_fmt(val)} nats/byte{rel}",
+        *(
+            [f"  val loss, causal MoD   {_fmt(causal)} nats/byte  (predictor decisions)"]
+            if causal is not None and math.isfinite(float(causal))
+            else []
+        ),
+        f"  corpus unigram entropy {_fmt(ent)} nats/byte",
+        f"  throughput             {_fmt(res.get('tokens_per_s'), ',.0f')} tokens/s",
+        f"  wall time              {_fmt(res.get('wall_s'), '.1f')} s",
+    ]
+    if res.get("checkpoint"):
+        lines.append(f"  checkpoint             {res['checkpoint']}")
+    if cfg.tracking.enabled:
+        lines.append(f"  MLflow run id          {res.get('run_id') or 'n/a'}")
+        lines.append(f"  MLflow UI              {ui_hint(cfg.tracking.uri)}")
+    else:
+        lines.append("  MLflow                 disabled (tracking.enabled=false)")
+    return "\n".join(lines)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def prepare_data(cfg: TurnoutConfig) -> Path:
+    """Tokenize the corpus once, on the launcher, and check the splits fit the run.
+
+    Raises ConfigError('data.corpus' / 'data.val_fraction') before any worker starts.
+    """
+    from turnout.trainer.data import BatchSampler, open_tokens, prepare_corpus
+
+    path = Path(prepare_corpus(cfg.data))
+    # The samplers' own size checks, for every rank's shard (cheap: a memmap).
+    data = open_tokens(path, cfg.data.val_fraction)
+    BatchSampler(
+        data,
+        cfg.model.max_seq_len,
+        cfg.train.micro_batch_size,
+        rank=0,
+        world=cfg.launch.num_workers,
+        seed=cfg.train.seed,
+        eval_batches=cfg.train.eval_batches,
+    )
+    return path
+
+
+def _prepare_on_rank0(cfg: TurnoutConfig, rank: int) -> Path:
+    """Rank 0 prepares the token cache; everyone gets its path (or the ConfigError)."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", str(prepare_data(cfg)))
+        except ConfigError as e:
+            box[0] = ("config", (e.key, e.message))
+    dist.broadcast_object_list(box, src=0)
+    kind, payload = box[0]
+    if kind == "config":
+        raise ConfigError(*payload)
+    return Path(payload)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun entry: ``python -m turnout.launch.worker [PRESET|file.yaml] [k=v ...]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    source = None
+    if args and "=" not in args[0]:
+        source, args = args[0], args[1:]
+    # The real world size is torchrun's; validate against it (ep divisibility etc.).
+    overrides = [*args, f"launch.num_workers={world}"]
+    try:
+        cfg = load_config(source, overrides)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"turnout: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    quiet_worker(cfg)
+    from turnout.parallel.dist import init_distributed
+
+    try:
+        rank, world = init_distributed(resolve_backend(cfg))
+        data_path = _prepare_on_rank0(cfg, rank)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"turnout: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from turnout.trainer.loop import train
+
+    try:
+        res = result_to_dict(train(cfg, data_path))
+    except Exception as e:  # one line to the user, the full traceback to a file
+        log = write_traceback(Path(".turnout", "logs").resolve(), rank, e)
+        where = f" (traceback: {log})" if log else ""
+        print(
+            f"turnout: error: training failed on rank {rank}: {one_line(e)}{where}", file=sys.stderr
+        )
+        return EXIT_FAILED
+    if rank == 0:
+        print(format_summary(cfg, res), flush=True)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

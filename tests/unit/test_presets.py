@@ -1,0 +1,101 @@
+"""Every preset validates, and the cluster presets have the shapes they claim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from turnout.launch.config import PRESET_DIR, load_config, preset_names, to_yaml
+
+pytestmark = pytest.mark.unit
+
+CLUSTER_PRESETS = ("mixtral-8x7b", "switch-base", "mod-paper")
+
+
+def test_presets_are_the_yaml_files() -> None:
+    names = preset_names()
+    assert names == sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    assert "tiny" in names
+    for name in CLUSTER_PRESETS:
+        assert name in names
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_validates(name: str) -> None:
+    cfg = load_config(name)
+    # The resolved YAML round-trips through the loader unchanged.
+    assert to_yaml(cfg) == to_yaml(load_config(str(PRESET_DIR / f"{name}.yaml")))
+
+
+def test_tiny_is_the_laptop_default() -> None:
+    cfg = load_config(None)
+    assert cfg == load_config("tiny")
+    assert cfg.launch.num_workers == 2 and not cfg.launch.use_gpu
+    assert cfg.parallel.zero_stage == 2
+    assert cfg.launch.num_workers % cfg.parallel.ep_size == 0
+    assert cfg.model.moe.num_experts % cfg.parallel.ep_size == 0
+    kinds = cfg.model.block_kinds()
+    assert "mode" in kinds  # a MoDE model: MoD routing around an MoE block
+
+
+def test_mixtral_like_shape() -> None:
+    cfg = load_config("mixtral-8x7b")
+    m = cfg.model
+    assert (m.d_model, m.n_layers, m.n_heads) == (4096, 32, 32)
+    assert m.block_kinds() == ["moe"] * 32
+    assert (m.moe.num_experts, m.moe.top_k) == (8, 2)
+    assert m.moe.capacity_factor is None  # dropless
+    assert m.moe.gates_normalized()
+    assert m.expert_hidden() == 14336
+    assert m.rope_theta == 1e6
+    assert cfg.launch.use_gpu and cfg.launch.num_workers % cfg.parallel.ep_size == 0
+    assert m.moe.num_experts % cfg.parallel.ep_size == 0
+
+
+def test_switch_like_shape() -> None:
+    cfg = load_config("switch-base")
+    m = cfg.model
+    assert (m.d_model, m.n_layers, m.n_heads, m.ffn_dim) == (768, 12, 12, 3072)
+    assert m.block_kinds() == ["dense", "moe"] * 6  # every other FFN is an MoE
+    assert (m.moe.num_experts, m.moe.top_k) == (128, 1)
+    assert not m.moe.gates_normalized()  # top-1 keeps the raw gate, as Switch does
+    assert m.moe.capacity_factor == 1.25
+    assert cfg.launch.use_gpu
+    assert m.moe.num_experts % cfg.parallel.ep_size == 0
+
+
+def test_mod_paper_like_shape() -> None:
+    cfg = load_config("mod-paper")
+    m = cfg.model
+    kinds = m.block_kinds()
+    assert kinds == ["dense", "mod"] * (m.n_layers // 2)  # routed blocks alternate
+    assert m.mod.capacity == 0.125
+    assert not m.uses_moe()
+    assert m.mod.predictor == "mlp"
+    assert cfg.launch.use_gpu
+
+
+def test_cli_lists_every_preset() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "turnout.launch.cli", "presets"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert listed == preset_names()
+
+
+def test_cli_show_prints_the_resolved_config() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "turnout.launch.cli", "show", "switch-base", "train.steps=7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "num_experts: 128" in proc.stdout
+    assert "steps: 7" in proc.stdout
