@@ -139,8 +139,12 @@ def grouped_experts(experts: ExpertBank, x_RD: torch.Tensor, counts: list[int]) 
     """
     dtype = experts.w_gate_EDF.dtype
     x_RD = x_RD.to(dtype)
+    # unbind, not w[l] per expert: the backward of one unbind stacks the L gradients once,
+    # while L separate selects would each materialise a zero [L, D, F] gradient (O(L^2)).
+    gates, ups, downs = (
+        w.unbind(0) for w in (experts.w_gate_EDF, experts.w_up_EDF, experts.w_down_EFD)
+    )
     outs = []
-    for l_idx, x_nD in enumerate(torch.split(x_RD, counts)):
-        h = F.silu(x_nD @ experts.w_gate_EDF[l_idx]) * (x_nD @ experts.w_up_EDF[l_idx])
-        outs.append(h @ experts.w_down_EFD[l_idx])
+    for x_nD, w_g, w_u, w_d in zip(torch.split(x_RD, counts), gates, ups, downs, strict=True):
+        outs.append((F.silu(x_nD @ w_g) * (x_nD @ w_u)) @ w_d)
     return torch.cat(outs, 0)
