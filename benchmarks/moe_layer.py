@@ -25,21 +25,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from torch import nn
 
-
-class SwiGLUExpert(nn.Module):
-    """DeepSpeed-side expert with the same math and FLOPs as one ExpertBank expert."""
-
-    def __init__(self, d: int, ffn: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(d, ffn, bias=False)
-        self.up = nn.Linear(d, ffn, bias=False)
-        self.down = nn.Linear(ffn, d, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+from turnout.models.layers import SwiGLU
 
 
 def _time(fn: Callable[[], None], iters: int, warmup: int) -> float:
@@ -88,7 +75,7 @@ def _point(args: argparse.Namespace, E: int, T: int, mode: str, dev: torch.devic
 
     ds = MoE(
         hidden_size=d,
-        expert=SwiGLUExpert(d, ffn),
+        expert=SwiGLU(d, ffn),
         num_experts=E,
         ep_size=2,
         k=k,
@@ -108,7 +95,7 @@ def _point(args: argparse.Namespace, E: int, T: int, mode: str, dev: torch.devic
     _ = deepspeed  # imported for its side effects (accelerator, comm)
 
     C = max(4, math.ceil(cf * T * k / E - 1e-9))
-    dense = SwiGLUExpert(d, ffn).to(dev)
+    dense = SwiGLU(d, ffn).to(dev)
     xr = torch.randn(E * C, d, device=dev, requires_grad=True)
     gr = torch.randn(E * C, d, device=dev)
 
