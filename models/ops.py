@@ -35,10 +35,6 @@ def _fused(t: Tensor, columns: int = 0) -> bool:
     return t.device.type == "cpu" or columns <= CUDA_MAX_COLUMNS
 
 
-def _dropless_capacity(counts_E: Tensor) -> int:
-    return int(counts_E.max().item()) if counts_E.numel() else 0
-
-
 def moe_plan(
     logits_TE: Tensor,
     top_k: int,
@@ -55,7 +51,7 @@ def moe_plan(
     expert_TK, gate_TK, slot_TK, keep_TK, counts_E = torch.ops.turnout.moe_plan(
         logits_TE.float(), top_k, cap_arg, normalize_gates, n_real
     )
-    cap = _dropless_capacity(counts_E) if capacity is None else int(capacity)
+    cap = _ref.dropless_capacity(counts_E) if capacity is None else int(capacity)
     return RoutingPlan(expert_TK, gate_TK, slot_TK, keep_TK, counts_E, cap, n_real)
 
 
@@ -93,7 +89,7 @@ def mode_plan(
     idx_BM, chosen_BS, expert_TK, gate_TK, slot_TK, keep_TK, counts_E = torch.ops.turnout.mode_plan(
         scores_BS.float(), k, logits_NE.float(), top_k, cap_arg, normalize_gates, n_real
     )
-    cap = _dropless_capacity(counts_E) if capacity is None else int(capacity)
+    cap = _ref.dropless_capacity(counts_E) if capacity is None else int(capacity)
     plan = RoutingPlan(expert_TK, gate_TK, slot_TK, keep_TK, counts_E, cap, n_real)
     return idx_BM, chosen_BS, plan
 

@@ -84,6 +84,11 @@ def gshard_slots(expert_TK: Tensor, num_choices: int) -> tuple[Tensor, Tensor]:
     return slot_KT.t().contiguous(), counts_E
 
 
+def dropless_capacity(counts_E: Tensor) -> int:
+    """Bucket rows in dropless mode: the largest expert count (0 without experts)."""
+    return int(counts_E.max().item()) if counts_E.numel() else 0
+
+
 def moe_plan(
     logits_TE: Tensor,
     top_k: int,
@@ -108,7 +113,7 @@ def moe_plan(
     counts_E = counts_all[:n_real]
     real_TK = expert_TK < n_real
     if capacity is None:
-        cap = int(counts_E.max().item()) if counts_E.numel() else 0
+        cap = dropless_capacity(counts_E)
         keep_TK = real_TK
     else:
         cap = int(capacity)

@@ -117,8 +117,3 @@ class Tracker:
             return
         self._client.set_terminated(self.run_id, status=status)
         self.active = False
-
-
-def ui_hint(uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
-    return f"mlflow ui --backend-store-uri {uri}"

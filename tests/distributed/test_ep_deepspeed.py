@@ -16,27 +16,13 @@ import pytest
 import torch
 
 from tests.spawn import run_ranks
-from turnout.models.config import MoDConfig, ModelConfig, MoEConfig
+from tests.tiny import tiny_mode_cfg
 from turnout.models.lm import TransformerLM
 from turnout.parallel.groups import Layout
 
 pytestmark = pytest.mark.distributed
 
 B, S, STEPS, LR = 2, 8, 3, 0.5
-
-
-def _cfg(cf: float | None) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=32,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        ffn_dim=32,
-        max_seq_len=S,
-        layer_pattern=["dense", "mode"],
-        moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=cf, min_capacity=1),
-        mod=MoDConfig(capacity=0.5),
-    )
 
 
 def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +48,7 @@ def _ds_worker(rank: int, world: int, zero_stage: int, cf: float | None) -> dict
 
     groups = build_groups(2)
     torch.manual_seed(0)
-    model = TransformerLM(_cfg(cf))
+    model = TransformerLM(tiny_mode_cfg(cf, 0.5, S))
     install_expert_parallel(model, groups)
     prepare_for_deepspeed(model, groups, zero_stage)
     param_groups = split_expert_param_groups([{"params": list(model.parameters())}])
@@ -92,7 +78,7 @@ def _ds_worker(rank: int, world: int, zero_stage: int, cf: float | None) -> dict
 
 def _reference(world: int, cf: float | None) -> dict:
     torch.manual_seed(0)
-    model = TransformerLM(_cfg(cf))
+    model = TransformerLM(tiny_mode_cfg(cf, 0.5, S))
     opt = _optimizer([{"params": list(model.parameters())}])
     for step in range(STEPS):
         opt.zero_grad()
@@ -105,7 +91,7 @@ def _reference(world: int, cf: float | None) -> dict:
 def _compare(results: list[dict], ref: dict, world: int) -> None:
     lay = Layout(world, 2)
     torch.manual_seed(0)
-    init = dict(TransformerLM(_cfg(None)).named_parameters())
+    init = dict(TransformerLM(tiny_mode_cfg(None, 0.5, S)).named_parameters())
     for rank, got in enumerate(results):
         off, cnt = lay.expert_slice(rank, 4)
         assert set(got) == set(ref)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from tests.spawn import run_ranks
-from turnout.models.config import MoDConfig, ModelConfig, MoEConfig
+from tests.tiny import tiny_mode_cfg
+from turnout.models.config import MoEConfig
 from turnout.models.lm import TransformerLM
 from turnout.models.moe import MoELayer
 from turnout.parallel.groups import Layout
@@ -170,20 +171,6 @@ def test_layer_matches_reference_world4_dp2_ep2() -> None:
 B, S = 2, 8
 
 
-def _lm_cfg(cf: float | None) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=32,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        ffn_dim=32,
-        max_seq_len=S,
-        layer_pattern=["dense", "mode"],
-        moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=cf, min_capacity=1),
-        mod=MoDConfig(capacity=0.25),
-    )
-
-
 def _lm_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + rank)
     tok = torch.randint(0, 32, (B, S + 1), generator=gen)
@@ -198,7 +185,7 @@ def _mode_worker(rank: int, world: int) -> dict:
     out = {}
     for cf in (1.25, None):
         torch.manual_seed(0)
-        model = TransformerLM(_lm_cfg(cf))
+        model = TransformerLM(tiny_mode_cfg(cf, 0.25, S))
         (layer,) = install_expert_parallel(model, groups)
         tokens, targets = _lm_batch(rank)
         res = model(tokens, targets)
@@ -219,7 +206,7 @@ def test_mode_under_ep_only_chosen_tokens_travel() -> None:
     chosen = B * 2  # ceil(0.25 * 8) = 2 positions per sequence
     for cf in (1.25, None):
         torch.manual_seed(0)
-        ref_model = TransformerLM(_lm_cfg(cf))
+        ref_model = TransformerLM(tiny_mode_cfg(cf, 0.25, S))
         refs = []
         for rank in range(2):
             ref_model.zero_grad()
