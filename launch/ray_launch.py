@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from turnout.launch.config import TurnoutConfig
-from turnout.launch.worker import one_line, run_worker, write_traceback
+from turnout.launch.worker import one_line, resolve_backend, run_worker, write_traceback
 
 
 class WorkerFailed(RuntimeError):
@@ -250,7 +250,7 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
                 resources_per_worker={"CPU": cfg.launch.cpus_per_worker},
             ),
             run_config=RunConfig(**run_kw),
-            torch_config=TorchConfig(backend=resolve_backend_for_ray(cfg)),
+            torch_config=TorchConfig(backend=resolve_backend(cfg)),
         )
         try:
             result = trainer.fit()
@@ -264,14 +264,3 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
         _printer.close()
         if embedded:
             ray.shutdown()
-
-
-def resolve_backend_for_ray(cfg: TurnoutConfig) -> str:
-    """The backend Ray Train initialises: nccl for GPU workers, gloo otherwise.
-
-    The driver may have no GPU (a laptop joining a cluster), so 'auto' is decided from
-    ``launch.use_gpu`` here, not from the driver's CUDA.
-    """
-    if cfg.parallel.backend != "auto":
-        return cfg.parallel.backend
-    return "nccl" if cfg.launch.use_gpu else "gloo"

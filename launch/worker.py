@@ -32,15 +32,10 @@ EXIT_FAILED = 1
 
 
 def resolve_backend(cfg: TurnoutConfig) -> str:
-    """'auto' -> nccl when this run uses GPUs and CUDA is there, else gloo."""
-    if cfg.parallel.backend != "auto":
-        return cfg.parallel.backend
-    if cfg.launch.use_gpu:
-        import torch
+    """The torch.distributed backend of this run (see parallel.dist.resolve_backend)."""
+    from turnout.parallel.dist import resolve_backend as resolve
 
-        if torch.cuda.is_available():
-            return "nccl"
-    return "gloo"
+    return resolve(cfg.parallel.backend, cfg.launch.use_gpu)
 
 
 def result_to_dict(result: Any) -> dict[str, Any]:

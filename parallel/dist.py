@@ -16,10 +16,15 @@ import torch
 import torch.distributed as dist
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    return backend
+def resolve_backend(backend: str, use_gpu: bool) -> str:
+    """parallel.backend 'auto' -> nccl when the run uses GPUs (launch.use_gpu), else gloo.
+
+    Decided from the config, not from this process's CUDA: a launcher without a GPU may
+    start GPU workers.
+    """
+    if backend != "auto":
+        return backend
+    return "nccl" if use_gpu else "gloo"
 
 
 def _free_port() -> int:
@@ -32,8 +37,9 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_distributed(backend: str = "auto") -> tuple[int, int]:
-    """Join (or create) the default process group; return (rank, world)."""
+def init_distributed(backend: str = "gloo") -> tuple[int, int]:
+    """Join (or create) the default process group with ``backend`` (gloo or nccl);
+    return (rank, world)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             os.environ.setdefault("RANK", "0")
@@ -41,7 +47,7 @@ def init_distributed(backend: str = "auto") -> tuple[int, int]:
             os.environ.setdefault("LOCAL_RANK", "0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        name = resolve_backend(backend)
+        name = backend
         if name == "nccl":
             torch.cuda.set_device(local_rank())
         dist.init_process_group(
@@ -68,11 +74,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.cpu()
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return all_reduce_sum(t) / world
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -26,7 +26,12 @@ import torch
 
 from turnout.models.errors import ConfigError
 from turnout.models.lm import TransformerLM
-from turnout.parallel.dist import all_reduce_sum, broadcast_object, init_distributed
+from turnout.parallel.dist import (
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    resolve_backend,
+)
 from turnout.parallel.engine import build_engine
 from turnout.trainer import checkpoint
 from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens
@@ -126,7 +131,7 @@ def _progress(rank: int, total: int, initial: int) -> Any:
 def train(cfg: Any, data_path: Path | str) -> TrainResult:
     """Train on every rank (collective); see the module docstring."""
     t_start = time.perf_counter()
-    rank, world = init_distributed(cfg.parallel.backend)
+    rank, world = init_distributed(resolve_backend(cfg.parallel.backend, cfg.launch.use_gpu))
     t = cfg.train
     seed_everything(t.seed)
     data = open_tokens(data_path, cfg.data.val_fraction)
