@@ -51,7 +51,7 @@ def _point(args: argparse.Namespace, E: int, T: int, mode: str, dev: torch.devic
     import deepspeed
     from deepspeed.moe.layer import MoE
 
-    from turnout.models.config import MoEConfig
+    from turnout.config.model import MoEConfig
     from turnout.models.moe import MoELayer
     from turnout.parallel.expert_parallel import install_expert_parallel
     from turnout.parallel.groups import build_groups

@@ -18,15 +18,9 @@ import os
 import subprocess
 import sys
 
-from turnout.launch.config import (
-    DEFAULT_PRESET,
-    PRESET_DIR,
-    TurnoutConfig,
-    load_config,
-    preset_names,
-    to_yaml,
-)
-from turnout.models.errors import ConfigError
+from turnout.config import TurnoutConfig
+from turnout.config.load import DEFAULT_PRESET, load_config, preset_dir, preset_names, to_yaml
+from turnout.errors import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -58,7 +52,7 @@ def _split_source(items: list[str]) -> tuple[str | None, list[str]]:
 def _preset_blurb(name: str) -> str:
     """The first sentence of a preset file's leading comment, as its description."""
     try:
-        text = (PRESET_DIR / f"{name}.yaml").read_text()
+        text = (preset_dir() / f"{name}.yaml").read_text()
     except OSError:
         return ""
     words: list[str] = []

@@ -13,7 +13,7 @@ import inspect
 import textwrap
 from typing import Any
 
-from turnout.launch.config import TurnoutConfig
+from turnout.config import TurnoutConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from turnout.launch.config import TurnoutConfig
+from turnout.config import TurnoutConfig
 
 _REMOTE_SCHEMES = ("http://", "https://", "databricks", "postgresql", "mysql", "mssql")
 

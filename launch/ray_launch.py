@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from turnout.launch.config import TurnoutConfig
+from turnout.config import TurnoutConfig
 from turnout.launch.worker import one_line, resolve_backend, run_worker, write_traceback
 
 

@@ -24,8 +24,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from turnout.launch.config import TurnoutConfig, load_config
-from turnout.models.errors import ConfigError
+from turnout.config import TurnoutConfig
+from turnout.config.load import load_config
+from turnout.errors import ConfigError
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from turnout.models.config import ModelConfig
+from turnout.config.model import ModelConfig
 from turnout.models.layers import Attention, RMSNorm, Rotary, SwiGLU
 from turnout.models.moe import MoELayer
 

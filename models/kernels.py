@@ -19,12 +19,18 @@ import os
 import threading
 import time
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+def csrc_dir() -> Path:
+    """The folder holding the C++/CUDA sources (package data of ``turnout.csrc``)."""
+    return Path(str(resources.files("turnout.csrc")))
+
+
 CPU_SOURCES = ["ops_cpu.cpp"]
 CUDA_SOURCES = ["ops_cuda.cpp", "routing_kernels.cu"]
 _OFF = {"0", "off", "reference", "false", "no"}
@@ -57,7 +63,7 @@ def build(name: str, sources: list[Path], with_cuda: bool, verbose: bool = False
             sources=[str(s) for s in sources],
             extra_cflags=flags,
             extra_cuda_cflags=["-O3", "--use_fast_math"] if with_cuda else None,
-            extra_include_paths=[str(CSRC)],
+            extra_include_paths=[str(csrc_dir())],
             with_cuda=with_cuda,
             is_python_module=False,
             verbose=verbose,
@@ -84,7 +90,7 @@ def load() -> bool:
     with _lock:
         if not _loaded["tried"]:
             with_cuda = cuda_wanted()
-            sources = [CSRC / s for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+            sources = [csrc_dir() / s for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
             name = "turnout_kernels_cuda" if with_cuda else "turnout_kernels_cpu"
             start = time.perf_counter()
             ok = build(name, sources, with_cuda)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turnout.config.model import ModelConfig
 from turnout.models.block import Block
-from turnout.models.config import ModelConfig
 from turnout.models.layers import RMSNorm, Rotary
 from turnout.models.mod import MoDBlock
 from turnout.models.moe import MoELayer

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turnout.config.model import ModelConfig
 from turnout.models import ops
 from turnout.models.block import Aux, Block
-from turnout.models.config import ModelConfig
 from turnout.models.routing import mod_capacity
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from turnout.config.model import MoEConfig
 from turnout.models import ops
-from turnout.models.config import MoEConfig
 from turnout.models.dispatch import Dispatcher, LocalDispatcher
 from turnout.models.experts import ExpertBank
 from turnout.models.routing import expert_capacity, load_balance_loss, router_z_loss

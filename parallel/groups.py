@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from turnout.models.errors import ConfigError
+from turnout.errors import ConfigError
 
 
 @dataclass(frozen=True)

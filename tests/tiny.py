@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from turnout.models.config import MoDConfig, ModelConfig, MoEConfig
+from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
 
 
 def tiny_mode_cfg(

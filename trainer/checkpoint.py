@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from turnout.models.errors import ConfigError
+from turnout.errors import ConfigError
 from turnout.parallel.dist import barrier
 
 LATEST = "latest"

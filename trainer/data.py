@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from turnout.models.errors import ConfigError
-from turnout.trainer.config import DataConfig
+from turnout.config.train import DataConfig
+from turnout.errors import ConfigError
 
 VOCAB_SIZE = 256
 CACHE_VERSION = 1

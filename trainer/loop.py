@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from turnout.models.errors import ConfigError
+from turnout.errors import ConfigError
 from turnout.models.lm import TransformerLM
 from turnout.parallel.dist import (
     all_reduce_sum,
@@ -32,9 +32,9 @@ from turnout.parallel.dist import (
     init_distributed,
     resolve_backend,
 )
-from turnout.parallel.engine import build_engine
 from turnout.trainer import checkpoint
 from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens
+from turnout.trainer.engine import build_engine
 from turnout.trainer.metrics import StatsAccumulator
 from turnout.trainer.tracking import Tracker
 

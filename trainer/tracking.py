@@ -13,17 +13,19 @@ import logging
 import math
 import subprocess
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from turnout.launch.config import flatten, to_yaml
+from turnout.config.load import flatten, to_yaml
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
 _NOISY_LOGGERS = ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils")
 
 
-def git_commit(path: Path = _PACKAGE_DIR) -> str:
-    """HEAD of the git checkout holding the turnout sources, else 'unknown'."""
+def git_commit(path: Path | None = None) -> str:
+    """HEAD of the git checkout holding the turnout sources (or ``path``), else 'unknown'."""
+    if path is None:
+        path = Path(str(resources.files("turnout.trainer")))
     try:
         out = subprocess.run(
             ["git", "-C", str(path), "rev-parse", "HEAD"],

@@ -1,6 +1,6 @@
 """2 data-parallel ranks through the real DeepSpeed engine == 1 process on the combined batch.
 
-The ranks run ``turnout.parallel.engine.build_engine`` (ZeRO-1 / ZeRO-2, fp32, gradient
+The ranks run ``turnout.trainer.engine.build_engine`` (ZeRO-1 / ZeRO-2, fp32, gradient
 accumulation 2, clipping active, warmup+cosine lr) for 3 optimizer steps; each rank
 draws its own shard's windows from the real ``BatchSampler``. The reference is a
 single process with a plain ``torch.optim.AdamW`` over the same param groups, the same
@@ -31,10 +31,10 @@ import pytest
 import torch
 
 from tests.spawn import run_ranks
-from turnout.launch.config import TurnoutConfig
+from turnout.config import TurnoutConfig
 from turnout.models.lm import TransformerLM
-from turnout.parallel.engine import build_engine, optimizer_param_groups
 from turnout.trainer.data import BatchSampler, TokenData
+from turnout.trainer.engine import build_engine, optimizer_param_groups
 from turnout.trainer.schedule import build_scheduler
 
 pytestmark = pytest.mark.distributed

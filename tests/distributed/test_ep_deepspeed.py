@@ -38,13 +38,13 @@ def _optimizer(param_groups: list) -> torch.optim.Optimizer:
 def _ds_worker(rank: int, world: int, zero_stage: int, cf: float | None) -> dict:
     import deepspeed
 
-    from turnout.parallel.engine import quiet_deepspeed
     from turnout.parallel.expert_parallel import (
         install_expert_parallel,
         prepare_for_deepspeed,
         split_expert_param_groups,
     )
     from turnout.parallel.groups import build_groups
+    from turnout.trainer.engine import quiet_deepspeed
 
     groups = build_groups(2)
     torch.manual_seed(0)

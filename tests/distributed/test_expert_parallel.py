@@ -16,7 +16,7 @@ import torch
 
 from tests.spawn import run_ranks
 from tests.tiny import tiny_mode_cfg
-from turnout.models.config import MoEConfig
+from turnout.config.model import MoEConfig
 from turnout.models.lm import TransformerLM
 from turnout.models.moe import MoELayer
 from turnout.parallel.groups import Layout

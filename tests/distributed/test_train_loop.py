@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.spawn import run_ranks
-from turnout.launch.config import load_config
+from turnout.config.load import load_config
 from turnout.trainer.data import prepare_corpus
 
 pytestmark = pytest.mark.distributed

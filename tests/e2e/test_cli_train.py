@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from turnout.launch.config import load_config
+from turnout.config.load import load_config
 
 pytestmark = pytest.mark.e2e
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from turnout.launch.config import flatten, load_config, to_yaml
+from turnout.config.load import flatten, load_config, to_yaml
+from turnout.config.model import MoEConfig
 from turnout.launch.keys import config_keys, field_docs
-from turnout.models.config import MoEConfig
 
 pytestmark = pytest.mark.unit
 

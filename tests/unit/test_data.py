@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from turnout.models.errors import ConfigError
-from turnout.trainer.config import DataConfig
+from turnout.config.train import DataConfig
+from turnout.errors import ConfigError
 from turnout.trainer.data import (
     BatchSampler,
     TokenData,

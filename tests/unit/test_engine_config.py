@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from turnout.launch.config import TurnoutConfig
+from turnout.config import TurnoutConfig
 from turnout.models.lm import TransformerLM
-from turnout.parallel.engine import deepspeed_config, optimizer_param_groups, use_bf16
+from turnout.trainer.engine import deepspeed_config, optimizer_param_groups, use_bf16
 
 pytestmark = pytest.mark.unit
 

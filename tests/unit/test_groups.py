@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from turnout.models.errors import ConfigError
+from turnout.errors import ConfigError
 from turnout.parallel.expert_parallel import mark_expert_param, split_expert_param_groups
 from turnout.parallel.groups import Layout
 

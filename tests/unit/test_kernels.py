@@ -205,7 +205,7 @@ def test_opcheck_custom_ops() -> None:
 
 
 def test_layers_use_fused_by_default_and_match(monkeypatch: pytest.MonkeyPatch) -> None:
-    from turnout.models.config import MoEConfig
+    from turnout.config.model import MoEConfig
     from turnout.models.moe import MoELayer
 
     assert ops.backend() == "fused"

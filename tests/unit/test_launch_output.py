@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from turnout.launch.config import load_config
+from turnout.config.load import load_config
 from turnout.launch.ray_launch import WorkerFailed, _failure_reason, _WorkerLogPrinter
 from turnout.launch.worker import format_summary, one_line, result_to_dict
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from turnout.launch.config import load_config
+from turnout.config.load import load_config
 from turnout.launch.paths import absolute_tracking_uri, resolve_paths, sqlite_db_path
 
 pytestmark = pytest.mark.unit

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from turnout.models.config import MoDConfig, ModelConfig, MoEConfig, validate_model
+from turnout.config.model import MoDConfig, ModelConfig, MoEConfig, validate_model
 from turnout.models.lm import TransformerLM
 from turnout.models.mod import MoDBlock
 from turnout.models.moe import MoELayer

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
 from turnout.models.block import Block
-from turnout.models.config import MoDConfig, ModelConfig, MoEConfig
 from turnout.models.layers import Rotary
 from turnout.models.mod import MoDBlock, masked_dense
 from turnout.models.routing import mod_capacity, mod_select

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from turnout.models.config import MoDConfig, ModelConfig, MoEConfig, validate_model
-from turnout.models.errors import ConfigError
+from turnout.config.model import MoDConfig, ModelConfig, MoEConfig, validate_model
+from turnout.errors import ConfigError
 from turnout.models.lm import TransformerLM
 
 pytestmark = pytest.mark.unit

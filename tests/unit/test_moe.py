@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from turnout.models.config import MoEConfig
+from turnout.config.model import MoEConfig
 from turnout.models.dispatch import LocalDispatcher
 from turnout.models.experts import ExpertBank
 from turnout.models.moe import MoELayer

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from turnout.launch.config import PRESET_DIR, load_config, preset_names, to_yaml
+from turnout.config.load import load_config, preset_dir, preset_names, to_yaml
 
 pytestmark = pytest.mark.unit
 
@@ -16,7 +16,7 @@ CLUSTER_PRESETS = ("mixtral-8x7b", "switch-base", "mod-paper")
 
 def test_presets_are_the_yaml_files() -> None:
     names = preset_names()
-    assert names == sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    assert names == sorted(p.stem for p in preset_dir().glob("*.yaml"))
     assert "tiny" in names
     for name in CLUSTER_PRESETS:
         assert name in names
@@ -26,7 +26,7 @@ def test_presets_are_the_yaml_files() -> None:
 def test_preset_validates(name: str) -> None:
     cfg = load_config(name)
     # The resolved YAML round-trips through the loader unchanged.
-    assert to_yaml(cfg) == to_yaml(load_config(str(PRESET_DIR / f"{name}.yaml")))
+    assert to_yaml(cfg) == to_yaml(load_config(str(preset_dir() / f"{name}.yaml")))
 
 
 def test_tiny_is_the_laptop_default() -> None:

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
+from turnout.config.model import MoEConfig
 from turnout.models import routing as R
-from turnout.models.config import MoEConfig
 from turnout.models.moe import MoELayer
 
 pytestmark = pytest.mark.unit

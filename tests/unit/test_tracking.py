@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from turnout.launch.config import TurnoutConfig
+from turnout.config import TurnoutConfig
 from turnout.trainer.tracking import Tracker, git_commit, sqlite_artifact_root
 
 pytestmark = pytest.mark.unit

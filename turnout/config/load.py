@@ -1,67 +1,33 @@
-"""The root configuration: presets, YAML files and ``a.b=c`` overrides, validated.
+"""Load a config: defaults <- preset or YAML file <- ``a.b=c`` overrides, validated.
 
-``load_config`` merges (defaults <- preset or YAML file <- overrides) into the
-structured :class:`TurnoutConfig` and validates every range and cross-field rule. Any
-problem becomes a :class:`ConfigError` naming the dotted key, before a worker starts.
+``load_config`` merges them into the structured :class:`TurnoutConfig` and validates every
+range and cross-field rule. Any problem becomes a :class:`ConfigError` naming the dotted
+key, before a worker starts. Presets are the package data of ``turnout.configs``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from turnout.models.config import ModelConfig, validate_model
-from turnout.models.errors import ConfigError
-from turnout.parallel.config import ParallelConfig, validate_parallel
-from turnout.trainer.config import (
-    DataConfig,
-    TrackingConfig,
-    TrainConfig,
-    validate_data,
-    validate_train,
-)
+from turnout.config.root import TurnoutConfig, validate
+from turnout.errors import ConfigError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "tiny"
 
 
-@dataclass
-class LaunchConfig:
-    num_workers: int = 2
-    """Training processes (world size)."""
-    use_gpu: bool = False
-    """One GPU per worker (NCCL)."""
-    cpus_per_worker: int = 1
-    """CPUs Ray reserves per worker."""
-    address: str = ""
-    """Ray cluster to join ('' = RAY_ADDRESS if set, else an embedded local cluster)."""
-    storage_path: str = ""
-    """Where Ray Train keeps run state ('' = ./.turnout/ray)."""
-
-
-@dataclass
-class TurnoutConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The language model."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Expert parallelism and ZeRO."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Corpus and tokenizer."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation, evaluation, checkpoints."""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    """MLflow."""
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
-    """Workers and the Ray cluster."""
+def preset_dir() -> Path:
+    """The folder holding the preset YAML files (package data of ``turnout.configs``)."""
+    return Path(str(resources.files("turnout.configs")))
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
 
 
 def _read_yaml(path: Path, label: str) -> dict:
@@ -87,7 +53,7 @@ def _source(name: str | None) -> dict:
         if not path.is_file():
             raise ConfigError("config", f"no such config file: {name}")
         return _read_yaml(path, "config")
-    path = PRESET_DIR / f"{name}.yaml"
+    path = preset_dir() / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(
             "config", f"unknown preset {name!r}; presets: {', '.join(preset_names())}"
@@ -123,24 +89,6 @@ def load_config(
         raise ConfigError("overrides", f"cannot parse value: {e}") from None
     validate(cfg)
     return cfg
-
-
-def validate(cfg: TurnoutConfig) -> None:
-    """All range and cross-field checks; raises ConfigError naming the key."""
-    validate_model(cfg.model)
-    if cfg.launch.num_workers < 1:
-        raise ConfigError("launch.num_workers", f"must be >= 1, got {cfg.launch.num_workers}")
-    if cfg.launch.cpus_per_worker < 1:
-        raise ConfigError(
-            "launch.cpus_per_worker", f"must be >= 1, got {cfg.launch.cpus_per_worker}"
-        )
-    validate_parallel(
-        cfg.parallel, cfg.model.moe.num_experts, cfg.launch.num_workers, cfg.model.uses_moe()
-    )
-    if cfg.parallel.backend == "nccl" and not cfg.launch.use_gpu:
-        raise ConfigError("parallel.backend", "nccl needs launch.use_gpu=true")
-    validate_data(cfg.data)
-    validate_train(cfg.train)
 
 
 def to_yaml(cfg: TurnoutConfig) -> str:

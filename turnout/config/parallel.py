@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from turnout.models.errors import ConfigError
+from turnout.errors import ConfigError
 
 
 @dataclass

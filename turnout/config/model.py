@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from turnout.models.errors import ConfigError
+from turnout.errors import ConfigError
 
 #: Block kinds a layer pattern may name.
 #: dense: attention + SwiGLU FFN; moe: attention + MoE FFN;

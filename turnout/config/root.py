@@ -1,0 +1,69 @@
+"""The root configuration ``TurnoutConfig``: every section, and the cross-section checks.
+
+It lives in the neutral ``turnout.config`` package with the section schemas, so that
+every layer (models, parallel, trainer, launch) can type its ``cfg`` without importing
+upward. Loading (presets, YAML files, overrides) is in :mod:`turnout.config.load`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from turnout.config.model import ModelConfig, validate_model
+from turnout.config.parallel import ParallelConfig, validate_parallel
+from turnout.config.train import (
+    DataConfig,
+    TrackingConfig,
+    TrainConfig,
+    validate_data,
+    validate_train,
+)
+from turnout.errors import ConfigError
+
+
+@dataclass
+class LaunchConfig:
+    num_workers: int = 2
+    """Training processes (world size)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL)."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves per worker."""
+    address: str = ""
+    """Ray cluster to join ('' = RAY_ADDRESS if set, else an embedded local cluster)."""
+    storage_path: str = ""
+    """Where Ray Train keeps run state ('' = ./.turnout/ray)."""
+
+
+@dataclass
+class TurnoutConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The language model."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Expert parallelism and ZeRO."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and tokenizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, evaluation, checkpoints."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Workers and the Ray cluster."""
+
+
+def validate(cfg: TurnoutConfig) -> None:
+    """All range and cross-field checks; raises ConfigError naming the key."""
+    validate_model(cfg.model)
+    if cfg.launch.num_workers < 1:
+        raise ConfigError("launch.num_workers", f"must be >= 1, got {cfg.launch.num_workers}")
+    if cfg.launch.cpus_per_worker < 1:
+        raise ConfigError(
+            "launch.cpus_per_worker", f"must be >= 1, got {cfg.launch.cpus_per_worker}"
+        )
+    validate_parallel(
+        cfg.parallel, cfg.model.moe.num_experts, cfg.launch.num_workers, cfg.model.uses_moe()
+    )
+    if cfg.parallel.backend == "nccl" and not cfg.launch.use_gpu:
+        raise ConfigError("parallel.backend", "nccl needs launch.use_gpu=true")
+    validate_data(cfg.data)
+    validate_train(cfg.train)
