@@ -1,0 +1,85 @@
+"""FLOP accounting (models/flops.py) against hand counts and torch's FlopCounterMode."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
+from turnout.models.flops import dense_counterpart, forward_flops
+from turnout.models.lm import TransformerLM
+
+pytestmark = pytest.mark.unit
+
+
+def _cfg(pattern: list[str], **moe: object) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        ffn_dim=64,
+        max_seq_len=24,
+        layer_pattern=pattern,
+        moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=1.25, min_capacity=2, **moe),
+        mod=MoDConfig(capacity=0.25, predictor_hidden=16),
+    )
+
+
+def test_dense_hand_count() -> None:
+    cfg = _cfg(["dense"])
+    D, F, S, V = 32, 64, 24, 64
+    per_block = 2 * D * 3 * D + 2 * D * D + 4 * S * D + 3 * 2 * D * F
+    assert forward_flops(cfg).per_token == 2 * per_block + 2 * D * V
+    assert forward_flops(cfg).train_per_token == 3 * forward_flops(cfg).per_token
+
+
+def test_mod_hand_count() -> None:
+    cfg = _cfg(["mod"])
+    D, F, S, h = 32, 64, 24, 16
+    M = 6  # ceil(0.25 * 24)
+    block = forward_flops(cfg).blocks[0]
+    assert block.attention * S == M * (2 * D * 3 * D + 2 * D * D) + 4 * M * M * D
+    assert block.ffn * S == M * 3 * 2 * D * F
+    assert block.routing * S == S * (2 * D + 2 * D * h + 2 * h)
+
+
+def test_moe_capacity_padding_is_counted() -> None:
+    cfg = _cfg(["moe"])
+    B, S, D, E, k = 3, 24, 32, 4, 2
+    C = -(-int(1.25 * B * S * k) // E)  # ceil(cf * T * k / E) = 45
+    block = forward_flops(cfg, batch=B).blocks[0]
+    assert block.ffn == pytest.approx(E * C * 3 * 2 * D * 64 / (B * S))
+    assert block.routing == 2 * D * E
+    dropless = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=None))
+    assert forward_flops(dropless, batch=B).blocks[0].ffn == k * 3 * 2 * D * 64
+
+
+def test_routed_models_cost_less_than_their_dense_counterpart() -> None:
+    for pattern in (["dense", "mod"], ["dense", "mode"]):
+        cfg = _cfg(pattern)
+        dense = forward_flops(dense_counterpart(cfg))
+        assert forward_flops(cfg).fraction_of(dense) < 1.0
+
+
+@pytest.mark.parametrize(
+    "pattern,noop",
+    [(["dense"], 0), (["dense", "mod"], 0), (["moe"], 0), (["dense", "mode"], 0), (["imode"], 2)],
+)
+@pytest.mark.parametrize("predictor", ["mlp", "router"])
+def test_agrees_with_torch_flop_counter(pattern: list[str], noop: int, predictor: str) -> None:
+    cfg = _cfg(pattern, num_noop_experts=noop)
+    cfg.mod.predictor = predictor
+    B = 3
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (B, cfg.max_seq_len))
+    # The math SDPA backend decomposes attention into counted bmm calls.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(tokens)
+    counted = fc.get_total_flops() / (B * cfg.max_seq_len)
+    assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=0.005)
