@@ -199,3 +199,20 @@ def test_moe_layers_lists_every_moe() -> None:
     assert len(layers) == 3 and all(isinstance(m, MoELayer) for m in layers)
     assert [m.num_noop for m in layers] == [0, 0, 1]
     assert lm.kinds == ["dense", "moe", "mode", "imode", "mod"]
+
+
+def test_mode_with_router_on_block_input_trains_every_parameter() -> None:
+    torch.manual_seed(0)
+    cfg = _cfg(["dense", "mode"], router_input="block")
+    lm = TransformerLM(cfg)
+    mode = lm.layers[1]
+    assert isinstance(mode, MoDBlock) and mode.routes_from_block_input
+    tokens, targets = _batch()
+    out = lm(tokens, targets)
+    out.loss.backward()
+    for name, p in lm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert set(out.stats[1]) == EXPECTED_STATS["mode"]
+    assert int(out.stats[1][Term.MOE_COUNTS].sum()) == B * 4 * 2  # 4 chosen per row, top-2
+    causal = lm(tokens, targets, routing="causal")
+    assert causal.loss is not None and torch.isfinite(causal.loss)

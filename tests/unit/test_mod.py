@@ -401,3 +401,113 @@ def test_causal_predictor_learns() -> None:
     assert aux[Term.MOD_PRED_ACC].item() > first
     # the causal decisions now realise roughly the trained capacity
     assert abs(causal["mod_capacity"].item() - 0.25) < 0.1
+
+
+# ---------------------------------------------------------------- MoE router on the block input
+
+
+def _block_routed(capacity_factor: float | None = None, seed: int = 0) -> MoDBlock:
+    """A 'mode' block whose MoE router reads the block input (model.moe.router_input)."""
+    torch.manual_seed(seed)
+    cfg = _cfg()
+    cfg.moe = MoEConfig(
+        num_experts=4, top_k=2, capacity_factor=capacity_factor, min_capacity=0,
+        router_input="block",
+    )  # fmt: skip
+    block = Block(cfg, Rotary(D // H, cfg.max_seq_len, cfg.rope_theta), BLOCK_KINDS["mode"])
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    mod = MoDBlock(cfg, block)
+    torch.nn.init.normal_(mod.router.weight, std=0.5)
+    assert mod.routes_from_block_input
+    return mod
+
+
+@pytest.mark.parametrize("cf", [None, 0.5], ids=["dropless", "capacity"])
+def test_block_router_compacted_equals_masked_dense(cf: float | None) -> None:
+    mod = _block_routed(cf)
+    B = 3
+    x_BSD = torch.randn(B, S, D)
+    out_BSD, aux = mod(x_BSD, _pos(B))
+    _, chosen_BS = _chosen(mod, x_BSD)
+    ref_BSD, aux_ref = masked_dense(mod, x_BSD, _pos(B), mod.scores(x_BSD), chosen_BS)
+    torch.testing.assert_close(out_BSD, ref_BSD, rtol=1e-5, atol=1e-5)
+    assert torch.equal(aux[Term.MOE_COUNTS], aux_ref[Term.MOE_COUNTS])
+    assert aux[Term.MOE_DROP].item() == aux_ref[Term.MOE_DROP].item()
+    torch.testing.assert_close(aux[Term.MOE_LB], aux_ref[Term.MOE_LB])
+    torch.testing.assert_close(aux[Term.MOE_Z], aux_ref[Term.MOE_Z])
+    if cf is not None:
+        assert aux[Term.MOE_DROP].item() > 0  # the capacity case really drops
+
+
+def test_block_router_aux_losses_use_block_input_logits_of_routed_rows() -> None:
+    mod = _block_routed()
+    x_BSD = torch.randn(2, S, D)
+    _, aux = mod(x_BSD, _pos(2))
+    _, chosen_BS = _chosen(mod, x_BSD)
+    logits_TE = x_BSD[chosen_BS] @ mod.block.moe().router_DE  # block input, chosen rows
+    z = torch.logsumexp(logits_TE, -1).pow(2).mean()
+    torch.testing.assert_close(aux[Term.MOE_Z], z)
+    assert int(aux[Term.MOE_COUNTS].sum()) == 2 * int(chosen_BS.sum())  # top-2 of each row
+
+
+def test_block_router_fused_plan_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from turnout.models import ops
+
+    calls: list[str] = []
+    real = ops.mode_plan
+
+    def counted(*args, **kwargs):  # the real op, counted: the layer must call it
+        calls.append(ops.backend())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "mode_plan", counted)
+    mod = _block_routed(0.5)
+    x_BSD = torch.randn(3, S, D)
+    results = []
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("TURNOUT_KERNELS", kernels)
+        mod.zero_grad()
+        out_BSD, aux = mod(x_BSD, _pos(3))
+        loss = out_BSD.square().sum() + aux[Term.MOE_LB] + aux[Term.MOE_Z]
+        loss.backward()
+        grads = [p.grad.clone() for p in (mod.router.weight, mod.block.moe().router_DE)]
+        results.append((out_BSD.detach(), aux[Term.MOE_COUNTS], grads))
+    assert calls == ["fused", "reference"]
+    (fused_out, fused_counts, fused_grads), (ref_out, ref_counts, ref_grads) = results
+    torch.testing.assert_close(fused_out, ref_out)
+    assert torch.equal(fused_counts, ref_counts)
+    for a, b in zip(fused_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_block_router_gets_gradient_through_gates_and_aux() -> None:
+    mod = _block_routed()
+    router_DE = mod.block.moe().router_DE
+    x_BSD = torch.randn(2, S, D)
+    out_BSD, aux = mod(x_BSD, _pos(2))
+    out_BSD.pow(2).sum().backward(retain_graph=True)  # through the gates only
+    assert router_DE.grad is not None and router_DE.grad.abs().sum() > 0
+    assert mod.router.weight.grad is not None and mod.router.weight.grad.abs().sum() > 0
+    router_DE.grad = None
+    aux[Term.MOE_Z].backward()  # the aux loss alone reaches the router too
+    assert router_DE.grad is not None and router_DE.grad.abs().sum() > 0
+
+
+def test_block_router_causal_mode_plans_the_chosen_rows() -> None:
+    mod = _block_routed()
+    x_BSD = torch.randn(2, S, D)
+    chosen_BS = torch.zeros(2, S, dtype=torch.bool)
+    chosen_BS[0, [1, 4, 5]] = True
+    chosen_BS[1, [0, 11]] = True
+    out_BSD, aux = masked_dense(mod, x_BSD, _pos(2), mod.scores(x_BSD), chosen_BS)
+    assert torch.equal(out_BSD[~chosen_BS], x_BSD[~chosen_BS])
+    assert int(aux[Term.MOE_COUNTS].sum()) == 2 * 5
+    last = mod.predictor[-1]  # type: ignore[index]
+    with torch.no_grad():  # the predictor chooses every token: the plan covers all rows
+        last.weight.zero_()
+        last.bias.fill_(5.0)
+    out_BSD, aux = mod(x_BSD, _pos(2), routing="causal")
+    assert aux[Term.MOD_CAPACITY].item() == 1.0
+    assert int(aux[Term.MOE_COUNTS].sum()) == 2 * 2 * S
+    assert torch.isfinite(out_BSD).all()
