@@ -36,6 +36,9 @@ from turnout.models.moe import Routed
 from turnout.models.routing import chosen_rows, mod_capacity
 from turnout.models.terms import Aux, Term
 
+#: The causal decision: a predictor logit above this (probability 1/2) runs the block.
+CHOOSE_ABOVE_LOGIT = 0.0
+
 
 class MoDBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, block: Block) -> None:
@@ -95,12 +98,13 @@ class MoDBlock(nn.Module):
             chosen_BS = topk_BS
             out_BSD, aux = self._compact(x_BSD, pos_BS, score_BS, idx_BM, routed)
         else:
-            chosen_BS = pred_BS > 0
+            chosen_BS = pred_BS > CHOOSE_ABOVE_LOGIT
             out_BSD, aux = masked_dense(self, x_BSD, pos_BS, score_BS, chosen_BS)
         target_BS = topk_BS.float()
         aux[Term.MOD_PRED_LOSS] = F.binary_cross_entropy_with_logits(pred_BS, target_BS)
         aux[Term.MOD_CAPACITY] = chosen_BS.float().mean().detach()
-        aux[Term.MOD_PRED_ACC] = ((pred_BS > 0) == topk_BS).float().mean().detach()
+        agree_BS = (pred_BS > CHOOSE_ABOVE_LOGIT) == topk_BS
+        aux[Term.MOD_PRED_ACC] = agree_BS.float().mean().detach()
         return out_BSD, aux
 
     def _fused_plan(

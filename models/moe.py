@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from turnout.config.model import MoEConfig
+from turnout.config.model import ModelConfig, MoEConfig
 from turnout.models import ops
 from turnout.models.dispatch import Dispatcher, LocalDispatcher
 from turnout.models.experts import ExpertBank
@@ -54,7 +54,12 @@ class Routed:
 
 class MoELayer(nn.Module):
     def __init__(
-        self, d_model: int, hidden: int, cfg: MoEConfig, init_std: float = 0.02, num_noop: int = 0
+        self,
+        d_model: int,
+        hidden: int,
+        cfg: MoEConfig,
+        init_std: float = ModelConfig.init_std,  # the config's default, defined there
+        num_noop: int = 0,
     ) -> None:
         super().__init__()
         self.cfg = cfg
