@@ -67,8 +67,7 @@ def plan_case(T: int, E: int, k: int, mod: bool, device: torch.device, repeats: 
 
         def reference():
             idx, _ = ref.mod_select(scores, m)
-            rows = (idx + torch.arange(B, device=device).unsqueeze(1) * SEQ).reshape(-1)
-            return ref.moe_plan(logits[rows], k, cap, norm, E)
+            return ref.moe_plan(logits[ref.chosen_rows(idx, SEQ)], k, cap, norm, E)
 
     return timed(reference, device, repeats), timed(fused, device, repeats)
 

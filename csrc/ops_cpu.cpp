@@ -25,13 +25,15 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kChunk = 2048;  // tokens per slot-counting chunk (fixed: result is chunk-free)
+constexpr int64_t kTopkInsertMax = 16;  // top_k up to this: insertion into a k-list, else a sort
+constexpr int64_t kRowGrain = 64;  // tokens per at::parallel_for task in the row kernels
 
 // ---- MoE plan ----------------------------------------------------------------------------
 
 // Top-k of one probability row, largest first, ties to the lower index.
 inline void topk_row(const float* p, int64_t E, int64_t K, int64_t* e_out, float* g_out,
                      std::vector<int64_t>& order) {
-  if (K <= 16) {
+  if (K <= kTopkInsertMax) {
     int64_t n = 0;
     for (int64_t e = 0; e < E; ++e) {
       const float v = p[e];
@@ -161,7 +163,7 @@ std::tuple<Tensor, Tensor> mod_select_cpu(const Tensor& scores_in, int64_t M) {
       if (M > 0 && M < S)
         std::nth_element(keys.begin(), keys.begin() + (M - 1), keys.end(),
                          std::greater<uint64_t>());
-      for (int64_t m = 0; m < M; ++m) c[0xffffffffu - static_cast<uint32_t>(keys[m])] = true;
+      for (int64_t m = 0; m < M; ++m) c[rank_position(keys[m])] = true;
       int64_t* out = ix + b * M;
       for (int64_t i = 0, m = 0; i < S && m < M; ++i)
         if (c[i]) out[m++] = i;
@@ -210,7 +212,7 @@ Tensor permute_cpu(const Tensor& x_in, const Tensor& expert, const Tensor& slot,
     const int64_t *ep = ec.data_ptr<int64_t>(), *sp = sc.data_ptr<int64_t>();
     const bool* kp = kc.data_ptr<bool>();
     const acc_t* gp = gate.defined() ? gate.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t j = 0; j < K; ++j) {
           const int64_t a = t * K + j;
@@ -247,7 +249,7 @@ Tensor combine_cpu(const Tensor& y_in, const Tensor& expert, const Tensor& slot,
     const int64_t *ep = ec.data_ptr<int64_t>(), *sp = sc.data_ptr<int64_t>();
     const bool* kp = kc.data_ptr<bool>();
     const acc_t* gp = gate.defined() ? gate.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> acc(D);
       for (int64_t t = t0; t < t1; ++t) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -283,7 +285,7 @@ Tensor gate_dot_cpu(const Tensor& a_in, const Tensor& b_in, const Tensor& expert
     const int64_t *ep = ec.data_ptr<int64_t>(), *sp = sc.data_ptr<int64_t>();
     const bool* kp = kc.data_ptr<bool>();
     acc_t* op = out.data_ptr<acc_t>();
-    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t j = 0; j < K; ++j) {
           const int64_t i = t * K + j;

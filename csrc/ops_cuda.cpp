@@ -44,7 +44,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> plan_from_probs(const Tensor&
   Tensor keep = at::empty({T, K}, probs.options().dtype(at::kBool));
   Tensor counts_all = at::zeros({E}, lo);
   if (T > 0) {
-    Tensor hist = at::empty({K * ((T + 255) / 256) * E}, lo);
+    Tensor hist = at::empty({K * ((T + kPlanTile - 1) / kPlanTile) * E}, lo);
     cuda::moe_plan(probs.data_ptr<float>(), T, E, K, capacity, normalize, num_real,
                    expert.data_ptr<int64_t>(), gate.data_ptr<float>(), slot.data_ptr<int64_t>(),
                    keep.data_ptr<bool>(), hist.data_ptr<int64_t>(),
@@ -58,7 +58,8 @@ void check_plan_args(const Tensor& logits, int64_t K, int64_t num_real) {
               "turnout: router logits must be a float32 [T, E] tensor");
   TORCH_CHECK(K >= 1 && K <= logits.size(1), "turnout: top_k must be in [1, E], got ", K);
   TORCH_CHECK(num_real >= 0 && num_real <= logits.size(1), "turnout: bad num_real ", num_real);
-  TORCH_CHECK(logits.size(1) <= 1024, "turnout: the CUDA plan supports at most 1024 columns");
+  TORCH_CHECK(logits.size(1) <= kMaxCudaColumns, "turnout: the CUDA plan supports at most ",
+              kMaxCudaColumns, " columns");
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_plan_cuda(const Tensor& logits,

@@ -12,6 +12,22 @@
 
 namespace turnout {
 
+// ---- numbers both sides of the Python/C++ boundary rely on ------------------------------
+// models/kernels.py reads every `constexpr int64_t kName = N;` line starting a line here
+// (tests/unit/test_kernel_constants.py checks both sides); define each number only here.
+
+// Tokens per block of the CUDA plan; the glue sizes the plan's histogram scratch in tiles.
+constexpr int64_t kPlanTile = 256;
+// Threads per warp (the warp-level shuffles, ballots and matches assume 32 lanes).
+constexpr int64_t kWarpSize = 32;
+// Router columns the CUDA plan takes: each block keeps one column histogram per warp in
+// shared memory, (kPlanTile / kWarpSize) * E ints = 32 KiB at E = 1024, inside the 48 KiB
+// a block gets without opting in. Wider routers use the reference (models/ops.py).
+constexpr int64_t kMaxCudaColumns = 1024;
+
+// Low word of a rank key: kLastPosition - position, so the lower position ranks higher.
+constexpr uint32_t kLastPosition = 0xffffffffu;
+
 // Order-preserving 64-bit key for "score descending, position ascending":
 // a larger key means an earlier pick. -0.0 equals +0.0; NaN sorts above +inf.
 #if defined(__CUDACC__)
@@ -31,7 +47,15 @@ inline uint64_t rank_key(float score, uint32_t position) {
     u = cvt.u;
   }
   u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (static_cast<uint64_t>(u) << 32) | static_cast<uint64_t>(0xffffffffu - position);
+  return (static_cast<uint64_t>(u) << 32) | static_cast<uint64_t>(kLastPosition - position);
+}
+
+// The position a rank key was made from.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline uint32_t rank_position(uint64_t key) {
+  return kLastPosition - static_cast<uint32_t>(key);
 }
 
 namespace cuda {
@@ -40,7 +64,7 @@ namespace cuda {
 enum Dtype : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 
 // moe plan from softmax probabilities [T, E] (device pointers). `hist` is scratch of
-// K * ceil(T / 256) * E int64 (any content); `counts_all` receives E int64 counts.
+// K * ceil(T / kPlanTile) * E int64 (any content); `counts_all` receives E int64 counts.
 void moe_plan(const float* probs, int64_t T, int64_t E, int64_t K, int64_t capacity,
               bool normalize, int64_t num_real, int64_t* expert, float* gate, int64_t* slot,
               bool* keep, int64_t* hist, int64_t* counts_all, void* stream);

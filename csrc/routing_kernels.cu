@@ -5,7 +5,7 @@
 //
 // moe plan: (1) one warp per token picks the top-k of its probability row, round r taking
 // the best element strictly below round r-1's pick in the order (prob desc, index asc);
-// the same block then ranks its 256 tokens per choice and column (warp match + per-warp
+// the same block then ranks its kPlanTile tokens per choice and column (warp match + per-warp
 // histograms in shared memory); (2) one block per column scans those tile counts in GShard
 // order (choice-major, then tile); (3) slots = tile base + in-tile rank, keep = slot < C.
 // MoD select: one block per sequence, radix select of the M-th largest 64-bit rank key
@@ -24,8 +24,24 @@ namespace turnout {
 namespace cuda {
 namespace {
 
-constexpr int kTile = 256;  // tokens per plan block
-constexpr int kWarps = kTile / 32;
+constexpr int kTile = static_cast<int>(kPlanTile);  // tokens (and threads) per plan block
+constexpr int kLanes = static_cast<int>(kWarpSize);
+constexpr int kWarps = kTile / kLanes;
+constexpr int kWarpTokens = kTile / kWarps;  // tokens whose top-k one warp picks
+constexpr unsigned kFullMask = 0xffffffffu;  // every lane of a warp
+constexpr int kNoIndex = 0x7fffffff;  // "no pick yet": loses every tie on the index
+// Threads of the plan's scan blocks (one per column); part[] holds one partial each.
+constexpr int kScanThreads = 256;
+// MoD select: radix select on 8-bit digits of the 64-bit rank key, one bin per digit.
+constexpr int kDigitBits = 8;
+constexpr int kRadixBins = 1 << kDigitBits;
+constexpr int kKeyBits = 64;  // bits of a rank key
+constexpr int kSelectThreads = 256;  // threads per sequence block (also the compaction step)
+// Row kernels: at most this many threads per block; grids capped at this many blocks
+// (the loops stride over the rest).
+constexpr int kRowThreads = 256;
+constexpr int kRowWarps = kRowThreads / kLanes;
+constexpr int64_t kMaxGrid = 65535;
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
@@ -39,27 +55,27 @@ __device__ __forceinline__ bool better(float v, int i, float w, int j) {
 __global__ void plan_topk_kernel(const float* probs, int64_t T, int E, int K, bool normalize,
                                  int64_t* expert, float* gate, int64_t* slot, int64_t* hist) {
   extern __shared__ int whist[];  // [kWarps][E]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x % kLanes, warp = threadIdx.x / kLanes;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int r = 0; r < 32; ++r) {
-    const int64_t t = t0 + warp * 32 + r;
+  for (int r = 0; r < kWarpTokens; ++r) {
+    const int64_t t = t0 + warp * kWarpTokens + r;
     if (t >= T) break;  // warp-uniform
     const float* p = probs + t * E;
     float pv = 0.f, sum = 0.f;
     int pi = -1;
     for (int j = 0; j < K; ++j) {
       float bv = -INFINITY;
-      int bi = 0x7fffffff;
-      for (int e = lane; e < E; e += 32) {
+      int bi = kNoIndex;
+      for (int e = lane; e < E; e += kLanes) {
         const float v = p[e];
         if ((j == 0 || better(pv, pi, v, e)) && better(v, e, bv, bi)) {
           bv = v;
           bi = e;
         }
       }
-      for (int off = 16; off > 0; off >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+      for (int off = kLanes / 2; off > 0; off >>= 1) {
+        const float ov = __shfl_xor_sync(kFullMask, bv, off);
+        const int oi = __shfl_xor_sync(kFullMask, bi, off);
         if (better(ov, oi, bv, bi)) {
           bv = ov;
           bi = oi;
@@ -84,7 +100,7 @@ __global__ void plan_topk_kernel(const float* probs, int64_t T, int E, int K, bo
     for (int i = threadIdx.x; i < kWarps * E; i += blockDim.x) whist[i] = 0;
     __syncthreads();
     const int e = valid ? static_cast<int>(expert[t * K + j]) : -1;
-    const unsigned same = __match_any_sync(0xffffffffu, e);
+    const unsigned same = __match_any_sync(kFullMask, e);
     const int rank = __popc(same & below);
     if (valid && rank == 0) whist[warp * E + e] = __popc(same);
     __syncthreads();
@@ -105,7 +121,7 @@ __global__ void plan_topk_kernel(const float* probs, int64_t T, int E, int K, bo
 
 // One block per column: exclusive scan of hist[i][c] over i = (choice, tile).
 __global__ void plan_scan_kernel(int64_t* hist, int64_t n, int E, int64_t* counts_all) {
-  __shared__ int64_t part[256];
+  __shared__ int64_t part[kScanThreads];
   const int c = blockIdx.x;
   const int64_t per = (n + blockDim.x - 1) / blockDim.x;
   const int64_t i0 = threadIdx.x * per;
@@ -144,25 +160,26 @@ __global__ void plan_slot_kernel(const int64_t* expert, int64_t* slot, bool* kee
 
 __global__ void mod_select_kernel(const float* scores, int64_t S, int64_t M, int64_t* idx,
                                   bool* chosen) {
-  __shared__ unsigned cnt[256];
+  __shared__ unsigned cnt[kRadixBins];
   __shared__ uint64_t s_prefix;
   __shared__ int64_t s_need;
-  __shared__ int warp_sums[32];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  __shared__ int warp_sums[kSelectThreads / kLanes];
+  const int tid = threadIdx.x, lane = tid % kLanes, warp = tid / kLanes;
   const float* s = scores + blockIdx.x * S;
   uint64_t prefix = 0, pmask = 0;
   int64_t need = M;  // rank (1-based) of the wanted key among keys matching `prefix`
-  for (int shift = 56; shift >= 0 && M > 0; shift -= 8) {
-    for (int i = tid; i < 256; i += blockDim.x) cnt[i] = 0;
+  constexpr uint64_t kDigitMask = kRadixBins - 1;
+  for (int shift = kKeyBits - kDigitBits; shift >= 0 && M > 0; shift -= kDigitBits) {
+    for (int i = tid; i < kRadixBins; i += blockDim.x) cnt[i] = 0;
     __syncthreads();
     for (int64_t i = tid; i < S; i += blockDim.x) {
       const uint64_t k = rank_key(s[i], static_cast<uint32_t>(i));
-      if ((k & pmask) == prefix) atomicAdd(&cnt[(k >> shift) & 255], 1u);
+      if ((k & pmask) == prefix) atomicAdd(&cnt[(k >> shift) & kDigitMask], 1u);
     }
     __syncthreads();
     if (tid == 0) {
       int64_t acc = 0;
-      for (int d = 255; d >= 0; --d) {
+      for (int d = kRadixBins - 1; d >= 0; --d) {
         if (acc + cnt[d] >= need) {
           s_prefix = prefix | (static_cast<uint64_t>(d) << shift);
           s_need = need - acc;
@@ -174,7 +191,7 @@ __global__ void mod_select_kernel(const float* scores, int64_t S, int64_t M, int
     __syncthreads();
     prefix = s_prefix;
     need = s_need;
-    pmask |= 0xffull << shift;
+    pmask |= kDigitMask << shift;
   }
   const uint64_t thr = prefix;  // the M-th largest key (keys are unique)
   int64_t base = 0;
@@ -182,11 +199,11 @@ __global__ void mod_select_kernel(const float* scores, int64_t S, int64_t M, int
     const int64_t i = start + tid;
     const bool f = M > 0 && i < S && rank_key(s[i], static_cast<uint32_t>(i)) >= thr;
     if (i < S) chosen[blockIdx.x * S + i] = f;
-    const unsigned ballot = __ballot_sync(0xffffffffu, f);
+    const unsigned ballot = __ballot_sync(kFullMask, f);
     if (lane == 0) warp_sums[warp] = __popc(ballot);
     __syncthreads();
     int off = 0, tot = 0;
-    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) {
+    for (int w = 0; w < static_cast<int>(blockDim.x / kLanes); ++w) {
       if (w < warp) off += warp_sums[w];
       tot += warp_sums[w];
     }
@@ -256,22 +273,24 @@ __global__ void gate_dot_kernel(const T* a, const T* b, const int64_t* expert,
                                 const int64_t* slot, const bool* keep, int64_t A_, int K,
                                 int64_t D, int64_t C, typename Cvt<T>::A* out) {
   using A = typename Cvt<T>::A;
-  const int lane = threadIdx.x & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; i < A_;
+  const int lane = threadIdx.x % kLanes;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kLanes);
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes; i < A_;
        i += warps) {
     if (!keep[i]) continue;  // warp-uniform; out was zeroed
     const T* x = a + (i / K) * D;
     const T* y = b + (expert[i] * C + slot[i]) * D;
     A s = 0;
-    for (int64_t d = lane; d < D; d += 32) s += Cvt<T>::to(x[d]) * Cvt<T>::to(y[d]);
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    for (int64_t d = lane; d < D; d += kLanes) s += Cvt<T>::to(x[d]) * Cvt<T>::to(y[d]);
+    for (int off = kLanes / 2; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
     if (lane == 0) out[i] = s;
   }
 }
 
-int grid_for(int64_t n) { return static_cast<int>(n < 65535 ? (n > 0 ? n : 1) : 65535); }
-int threads_for(int64_t D) { return D >= 256 ? 256 : static_cast<int>(((D + 31) / 32) * 32); }
+int grid_for(int64_t n) { return static_cast<int>(n < kMaxGrid ? (n > 0 ? n : 1) : kMaxGrid); }
+int threads_for(int64_t D) {
+  return D >= kRowThreads ? kRowThreads : static_cast<int>(((D + kLanes - 1) / kLanes) * kLanes);
+}
 
 template <typename F>
 void by_dtype(int dtype, F&& f) {
@@ -295,16 +314,17 @@ void moe_plan(const float* probs, int64_t T, int64_t E, int64_t K, int64_t capac
   plan_topk_kernel<<<nblk, kTile, smem, st>>>(probs, T, int(E), int(K), normalize, expert, gate,
                                               slot, hist);
   check(cudaGetLastError(), "plan_topk");
-  plan_scan_kernel<<<E, 256, 0, st>>>(hist, K * nblk, int(E), counts_all);
+  plan_scan_kernel<<<E, kScanThreads, 0, st>>>(hist, K * nblk, int(E), counts_all);
   check(cudaGetLastError(), "plan_scan");
-  plan_slot_kernel<<<grid_for((T * K + 255) / 256), 256, 0, st>>>(
+  plan_slot_kernel<<<grid_for((T * K + kRowThreads - 1) / kRowThreads), kRowThreads, 0, st>>>(
       expert, slot, keep, hist, T, int(E), int(K), nblk, capacity, num_real);
   check(cudaGetLastError(), "plan_slot");
 }
 
 void mod_select(const float* scores, int64_t B, int64_t S, int64_t M, int64_t* idx,
                 bool* chosen, void* stream) {
-  mod_select_kernel<<<B, 256, 0, static_cast<cudaStream_t>(stream)>>>(scores, S, M, idx, chosen);
+  mod_select_kernel<<<B, kSelectThreads, 0, static_cast<cudaStream_t>(stream)>>>(scores, S, M,
+                                                                                 idx, chosen);
   check(cudaGetLastError(), "mod_select");
 }
 
@@ -340,7 +360,7 @@ void gate_dot(int dtype, const void* a, const void* b, const int64_t* expert, co
   by_dtype(dtype, [&](auto v) {
     using T_ = decltype(v);
     using A = typename Cvt<T_>::A;
-    gate_dot_kernel<T_><<<grid_for((T * K + 7) / 8), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+    gate_dot_kernel<T_><<<grid_for((T * K + kRowWarps - 1) / kRowWarps), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T_*>(a), static_cast<const T_*>(b), expert, slot, keep, T * K, int(K),
         D, C, static_cast<A*>(dot));
   });

@@ -13,7 +13,7 @@ from torch import nn
 
 
 class ExpertBank(nn.Module):
-    def __init__(self, num_experts: int, d_model: int, hidden: int, init_std: float = 0.02) -> None:
+    def __init__(self, num_experts: int, d_model: int, hidden: int, init_std: float) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.num_local = num_experts

@@ -15,7 +15,9 @@ S positions, M MoD-chosen positions per sequence, N = B * S rows.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import threading
 import time
 import warnings
@@ -25,10 +27,32 @@ from typing import Any
 
 import torch
 
+from turnout.models.routing import chosen_rows
+
 
 def csrc_dir() -> Path:
     """The folder holding the C++/CUDA sources (package data of ``turnout.csrc``)."""
     return Path(str(resources.files("turnout.csrc")))
+
+
+HEADER = "routing.h"
+#: ``constexpr int64_t kName = 123;`` at the start of a line of the header.
+_CONSTANT = re.compile(r"^constexpr\s+int64_t\s+(k\w+)\s*=\s*(\d+)\s*;", re.MULTILINE)
+
+
+@functools.cache
+def header_constants() -> dict[str, int]:
+    """The numbers csrc/routing.h defines for both sides of the Python/C++ boundary."""
+    text = (csrc_dir() / HEADER).read_text()
+    return {name: int(value) for name, value in _CONSTANT.findall(text)}
+
+
+def header_constant(name: str) -> int:
+    """One number from csrc/routing.h; KeyError naming it when the header lacks it."""
+    try:
+        return header_constants()[name]
+    except KeyError:
+        raise KeyError(f"csrc/{HEADER} defines no constexpr int64_t {name}") from None
 
 
 CPU_SOURCES = ["ops_cpu.cpp"]
@@ -118,7 +142,11 @@ def load_seconds() -> float | None:
 # ---- fake kernels and autograd -----------------------------------------------------------
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation (and gate) type for ``dtype``: fp64 for fp64, else fp32.
+
+    The Python side of ATen's ``at::opmath_type`` for the dtypes the kernels dispatch on.
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -181,8 +209,7 @@ def _mode_backward(ctx, g_idx, g_chosen, g_expert, g_gate, *rest):
     logits_NE, idx_BM, expert, gate = ctx.saved_tensors
     if g_gate is None:
         return (None,) * 7
-    B = idx_BM.shape[0]
-    rows = (idx_BM + torch.arange(B, device=idx_BM.device).unsqueeze(1) * ctx.S).reshape(-1)
+    rows = chosen_rows(idx_BM, ctx.S)
     grad_rows = _gate_grad_rows(logits_NE[rows], expert, gate, g_gate, ctx.normalize)
     grad_NE = torch.zeros_like(logits_NE).index_copy_(0, rows, grad_rows)
     return None, None, grad_NE, None, None, None, None
@@ -197,7 +224,7 @@ def _combine_fake(y, expert, slot, keep, gate):
 
 
 def _gate_dot_fake(a, b, expert, slot, keep):
-    return a.new_empty(expert.shape, dtype=_opmath(a.dtype))
+    return a.new_empty(expert.shape, dtype=opmath(a.dtype))
 
 
 def _index_setup(ctx, inputs, output):
@@ -231,7 +258,7 @@ def _combine_backward(ctx, grad_TD):
 def _gate_dot_backward(ctx, grad_TK):
     a, b, expert, slot, keep = ctx.saved_tensors
     ops = torch.ops.turnout
-    g = grad_TK.to(_opmath(a.dtype))
+    g = grad_TK.to(opmath(a.dtype))
     grad_a = ops.combine(b, expert, slot, keep, g) if ctx.needs_input_grad[0] else None
     grad_b = None
     if ctx.needs_input_grad[1]:

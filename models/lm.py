@@ -2,7 +2,9 @@
 
 Shape legend: B batch, S sequence, D width, V vocabulary.
 ``forward`` returns an :class:`LMOutput`: the logits, the total loss (cross-entropy
-plus the weighted aux losses) when targets are given, and per-layer statistics.
+plus the weighted aux losses) when targets are given, and per-layer statistics. What a
+block kind builds comes from ``BLOCK_KINDS``; which aux terms are losses, and their
+weights, from ``models.terms.TERMS``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turnout.config.choices import Routing
 from turnout.config.model import ModelConfig
 from turnout.models.block import Block
 from turnout.models.layers import RMSNorm, Rotary
 from turnout.models.mod import MoDBlock
-from turnout.models.moe import MoELayer
+from turnout.models.terms import TERMS, Aux, Term, spec
 
 
 @dataclass
@@ -30,10 +33,11 @@ class LMOutput:
     """Mean next-token cross-entropy (nats/token), detached."""
     aux_loss: torch.Tensor | None = None
     """Weighted sum of all aux losses (differentiable)."""
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Unweighted aux terms summed over layers (detached): moe_lb, moe_z, mod_pred_loss."""
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per-layer counters, keyed ``layer{i}/{name}`` (detached)."""
+    terms: dict[Term, torch.Tensor] = field(default_factory=dict)
+    """The aux losses (``TermSpec.is_loss``), unweighted, summed over layers (detached)."""
+    stats: list[Aux] = field(default_factory=list)
+    """``stats[i]``: layer i's aux terms and statistics by :class:`Term` (detached);
+    empty for a dense block."""
 
 
 class TransformerLM(nn.Module):
@@ -44,22 +48,15 @@ class TransformerLM(nn.Module):
         rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList()
         self.kinds = cfg.block_kinds()
-        for kind in self.kinds:
-            ffn = {"dense": "dense", "mod": "dense", "moe": "moe", "mode": "moe", "imode": "imode"}[
-                kind
-            ]
-            block = Block(cfg, rotary, ffn)
-            self.layers.append(MoDBlock(cfg, block) if kind in ("mod", "mode") else block)
+        for kind in cfg.blocks():
+            block = Block(cfg, rotary, kind)
+            self.layers.append(MoDBlock(cfg, block) if kind.mod_routed else block)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.coefs = {
-            "moe_lb": cfg.moe.aux_loss_coef,
-            "moe_z": cfg.moe.z_loss_coef,
-            "mod_pred_loss": cfg.mod.predictor_loss_coef,
-        }
+        self.coefs = {t: s.coefficient(cfg) for t, s in TERMS.items() if s.is_loss}
 
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -67,33 +64,28 @@ class TransformerLM(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def moe_layers(self) -> list[MoELayer]:
-        return [m for m in self.modules() if isinstance(m, MoELayer)]
-
     def forward(
         self,
         tokens_BS: torch.Tensor,
         targets_BS: torch.Tensor | None = None,
-        routing: str = "topk",
+        routing: str = Routing.TOPK,
     ) -> LMOutput:
         B, S = tokens_BS.shape
         pos_BS = torch.arange(S, device=tokens_BS.device).unsqueeze(0).expand(B, S)
         x_BSD = self.embed(tokens_BS)
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
-        terms: dict[str, torch.Tensor] = {}
-        stats: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(self.layers):
+        terms: dict[Term, torch.Tensor] = {}
+        stats: list[Aux] = []
+        for layer in self.layers:
             if isinstance(layer, MoDBlock):
                 x_BSD, aux = layer(x_BSD, pos_BS, routing=routing)
             else:
                 x_BSD, aux = layer(x_BSD, pos_BS)
             for name, value in aux.items():
-                if name in self.coefs:
+                if spec(name).is_loss:
                     aux_loss = aux_loss + self.coefs[name] * value.float()
                     terms[name] = terms.get(name, 0) + value.detach().float()
-                    stats[f"layer{i}/{name}"] = value.detach()
-                else:
-                    stats[f"layer{i}/{name}"] = value
+            stats.append({name: value.detach() for name, value in aux.items()})
         logits_BSV = self.head(self.norm(x_BSD))
         out = LMOutput(logits=logits_BSV, aux_loss=aux_loss, terms=terms, stats=stats)
         if targets_BS is not None:
@@ -114,7 +106,7 @@ class TransformerLM(nn.Module):
         tokens = prompt_BS
         for _ in range(max_new_tokens):
             window = tokens[:, -self.cfg.max_seq_len :]
-            logits = self(window, routing="causal").logits[:, -1].float()
+            logits = self(window, routing=Routing.CAUSAL).logits[:, -1].float()
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

@@ -20,8 +20,9 @@ from turnout.models.routing import RoutingPlan
 
 Tensor = torch.Tensor
 
-# CUDA kernels keep per-warp column histograms in shared memory: at most this many columns.
-CUDA_MAX_COLUMNS = 1024
+#: Router columns the CUDA plan handles (per-warp column histograms live in shared
+#: memory); defined in csrc/routing.h, read from there.
+CUDA_MAX_COLUMNS = kernels.header_constant("kMaxCudaColumns")
 
 
 def backend() -> str:
@@ -82,7 +83,7 @@ def mode_plan(
     n_real = E if num_experts is None else num_experts
     if not _fused(logits_NE, E):
         idx_BM, chosen_BS = _ref.mod_select(scores_BS, k)
-        rows_T = _chosen_rows(idx_BM, scores_BS.shape[1])
+        rows_T = _ref.chosen_rows(idx_BM, scores_BS.shape[1])
         plan = _ref.moe_plan(logits_NE[rows_T], top_k, capacity, normalize_gates, num_experts)
         return idx_BM, chosen_BS, plan
     cap_arg = -1 if capacity is None else int(capacity)
@@ -94,14 +95,9 @@ def mode_plan(
     return idx_BM, chosen_BS, plan
 
 
-def _chosen_rows(idx_BM: Tensor, seq_len: int) -> Tensor:
-    """Flat row ``b * S + s`` of each chosen position, in (batch, position) order."""
-    B = idx_BM.shape[0]
-    return (idx_BM + torch.arange(B, device=idx_BM.device).unsqueeze(1) * seq_len).reshape(-1)
-
-
 def _gate(plan: RoutingPlan, dtype: torch.dtype) -> Tensor:
-    return plan.gate_TK.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    """The gates in the kernels' accumulation type for ``dtype``."""
+    return plan.gate_TK.to(kernels.opmath(dtype))
 
 
 def permute(x_TD: Tensor, plan: RoutingPlan) -> Tensor:

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference for all routing math (the oracle for the kernels in csrc/).
 
-It follows the routing semantics of DESIGN.md word for word; the fused kernels must
+It follows the routing rules of docs/design.md word for word; the fused kernels must
 reproduce it (indices, slots, drops and counts bit-exact; gates to float tolerance).
 
 Shape legend (suffixes on tensor names):
@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+
+#: Slack under a ceil() of a float product: float noise (1.1 * 50 * 2 / 2 =
+#: 55.00000000000001) must not add a whole row or position.
+CEIL_SLACK = 1e-9
 
 
 @dataclass
@@ -59,9 +63,8 @@ def expert_capacity(
     """C = max(min_capacity, ceil(capacity_factor * T * k / E)); None when dropless."""
     if capacity_factor is None:
         return None
-    # The small epsilon keeps float noise (1.1 * 50 * 2 / 2 = 55.00000000000001) from adding a row.
     raw = capacity_factor * num_tokens * top_k / num_experts
-    return max(int(min_capacity), int(math.ceil(raw - 1e-9)))
+    return max(int(min_capacity), int(math.ceil(raw - CEIL_SLACK)))
 
 
 def topk_stable(scores: Tensor, k: int, dim: int = -1) -> tuple[Tensor, Tensor]:
@@ -168,7 +171,7 @@ def combine(y_ECD: Tensor, plan: RoutingPlan) -> Tensor:
 
 def mod_capacity(seq_len: int, capacity: float) -> int:
     """Positions a MoD block processes per sequence: ceil(capacity * S), in [1, S]."""
-    return min(seq_len, max(1, int(math.ceil(capacity * seq_len - 1e-9))))
+    return min(seq_len, max(1, int(math.ceil(capacity * seq_len - CEIL_SLACK))))
 
 
 def mod_select(scores_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -183,3 +186,9 @@ def mod_select(scores_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
     chosen_BS = torch.zeros_like(scores_BS, dtype=torch.bool)
     chosen_BS.scatter_(1, idx_BM, True)
     return idx_BM, chosen_BS
+
+
+def chosen_rows(idx_BM: Tensor, seq_len: int) -> Tensor:
+    """Flat row ``b * S + s`` of each chosen position, in (batch, position) order: ``[B * M]``."""
+    B = idx_BM.shape[0]
+    return (idx_BM + torch.arange(B, device=idx_BM.device).unsqueeze(1) * seq_len).reshape(-1)

@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from turnout.config.choices import Backend
+
 
 def resolve_backend(backend: str, use_gpu: bool) -> str:
     """parallel.backend 'auto' -> nccl when the run uses GPUs (launch.use_gpu), else gloo.
@@ -22,9 +24,9 @@ def resolve_backend(backend: str, use_gpu: bool) -> str:
     Decided from the config, not from this process's CUDA: a launcher without a GPU may
     start GPU workers.
     """
-    if backend != "auto":
-        return backend
-    return "nccl" if use_gpu else "gloo"
+    if backend != Backend.AUTO:
+        return Backend(backend).value
+    return Backend.NCCL.value if use_gpu else Backend.GLOO.value
 
 
 def _free_port() -> int:

@@ -21,15 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from turnout.models.moe import MoELayer
+from turnout.models.moe import MoELayer, moe_layers
 from turnout.parallel.ep_dispatcher import AllToAllDispatcher
 from turnout.parallel.groups import ParallelGroups
 
 MARKER_NAME = "deepspeed_moe_marker"
-
-
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 def install_expert_parallel(model: nn.Module, groups: ParallelGroups) -> list[MoELayer]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from turnout.config.choices import Precision
 from turnout.trainer.schedule import build_scheduler
 
 #: Parameters of these module types never get weight decay (besides any 1-D tensor).
@@ -29,9 +30,9 @@ _NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (nn.Embedding,)
 
 def use_bf16(precision: str) -> bool:
     """Resolve train.precision: 'auto' means bf16 on a CUDA device that supports it."""
-    if precision == "bf16":
+    if precision == Precision.BF16:
         return True
-    if precision == "auto":
+    if precision == Precision.AUTO:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return False
 

@@ -1,13 +1,13 @@
 """Per-layer routing metrics, accumulated over a log interval and reduced over ranks.
 
-``LMOutput.stats`` holds per-layer counters keyed ``layer{i}/{name}``: ``moe_counts``
-(long [E], assignments per expert before dropping), ``moe_drop`` (dropped fraction),
-``moe_noop`` (no-op share, integrated MoDE), ``mod_capacity`` (realised fraction of
-tokens processed), ``mod_pred_acc`` (causal predictor accuracy) and the unweighted aux
-terms ``moe_lb`` / ``moe_z`` / ``mod_pred_loss``. ``StatsAccumulator`` sums them over
-the micro steps of a log interval; ``reduce`` is a collective (every rank must call
-it): expert counts are summed over ALL ranks and then normalised into load fractions;
-the scalars are averaged over ranks and micro steps.
+``LMOutput.stats[i]`` holds layer i's aux terms and statistics by ``Term``; what each
+becomes in MLflow is the table ``turnout.models.terms.TERMS``: the expert counts are
+summed over ALL ranks and normalised into load fractions (``layer<i>/expert<e>_load``,
+``load_max``, ``load_max_over_mean``); every other per-layer value is averaged over
+ranks and micro steps under its table metric name; the losses summed over layers also
+go to ``aux/<name>``. ``StatsAccumulator`` sums over the micro steps of a log interval;
+``reduce`` is a collective (every rank must call it). A name missing from the table
+raises.
 """
 
 from __future__ import annotations
@@ -15,17 +15,13 @@ from __future__ import annotations
 import torch
 
 from turnout.models.lm import LMOutput
+from turnout.models.terms import EXPERT_LOAD, LOAD_MAX, LOAD_MAX_OVER_MEAN, spec
 from turnout.parallel.dist import all_reduce_sum
 
-_SCALAR_NAMES = {
-    "moe_drop": "drop_fraction",
-    "moe_noop": "noop_fraction",
-    "mod_capacity": "mod_capacity",
-    "mod_pred_acc": "mod_pred_acc",
-    "moe_lb": "moe_lb",
-    "moe_z": "moe_z",
-    "mod_pred_loss": "mod_pred_loss",
-}
+
+def layer_metric(layer: int, metric: str) -> str:
+    """The MLflow name of a per-layer metric: ``layer<i>/<metric>``."""
+    return f"layer{layer}/{metric}"
 
 
 class StatsAccumulator:
@@ -35,29 +31,37 @@ class StatsAccumulator:
         self.reset()
 
     def reset(self) -> None:
-        self.counts: dict[str, torch.Tensor] = {}
+        self.counts: dict[int, torch.Tensor] = {}
+        """Expert counts per layer index (float64, this rank)."""
         self.scalars: dict[str, float] = {}
+        """Sums of the scalar metrics, by MLflow name."""
         self.n = 0
+
+    def _add_scalar(self, key: str, value: torch.Tensor) -> None:
+        self.scalars[key] = self.scalars.get(key, 0.0) + float(value)
 
     def add(self, out: LMOutput) -> None:
         self.n += 1
-        for key, value in out.stats.items():
-            layer, name = key.rsplit("/", 1)
-            if name == "moe_counts":
-                c = value.detach().to("cpu", torch.float64)
-                self.counts[layer] = self.counts.get(layer, 0) + c
-            elif name in _SCALAR_NAMES:
-                k = f"{layer}/{_SCALAR_NAMES[name]}"
-                self.scalars[k] = self.scalars.get(k, 0.0) + float(value)
+        for layer, aux in enumerate(out.stats):
+            for name, value in aux.items():
+                s = spec(name)
+                if s.is_counts:
+                    c = value.detach().to("cpu", torch.float64)
+                    self.counts[layer] = self.counts.get(layer, 0) + c
+                else:
+                    (metric,) = s.metrics
+                    self._add_scalar(layer_metric(layer, metric), value)
         for name, value in out.terms.items():
-            k = f"aux/{name}"
-            self.scalars[k] = self.scalars.get(k, 0.0) + float(value)
+            key = spec(name).aux_metric()
+            if key is None:
+                raise KeyError(f"{name!r} is in LMOutput.terms but is not a loss in TERMS")
+            self._add_scalar(key, value)
 
     def reduce(self) -> dict[str, float]:
         """Collective: metrics over all ranks since the last reset (then resets)."""
         layers = sorted(self.counts)
         scalar_keys = sorted(self.scalars)
-        parts = [self.counts[k] for k in layers]
+        parts = [self.counts[i] for i in layers]
         parts.append(
             torch.tensor([self.scalars[k] for k in scalar_keys] + [self.n], dtype=torch.float64)
         )
@@ -70,9 +74,9 @@ class StatsAccumulator:
             offset += n_e
             frac = c / c.sum().clamp_min(1.0)
             for e in range(n_e):
-                out[f"{layer}/expert{e}_load"] = float(frac[e])
-            out[f"{layer}/load_max"] = float(frac.max())
-            out[f"{layer}/load_max_over_mean"] = float(frac.max() * n_e)
+                out[layer_metric(layer, EXPERT_LOAD.replace("<e>", str(e)))] = float(frac[e])
+            out[layer_metric(layer, LOAD_MAX)] = float(frac.max())
+            out[layer_metric(layer, LOAD_MAX_OVER_MEAN)] = float(frac.max() * n_e)
         n = float(total[-1]) or 1.0
         for i, k in enumerate(scalar_keys):
             out[k] = float(total[offset + i]) / n

@@ -19,6 +19,7 @@ from tests.tiny import tiny_mode_cfg
 from turnout.config.model import MoEConfig
 from turnout.models.lm import TransformerLM
 from turnout.models.moe import MoELayer
+from turnout.models.terms import Term
 from turnout.parallel.groups import Layout
 
 pytestmark = pytest.mark.distributed
@@ -193,7 +194,7 @@ def _mode_worker(rank: int, world: int) -> dict:
         out[cf] = {
             "logits": res.logits.detach(),
             "loss": res.loss.detach(),
-            "counts": res.stats["layer1/moe_counts"],
+            "counts": res.stats[1][Term.MOE_COUNTS],
             "rows": layer.dispatcher.rows_sent,
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
         }

@@ -109,9 +109,9 @@ def test_train_through_ray_logs_to_mlflow(tmp_path: Path) -> None:
     metrics = run.data.metrics
     for key in ("lr", "tokens_per_s", "grad_norm", "unigram_entropy"):
         assert key in metrics, key
-    kinds = cfg.model.block_kinds()
-    moe_layers = [i for i, k in enumerate(kinds) if k in ("moe", "mode", "imode")]
-    mod_layers = [i for i, k in enumerate(kinds) if k in ("mod", "mode")]
+    kinds = cfg.model.blocks()
+    moe_layers = [i for i, k in enumerate(kinds) if k.has_moe]
+    mod_layers = [i for i, k in enumerate(kinds) if k.mod_routed]
     assert moe_layers and mod_layers
     for i in moe_layers:
         loads = [metrics[f"layer{i}/expert{e}_load"] for e in range(cfg.model.moe.num_experts)]

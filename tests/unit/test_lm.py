@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from turnout.config.model import MoDConfig, ModelConfig, MoEConfig, validate_model
 from turnout.models.lm import TransformerLM
 from turnout.models.mod import MoDBlock
-from turnout.models.moe import MoELayer
+from turnout.models.moe import MoELayer, moe_layers
+from turnout.models.terms import Term
 
 pytestmark = pytest.mark.unit
 
@@ -39,13 +40,14 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens_BS[:, :-1], tokens_BS[:, 1:]
 
 
+MOE_STATS = {Term.MOE_LB, Term.MOE_Z, Term.MOE_COUNTS, Term.MOE_DROP}
+MOD_STATS = {Term.MOD_PRED_LOSS, Term.MOD_CAPACITY, Term.MOD_PRED_ACC}
 EXPECTED_STATS = {
     "dense": set(),
-    "moe": {"moe_lb", "moe_z", "moe_counts", "moe_drop"},
-    "mod": {"mod_pred_loss", "mod_capacity", "mod_pred_acc"},
-    "mode": {"moe_lb", "moe_z", "moe_counts", "moe_drop"}
-    | {"mod_pred_loss", "mod_capacity", "mod_pred_acc"},
-    "imode": {"moe_lb", "moe_z", "moe_counts", "moe_drop", "moe_noop"},
+    "moe": MOE_STATS,
+    "mod": MOD_STATS,
+    "mode": MOE_STATS | MOD_STATS,
+    "imode": MOE_STATS | {Term.MOE_NOOP},
 }
 
 
@@ -63,26 +65,27 @@ def test_forward_backward_every_block_kind(kind: str) -> None:
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-    keys = {k.split("/", 1)[1] for k in out.stats if k.startswith("layer1/")}
-    assert keys == EXPECTED_STATS[kind]
-    assert not any(k.startswith("layer0/") for k in out.stats)  # the dense layer has none
+    assert len(out.stats) == 2
+    assert set(out.stats[1]) == EXPECTED_STATS[kind]
+    assert all(isinstance(k, Term) for k in out.stats[1])
+    assert out.stats[0] == {}  # the dense layer has none
     if kind in ("moe", "mode", "imode"):
-        counts = out.stats["layer1/moe_counts"]
+        counts = out.stats[1][Term.MOE_COUNTS]
         assert counts.dtype == torch.long and counts.shape == (4,)
         n_tokens = S * B if kind != "mode" else B * 4  # mode: ceil(0.25 * 16) = 4 per row
         assert (
             int(counts.sum())
-            + (round(out.stats["layer1/moe_noop"].item() * n_tokens * 2) if kind == "imode" else 0)
+            + (round(out.stats[1][Term.MOE_NOOP].item() * n_tokens * 2) if kind == "imode" else 0)
             == n_tokens * 2
         )
     if kind in ("mod", "mode"):
-        assert out.stats["layer1/mod_capacity"].item() == pytest.approx(0.25)
+        assert out.stats[1][Term.MOD_CAPACITY].item() == pytest.approx(0.25)
 
 
 def test_imode_noop_experts_are_never_dispatched() -> None:
     torch.manual_seed(0)
     lm = TransformerLM(_cfg(["imode"], num_noop_experts=2))
-    moe = lm.moe_layers()[0]
+    moe = moe_layers(lm)[0]
     assert moe.router_DE.shape == (32, 6) and moe.experts.num_experts == 4
     with torch.no_grad():  # make both no-op columns win for every token
         moe.router_DE.zero_()
@@ -98,8 +101,8 @@ def test_imode_noop_experts_are_never_dispatched() -> None:
     handle = block.ffn.register_forward_hook(keep_output)
     out = lm(tokens, targets)
     handle.remove()
-    assert out.stats["layer0/moe_noop"].item() == 1.0
-    assert int(out.stats["layer0/moe_counts"].sum()) == 0
+    assert out.stats[0][Term.MOE_NOOP].item() == 1.0
+    assert int(out.stats[0][Term.MOE_COUNTS].sum()) == 0
     assert torch.equal(captured["y"], torch.zeros_like(captured["y"]))
     out.loss.backward()
     for p in moe.experts.parameters():
@@ -115,17 +118,18 @@ def test_loss_is_ce_plus_weighted_aux() -> None:
     out = lm(tokens, targets)
     ce = F.cross_entropy(out.logits.reshape(-1, V), targets.reshape(-1))
     assert out.ce.item() == pytest.approx(ce.item(), rel=1e-6)
-    lb = out.stats["layer0/moe_lb"] + out.stats["layer1/moe_lb"]
-    z = out.stats["layer0/moe_z"] + out.stats["layer1/moe_z"]
-    pred = out.stats["layer1/mod_pred_loss"] + out.stats["layer2/mod_pred_loss"]
-    assert out.terms["moe_lb"].item() == pytest.approx(lb.item(), rel=1e-6)
-    assert out.terms["moe_z"].item() == pytest.approx(z.item(), rel=1e-6)
-    assert out.terms["mod_pred_loss"].item() == pytest.approx(pred.item(), rel=1e-6)
+    lb = out.stats[0][Term.MOE_LB] + out.stats[1][Term.MOE_LB]
+    z = out.stats[0][Term.MOE_Z] + out.stats[1][Term.MOE_Z]
+    pred = out.stats[1][Term.MOD_PRED_LOSS] + out.stats[2][Term.MOD_PRED_LOSS]
+    assert out.terms[Term.MOE_LB].item() == pytest.approx(lb.item(), rel=1e-6)
+    assert out.terms[Term.MOE_Z].item() == pytest.approx(z.item(), rel=1e-6)
+    assert out.terms[Term.MOD_PRED_LOSS].item() == pytest.approx(pred.item(), rel=1e-6)
+    assert set(out.terms) == {Term.MOE_LB, Term.MOE_Z, Term.MOD_PRED_LOSS}  # the losses only
     aux = 0.3 * lb + 0.05 * z + 0.7 * pred
     assert out.aux_loss.item() == pytest.approx(aux.item(), rel=1e-5)
     assert out.loss.item() == pytest.approx(ce.item() + aux.item(), rel=1e-5)
     assert out.aux_loss.requires_grad and not out.ce.requires_grad
-    assert all(not v.requires_grad for v in out.stats.values())
+    assert all(not v.requires_grad for aux in out.stats for v in aux.values())
     # Without targets: logits only.
     bare = lm(tokens)
     assert bare.loss is None and bare.ce is None
@@ -144,9 +148,9 @@ def test_causal_routing_with_no_token_chosen_gives_finite_loss() -> None:
         mod.predictor[-1].bias.fill_(-5.0)  # type: ignore[index]
     tokens, targets = _batch()
     out = lm(tokens, targets, routing="causal")
-    assert out.stats["layer1/mod_capacity"].item() == 0.0
+    assert out.stats[1][Term.MOD_CAPACITY].item() == 0.0
     assert torch.isfinite(out.loss), out.stats
-    assert out.stats["layer1/moe_lb"].item() == 0.0
+    assert out.stats[1][Term.MOE_LB].item() == 0.0
 
 
 def test_generate_runs_and_argmax_is_deterministic() -> None:
@@ -191,7 +195,24 @@ def test_tied_embeddings() -> None:
 
 def test_moe_layers_lists_every_moe() -> None:
     lm = TransformerLM(_cfg(["dense", "moe", "mode", "imode", "mod"], num_noop_experts=1))
-    layers = lm.moe_layers()
+    layers = moe_layers(lm)
     assert len(layers) == 3 and all(isinstance(m, MoELayer) for m in layers)
     assert [m.num_noop for m in layers] == [0, 0, 1]
     assert lm.kinds == ["dense", "moe", "mode", "imode", "mod"]
+
+
+def test_mode_with_router_on_block_input_trains_every_parameter() -> None:
+    torch.manual_seed(0)
+    cfg = _cfg(["dense", "mode"], router_input="block")
+    lm = TransformerLM(cfg)
+    mode = lm.layers[1]
+    assert isinstance(mode, MoDBlock) and mode.routes_from_block_input
+    tokens, targets = _batch()
+    out = lm(tokens, targets)
+    out.loss.backward()
+    for name, p in lm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert set(out.stats[1]) == EXPECTED_STATS["mode"]
+    assert int(out.stats[1][Term.MOE_COUNTS].sum()) == B * 4 * 2  # 4 chosen per row, top-2
+    causal = lm(tokens, targets, routing="causal")
+    assert causal.loss is not None and torch.isfinite(causal.loss)

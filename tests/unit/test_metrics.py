@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from turnout.models.lm import LMOutput
+from turnout.models.terms import Term
 from turnout.trainer.metrics import StatsAccumulator
 
 pytestmark = pytest.mark.unit
@@ -14,14 +15,17 @@ pytestmark = pytest.mark.unit
 def _out(counts: list[int], drop: float, cap: float, acc: float, lb: float) -> LMOutput:
     return LMOutput(
         logits=torch.zeros(1),
-        terms={"moe_lb": torch.tensor(lb)},
-        stats={
-            "layer1/moe_counts": torch.tensor(counts),
-            "layer1/moe_drop": torch.tensor(drop),
-            "layer1/moe_lb": torch.tensor(lb),
-            "layer3/mod_capacity": torch.tensor(cap),
-            "layer3/mod_pred_acc": torch.tensor(acc),
-        },
+        terms={Term.MOE_LB: torch.tensor(lb)},
+        stats=[
+            {},
+            {
+                Term.MOE_COUNTS: torch.tensor(counts),
+                Term.MOE_DROP: torch.tensor(drop),
+                Term.MOE_LB: torch.tensor(lb),
+            },
+            {},
+            {Term.MOD_CAPACITY: torch.tensor(cap), Term.MOD_PRED_ACC: torch.tensor(acc)},
+        ],
     )
 
 

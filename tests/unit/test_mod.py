@@ -1,4 +1,4 @@
-"""Mixture-of-Depths (models/mod.py): one test per trap listed in DESIGN.md, and more.
+"""Mixture-of-Depths (models/mod.py): one test per trap listed in docs/design.md, and more.
 
 Shape suffixes: B batch, S sequence, M chosen positions per sequence, D width.
 """
@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
+from turnout.config.model import BLOCK_KINDS, MoDConfig, ModelConfig, MoEConfig
 from turnout.models.block import Block
 from turnout.models.layers import Rotary
 from turnout.models.mod import MoDBlock, masked_dense
 from turnout.models.routing import mod_capacity, mod_select
+from turnout.models.terms import Term
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +40,7 @@ def _cfg(capacity: float = 0.25, **mod: object) -> ModelConfig:
 def _mod(ffn: str = "dense", seed: int = 0, **kw: object) -> MoDBlock:
     torch.manual_seed(seed)
     cfg = _cfg(**kw)  # type: ignore[arg-type]
-    block = Block(cfg, Rotary(D // H, cfg.max_seq_len, cfg.rope_theta), ffn)
+    block = Block(cfg, Rotary(D // H, cfg.max_seq_len, cfg.rope_theta), BLOCK_KINDS[ffn])
     for p in block.parameters():  # visible increments, not ~0.02-scale ones
         torch.nn.init.normal_(p, std=0.3)
     mod = MoDBlock(cfg, block)
@@ -84,7 +85,7 @@ def test_block_processes_exactly_k_per_sequence_even_when_all_scores_tie() -> No
     changed_BS = (out_BSD != x_BSD).any(-1)
     assert changed_BS.sum(1).tolist() == [3, 3, 3]  # k = ceil(0.25 * 12)
     assert changed_BS[:, :3].all()  # ties go to the lower positions
-    assert aux["mod_capacity"].item() == pytest.approx(3 / 12)
+    assert aux[Term.MOD_CAPACITY].item() == pytest.approx(3 / 12)
 
 
 # ---------------------------------------------------------------- position order
@@ -208,10 +209,10 @@ def test_compacted_equals_masked_dense(ffn: str, moe: MoEConfig | None) -> None:
     ref_BSD, aux_ref = masked_dense(mod, x_BSD, _pos(B), score_BS, chosen_BS)
     torch.testing.assert_close(out_BSD, ref_BSD, rtol=1e-5, atol=1e-5)
     if moe is not None:
-        assert torch.equal(aux["moe_counts"], aux_ref["moe_counts"])
-        assert aux["moe_drop"].item() == aux_ref["moe_drop"].item()
+        assert torch.equal(aux[Term.MOE_COUNTS], aux_ref[Term.MOE_COUNTS])
+        assert aux[Term.MOE_DROP].item() == aux_ref[Term.MOE_DROP].item()
         if moe.capacity_factor is not None:
-            assert aux["moe_drop"].item() > 0  # the capacity case really drops
+            assert aux[Term.MOE_DROP].item() > 0  # the capacity case really drops
 
 
 def test_batch_rows_do_not_leak() -> None:
@@ -303,13 +304,13 @@ def test_causal_decode_at_s1_follows_predictor(predictor: str) -> None:
             torch.testing.assert_close(out_B1D[b], expected, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(out_B1D[b], x_B1D[b])
-    assert aux["mod_capacity"].item() == pytest.approx(decide_B.float().mean().item())
+    assert aux[Term.MOD_CAPACITY].item() == pytest.approx(decide_B.float().mean().item())
     if last is not None:  # flip the predictor: every token chosen
         with torch.no_grad():
             last.bias.fill_(4.0)
         out_B1D, aux = mod(x_B1D, pos_B1, routing="causal")
         assert (out_B1D != x_B1D).any(-1).all()
-        assert aux["mod_capacity"].item() == 1.0
+        assert aux[Term.MOD_CAPACITY].item() == 1.0
 
 
 def test_causal_mode_over_a_sequence_equals_definition() -> None:
@@ -357,9 +358,9 @@ def test_aux_targets_are_per_sequence_topk_for_b_gt_1() -> None:
         order = sorted(range(S), key=lambda s, b=b: (-scores_BS[b, s].item(), s))
         target_BS[b, order[:3]] = 1.0
     expected = F.binary_cross_entropy_with_logits(pred_BS, target_BS)
-    assert aux["mod_pred_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert aux[Term.MOD_PRED_LOSS].item() == pytest.approx(expected.item(), rel=1e-6)
     acc = ((pred_BS > 0).float() == target_BS).float().mean().item()
-    assert aux["mod_pred_acc"].item() == pytest.approx(acc)
+    assert aux[Term.MOD_PRED_ACC].item() == pytest.approx(acc)
 
 
 def test_causal_mode_targets_are_topk_not_own_decisions() -> None:
@@ -372,9 +373,9 @@ def test_causal_mode_targets_are_topk_not_own_decisions() -> None:
         last.bias.fill_(-6.0)  # predicts "not chosen" everywhere
     x_BSD = torch.randn(2, S, D)
     _, aux = mod(x_BSD, _pos(2), routing="causal")
-    assert aux["mod_capacity"].item() == 0.0  # realised: nothing processed
-    assert aux["mod_pred_acc"].item() == pytest.approx(1 - 3 / 12)  # the base rate
-    assert aux["mod_pred_loss"].item() > 1.0  # the 3 top-k tokens per row cost ~6 nats each
+    assert aux[Term.MOD_CAPACITY].item() == 0.0  # realised: nothing processed
+    assert aux[Term.MOD_PRED_ACC].item() == pytest.approx(1 - 3 / 12)  # the base rate
+    assert aux[Term.MOD_PRED_LOSS].item() > 1.0  # the 3 top-k tokens per row cost ~6 nats each
 
 
 def test_causal_predictor_learns() -> None:
@@ -385,18 +386,128 @@ def test_causal_predictor_learns() -> None:
     opt = torch.optim.Adam(mod.predictor.parameters(), lr=3e-3)  # type: ignore[union-attr]
     with torch.no_grad():
         _, aux = mod(x_BSD, pos)
-    first = aux["mod_pred_acc"].item()
+    first = aux[Term.MOD_PRED_ACC].item()
     for _ in range(150):
         _, aux = mod(x_BSD, pos)
         opt.zero_grad()
-        aux["mod_pred_loss"].backward()
+        aux[Term.MOD_PRED_LOSS].backward()
         opt.step()
     with torch.no_grad():
         _, aux = mod(x_BSD, pos)
         _, causal = mod(x_BSD, pos, routing="causal")
     base = 1 - mod_capacity(32, mod.capacity) / 32  # always answering "skip"
     assert base == 0.75
-    assert aux["mod_pred_acc"].item() > 0.9 > base
-    assert aux["mod_pred_acc"].item() > first
+    assert aux[Term.MOD_PRED_ACC].item() > 0.9 > base
+    assert aux[Term.MOD_PRED_ACC].item() > first
     # the causal decisions now realise roughly the trained capacity
     assert abs(causal["mod_capacity"].item() - 0.25) < 0.1
+
+
+# ---------------------------------------------------------------- MoE router on the block input
+
+
+def _block_routed(capacity_factor: float | None = None, seed: int = 0) -> MoDBlock:
+    """A 'mode' block whose MoE router reads the block input (model.moe.router_input)."""
+    torch.manual_seed(seed)
+    cfg = _cfg()
+    cfg.moe = MoEConfig(
+        num_experts=4, top_k=2, capacity_factor=capacity_factor, min_capacity=0,
+        router_input="block",
+    )  # fmt: skip
+    block = Block(cfg, Rotary(D // H, cfg.max_seq_len, cfg.rope_theta), BLOCK_KINDS["mode"])
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    mod = MoDBlock(cfg, block)
+    torch.nn.init.normal_(mod.router.weight, std=0.5)
+    assert mod.routes_from_block_input
+    return mod
+
+
+@pytest.mark.parametrize("cf", [None, 0.5], ids=["dropless", "capacity"])
+def test_block_router_compacted_equals_masked_dense(cf: float | None) -> None:
+    mod = _block_routed(cf)
+    B = 3
+    x_BSD = torch.randn(B, S, D)
+    out_BSD, aux = mod(x_BSD, _pos(B))
+    _, chosen_BS = _chosen(mod, x_BSD)
+    ref_BSD, aux_ref = masked_dense(mod, x_BSD, _pos(B), mod.scores(x_BSD), chosen_BS)
+    torch.testing.assert_close(out_BSD, ref_BSD, rtol=1e-5, atol=1e-5)
+    assert torch.equal(aux[Term.MOE_COUNTS], aux_ref[Term.MOE_COUNTS])
+    assert aux[Term.MOE_DROP].item() == aux_ref[Term.MOE_DROP].item()
+    torch.testing.assert_close(aux[Term.MOE_LB], aux_ref[Term.MOE_LB])
+    torch.testing.assert_close(aux[Term.MOE_Z], aux_ref[Term.MOE_Z])
+    if cf is not None:
+        assert aux[Term.MOE_DROP].item() > 0  # the capacity case really drops
+
+
+def test_block_router_aux_losses_use_block_input_logits_of_routed_rows() -> None:
+    mod = _block_routed()
+    x_BSD = torch.randn(2, S, D)
+    _, aux = mod(x_BSD, _pos(2))
+    _, chosen_BS = _chosen(mod, x_BSD)
+    logits_TE = x_BSD[chosen_BS] @ mod.block.moe().router_DE  # block input, chosen rows
+    z = torch.logsumexp(logits_TE, -1).pow(2).mean()
+    torch.testing.assert_close(aux[Term.MOE_Z], z)
+    assert int(aux[Term.MOE_COUNTS].sum()) == 2 * int(chosen_BS.sum())  # top-2 of each row
+
+
+def test_block_router_fused_plan_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from turnout.models import ops
+
+    calls: list[str] = []
+    real = ops.mode_plan
+
+    def counted(*args, **kwargs):  # the real op, counted: the layer must call it
+        calls.append(ops.backend())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "mode_plan", counted)
+    mod = _block_routed(0.5)
+    x_BSD = torch.randn(3, S, D)
+    results = []
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("TURNOUT_KERNELS", kernels)
+        mod.zero_grad()
+        out_BSD, aux = mod(x_BSD, _pos(3))
+        loss = out_BSD.square().sum() + aux[Term.MOE_LB] + aux[Term.MOE_Z]
+        loss.backward()
+        grads = [p.grad.clone() for p in (mod.router.weight, mod.block.moe().router_DE)]
+        results.append((out_BSD.detach(), aux[Term.MOE_COUNTS], grads))
+    assert calls == ["fused", "reference"]
+    (fused_out, fused_counts, fused_grads), (ref_out, ref_counts, ref_grads) = results
+    torch.testing.assert_close(fused_out, ref_out)
+    assert torch.equal(fused_counts, ref_counts)
+    for a, b in zip(fused_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_block_router_gets_gradient_through_gates_and_aux() -> None:
+    mod = _block_routed()
+    router_DE = mod.block.moe().router_DE
+    x_BSD = torch.randn(2, S, D)
+    out_BSD, aux = mod(x_BSD, _pos(2))
+    out_BSD.pow(2).sum().backward(retain_graph=True)  # through the gates only
+    assert router_DE.grad is not None and router_DE.grad.abs().sum() > 0
+    assert mod.router.weight.grad is not None and mod.router.weight.grad.abs().sum() > 0
+    router_DE.grad = None
+    aux[Term.MOE_Z].backward()  # the aux loss alone reaches the router too
+    assert router_DE.grad is not None and router_DE.grad.abs().sum() > 0
+
+
+def test_block_router_causal_mode_plans_the_chosen_rows() -> None:
+    mod = _block_routed()
+    x_BSD = torch.randn(2, S, D)
+    chosen_BS = torch.zeros(2, S, dtype=torch.bool)
+    chosen_BS[0, [1, 4, 5]] = True
+    chosen_BS[1, [0, 11]] = True
+    out_BSD, aux = masked_dense(mod, x_BSD, _pos(2), mod.scores(x_BSD), chosen_BS)
+    assert torch.equal(out_BSD[~chosen_BS], x_BSD[~chosen_BS])
+    assert int(aux[Term.MOE_COUNTS].sum()) == 2 * 5
+    last = mod.predictor[-1]  # type: ignore[index]
+    with torch.no_grad():  # the predictor chooses every token: the plan covers all rows
+        last.weight.zero_()
+        last.bias.fill_(5.0)
+    out_BSD, aux = mod(x_BSD, _pos(2), routing="causal")
+    assert aux[Term.MOD_CAPACITY].item() == 1.0
+    assert int(aux[Term.MOE_COUNTS].sum()) == 2 * 2 * S
+    assert torch.isfinite(out_BSD).all()

@@ -8,7 +8,14 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from turnout.config.model import MoDConfig, ModelConfig, MoEConfig, validate_model
+from turnout.config.model import (
+    BLOCK_KINDS,
+    FFN_MOE,
+    MoDConfig,
+    ModelConfig,
+    MoEConfig,
+    validate_model,
+)
 from turnout.errors import ConfigError
 from turnout.models.lm import TransformerLM
 
@@ -76,6 +83,17 @@ BAD: list[tuple[str, Callable[[ModelConfig], None], str]] = [
     ("router-gate", _set("mod.router_gate", "softmax"), "model.mod.router_gate"),
     ("pred-hidden-zero", _set("mod.predictor_hidden", 0), "model.mod.predictor_hidden"),
     ("pred-coef-neg", _set("mod.predictor_loss_coef", -1.0), "model.mod.predictor_loss_coef"),
+    ("router-input", _set("moe.router_input", "attn"), "model.moe.router_input"),
+    (
+        "router-input-block-beside-moe",  # 'block' is for mode blocks; moe would be ambiguous
+        _both(_set("layer_pattern", ["moe", "mode"]), _set("moe.router_input", "block")),
+        "model.moe.router_input",
+    ),
+    (
+        "router-input-block-without-mode",
+        _both(_set("layer_pattern", ["dense", "mod"]), _set("moe.router_input", "block")),
+        "model.moe.router_input",
+    ),
 ]
 
 
@@ -103,6 +121,7 @@ GOOD = [
     ModelConfig(moe=MoEConfig(capacity_factor=None, min_capacity=0)),
     ModelConfig(layer_pattern=["dense"], mod=MoDConfig(capacity=1.0, predictor="router")),
     ModelConfig(d_model=8, n_heads=4, moe=MoEConfig(num_experts=1, top_k=1)),
+    ModelConfig(layer_pattern=["dense", "mod", "mode"], moe=MoEConfig(router_input="block")),
 ]
 
 
@@ -131,3 +150,12 @@ def test_gates_normalized_default_follows_top_k() -> None:
     assert MoEConfig(top_k=2).gates_normalized() is True
     assert MoEConfig(top_k=1, normalize_gates=True).gates_normalized() is True
     assert MoEConfig(top_k=2, normalize_gates=False).gates_normalized() is False
+
+
+def test_block_kind_table_drives_uses_moe_and_uses_mod() -> None:
+    for name, kind in BLOCK_KINDS.items():
+        cfg = ModelConfig(layer_pattern=[name], n_layers=1)
+        assert cfg.blocks() == [kind]
+        assert cfg.uses_moe() == (kind.ffn == FFN_MOE)
+        assert cfg.uses_mod() == kind.mod_routed
+    assert [k for k, v in BLOCK_KINDS.items() if v.noop_experts] == ["imode"]

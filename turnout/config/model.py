@@ -9,13 +9,43 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from turnout.config.choices import Predictor, RouterGate, RouterInput
 from turnout.errors import ConfigError
 
-#: Block kinds a layer pattern may name.
-#: dense: attention + SwiGLU FFN; moe: attention + MoE FFN;
-#: mod: MoD-routed dense block; mode: MoD-routed block whose FFN is an MoE (staged MoDE);
-#: imode: integrated MoDE, attention + MoE whose router also offers no-op experts.
-BLOCK_KINDS = ("dense", "moe", "mod", "mode", "imode")
+#: The FFN of a block: a dense SwiGLU or a Mixture-of-Experts layer.
+FFN_DENSE = "dense"
+FFN_MOE = "moe"
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    """What a layer-pattern entry builds; the one place a kind's meaning is written."""
+
+    name: str
+    ffn: str
+    """FFN_DENSE or FFN_MOE."""
+    mod_routed: bool
+    """Wrapped in a Mixture-of-Depths router (only the chosen positions run the block)."""
+    noop_experts: bool
+    """The MoE router also offers model.moe.num_noop_experts no-op choices."""
+    meaning: str
+
+    @property
+    def has_moe(self) -> bool:
+        return self.ffn == FFN_MOE
+
+
+#: Block kinds a layer pattern may name, by name.
+BLOCK_KINDS: dict[str, BlockKind] = {
+    k.name: k
+    for k in (
+        BlockKind("dense", FFN_DENSE, False, False, "attention + SwiGLU FFN"),
+        BlockKind("moe", FFN_MOE, False, False, "attention + MoE FFN"),
+        BlockKind("mod", FFN_DENSE, True, False, "MoD-routed dense block"),
+        BlockKind("mode", FFN_MOE, True, False, "MoD-routed block with an MoE FFN (staged MoDE)"),
+        BlockKind("imode", FFN_MOE, False, True, "attention + MoE whose router adds no-op experts"),
+    )
+}
 
 
 @dataclass
@@ -38,6 +68,11 @@ class MoEConfig:
     """Weight of the router z-loss mean(logsumexp(logits)^2)."""
     num_noop_experts: int = 0
     """Integrated MoDE ('imode' blocks): extra router choices that compute nothing."""
+    router_input: str = RouterInput.FFN.value
+    """What the router of a 'mode' block reads: 'ffn' (the FFN input, as in every MoE
+    block) or 'block' (the block input, next to the MoD router: the MoD choice and the
+    chosen tokens' expert plan then come from one fused op). 'block' needs every MoE
+    block of the pattern to be 'mode'."""
 
     def gates_normalized(self) -> bool:
         """The effective gate normalisation (the null default resolved from top_k)."""
@@ -50,14 +85,14 @@ class MoEConfig:
 class MoDConfig:
     capacity: float = 0.125
     """Fraction of each sequence a routed block processes: k = ceil(capacity * S)."""
-    predictor: str = "mlp"
+    predictor: str = Predictor.MLP.value
     """Causal decision for sampling: 'mlp' (small MLP on the stop-gradient input) or
     'router' (auxiliary BCE on the router score itself)."""
     predictor_hidden: int = 64
     """Hidden width of the causal predictor MLP."""
     predictor_loss_coef: float = 0.1
     """Weight of the predictor's BCE loss (membership in the sequence's top-k)."""
-    router_gate: str = "sigmoid"
+    router_gate: str = RouterGate.SIGMOID.value
     """g(r) scaling the chosen tokens' residual increment: 'sigmoid' or 'identity'."""
 
 
@@ -94,14 +129,18 @@ class ModelConfig:
         """The kind of each of the n_layers blocks (the pattern cycled)."""
         return [self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.n_layers)]
 
+    def blocks(self) -> list[BlockKind]:
+        """The :class:`BlockKind` of each of the n_layers blocks."""
+        return [BLOCK_KINDS[k] for k in self.block_kinds()]
+
     def expert_hidden(self) -> int:
         return self.moe.expert_ffn_dim or self.ffn_dim
 
     def uses_moe(self) -> bool:
-        return any(k in ("moe", "mode", "imode") for k in self.block_kinds())
+        return any(k.has_moe for k in self.blocks())
 
     def uses_mod(self) -> bool:
-        return any(k in ("mod", "mode") for k in self.block_kinds())
+        return any(k.mod_routed for k in self.blocks())
 
 
 def _positive(key: str, value: float) -> None:
@@ -130,16 +169,16 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
                 f"{prefix}.layer_pattern[{i}]",
                 f"unknown block kind {kind!r}; expected one of {', '.join(BLOCK_KINDS)}",
             )
-    kinds = cfg.block_kinds()
+    kinds = cfg.blocks()
     moe, mod = cfg.moe, cfg.mod
     m = f"{prefix}.moe"
     _positive(f"{m}.num_experts", moe.num_experts)
     _positive(f"{m}.top_k", moe.top_k)
     # moe/mode routers offer num_experts choices; imode routers add the no-op experts.
     choices = [
-        moe.num_experts + (moe.num_noop_experts if k == "imode" else 0)
+        moe.num_experts + (moe.num_noop_experts if k.noop_experts else 0)
         for k in kinds
-        if k in ("moe", "mode", "imode")
+        if k.has_moe
     ]
     n_choices = min(choices, default=moe.num_experts)
     if moe.top_k > n_choices:
@@ -161,18 +200,27 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
         raise ConfigError(f"{m}.{key}", "must be >= 0")
     if moe.num_noop_experts < 0:
         raise ConfigError(f"{m}.num_noop_experts", f"must be >= 0, got {moe.num_noop_experts}")
-    if "imode" in kinds and moe.num_noop_experts == 0:
+    if any(k.noop_experts for k in kinds) and moe.num_noop_experts == 0:
         raise ConfigError(
             f"{m}.num_noop_experts", "an 'imode' block needs at least one no-op expert"
         )
+    if moe.router_input not in RouterInput.values():
+        raise ConfigError(
+            f"{m}.router_input", f"must be {RouterInput.spelled()}, got {moe.router_input!r}"
+        )
+    if moe.router_input == RouterInput.BLOCK:
+        others = sorted({k.name for k in kinds if k.has_moe and not k.mod_routed})
+        if others or not any(k.has_moe and k.mod_routed for k in kinds):
+            found = f"the pattern has {', '.join(others)}" if others else "no 'mode' block"
+            raise ConfigError(f"{m}.router_input", f"'block' is for 'mode' blocks only; {found}")
     d = f"{prefix}.mod"
     if not (0.0 < mod.capacity <= 1.0):
         raise ConfigError(f"{d}.capacity", f"must be in (0, 1], got {mod.capacity}")
-    if mod.predictor not in ("mlp", "router"):
-        raise ConfigError(f"{d}.predictor", f"must be 'mlp' or 'router', got {mod.predictor!r}")
-    if mod.router_gate not in ("sigmoid", "identity"):
+    if mod.predictor not in Predictor.values():
+        raise ConfigError(f"{d}.predictor", f"must be {Predictor.spelled()}, got {mod.predictor!r}")
+    if mod.router_gate not in RouterGate.values():
         raise ConfigError(
-            f"{d}.router_gate", f"must be 'sigmoid' or 'identity', got {mod.router_gate!r}"
+            f"{d}.router_gate", f"must be {RouterGate.spelled()}, got {mod.router_gate!r}"
         )
     _positive(f"{d}.predictor_hidden", mod.predictor_hidden)
     if mod.predictor_loss_coef < 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from turnout.config.choices import Backend
 from turnout.errors import ConfigError
 
 
@@ -24,8 +25,8 @@ def validate_parallel(
         raise ConfigError("parallel.ep_size", f"must be >= 1, got {cfg.ep_size}")
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.zero_stage}")
-    if cfg.backend not in ("auto", "gloo", "nccl"):
-        raise ConfigError("parallel.backend", f"must be auto, gloo or nccl, got {cfg.backend!r}")
+    if cfg.backend not in Backend.values():
+        raise ConfigError("parallel.backend", f"must be {Backend.spelled()}, got {cfg.backend!r}")
     if uses_moe and num_experts % cfg.ep_size:
         raise ConfigError(
             "parallel.ep_size",

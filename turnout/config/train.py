@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from turnout.config.choices import Precision
 from turnout.errors import ConfigError
 
 
@@ -98,5 +99,7 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError("train.betas", f"must be two numbers in [0, 1), got {list(cfg.betas)}")
     if cfg.grad_clip < 0:
         raise ConfigError("train.grad_clip", f"must be >= 0, got {cfg.grad_clip}")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError("train.precision", f"must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.precision not in Precision.values():
+        raise ConfigError(
+            "train.precision", f"must be {Precision.spelled()}, got {cfg.precision!r}"
+        )

@@ -1,0 +1,141 @@
+"""The one table of what a block returns besides its output: aux losses and statistics.
+
+Every block returns ``Aux = dict[Term, Tensor]``. :data:`TERMS` says, per name, whether
+it is a loss (then the config coefficient that weighs it into the training loss), how
+the trainer turns it into MLflow metrics, and what it means. The model (which terms are
+losses), the metrics (which metric names) and the README's metric list (kept equal by
+a test) all read this table; a name missing from it raises instead of vanishing.
+
+Metric names: ``layer<i>/...`` per layer ``i``; ``aux/<name>`` for a loss summed over
+layers. The MoE counts become per-expert loads: ``expert<e>`` stands for each expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from turnout.config.model import ModelConfig
+
+
+class Term(str, Enum):
+    """Names of the per-layer aux terms and statistics."""
+
+    MOE_LB = "moe_lb"
+    MOE_Z = "moe_z"
+    MOE_COUNTS = "moe_counts"
+    MOE_DROP = "moe_drop"
+    MOE_NOOP = "moe_noop"
+    MOD_PRED_LOSS = "mod_pred_loss"
+    MOD_CAPACITY = "mod_capacity"
+    MOD_PRED_ACC = "mod_pred_acc"
+
+
+Aux = dict[Term, torch.Tensor]
+
+#: Per-layer metric names a ``moe_counts`` vector turns into (loads over ALL ranks).
+EXPERT_LOAD = "expert<e>_load"
+LOAD_MAX = "load_max"
+LOAD_MAX_OVER_MEAN = "load_max_over_mean"
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    term: Term
+    coef: str | None
+    """Dotted ModelConfig field weighing the loss (``moe.aux_loss_coef``); None: a statistic."""
+    metrics: tuple[str, ...]
+    """Per-layer metric names (``layer<i>/`` + each)."""
+    meaning: str
+
+    @property
+    def is_loss(self) -> bool:
+        return self.coef is not None
+
+    @property
+    def is_counts(self) -> bool:
+        """A per-expert count vector (summed over ranks, then normalised into loads)."""
+        return self.term is Term.MOE_COUNTS
+
+    def coefficient(self, cfg: ModelConfig) -> float:
+        """The loss weight from the config (0 for a statistic)."""
+        if self.coef is None:
+            return 0.0
+        section, name = self.coef.split(".")
+        return float(getattr(getattr(cfg, section), name))
+
+    def aux_metric(self) -> str | None:
+        """The run-level metric of a loss summed over layers (``aux/<name>``)."""
+        return f"aux/{self.term.value}" if self.is_loss else None
+
+
+TERMS: dict[Term, TermSpec] = {
+    s.term: s
+    for s in (
+        TermSpec(
+            Term.MOE_LB,
+            "moe.aux_loss_coef",
+            ("moe_lb",),
+            "load-balance loss E * sum_e f_e * P_e (unweighted)",
+        ),
+        TermSpec(
+            Term.MOE_Z,
+            "moe.z_loss_coef",
+            ("moe_z",),
+            "router z-loss mean(logsumexp(logits)^2) (unweighted)",
+        ),
+        TermSpec(
+            Term.MOE_COUNTS,
+            None,
+            (EXPERT_LOAD, LOAD_MAX, LOAD_MAX_OVER_MEAN),
+            "fraction of the assignments routed to each expert (before drops), its max, "
+            "and max over mean",
+        ),
+        TermSpec(
+            Term.MOE_DROP,
+            None,
+            ("drop_fraction",),
+            "fraction of the real-expert assignments dropped for capacity",
+        ),
+        TermSpec(
+            Term.MOE_NOOP,
+            None,
+            ("noop_fraction",),
+            "fraction of the assignments that chose a no-op expert (imode blocks)",
+        ),
+        TermSpec(
+            Term.MOD_PRED_LOSS,
+            "mod.predictor_loss_coef",
+            ("mod_pred_loss",),
+            "BCE of the causal predictor against top-k membership (unweighted)",
+        ),
+        TermSpec(
+            Term.MOD_CAPACITY,
+            None,
+            ("mod_capacity",),
+            "realised fraction of positions the MoD block processed",
+        ),
+        TermSpec(
+            Term.MOD_PRED_ACC,
+            None,
+            ("mod_pred_acc",),
+            "how often the causal predictor agrees with the top-k choice",
+        ),
+    )
+}
+
+
+def spec(name: Term | str) -> TermSpec:
+    """The table row of ``name``; KeyError naming it when it is not in the table."""
+    try:
+        return TERMS[Term(name)]
+    except ValueError:
+        raise KeyError(f"unknown aux term or statistic {name!r}; add it to TERMS") from None
+
+
+def mlflow_metrics() -> set[str]:
+    """Every MLflow metric name the table produces (``layer<i>/...`` and ``aux/...``)."""
+    names = {f"layer<i>/{m}" for s in TERMS.values() for m in s.metrics}
+    return names | {a for s in TERMS.values() if (a := s.aux_metric()) is not None}

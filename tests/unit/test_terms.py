@@ -1,0 +1,76 @@
+"""The aux-term table (models/terms.py) serves the model, the metrics and the README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
+from turnout.models.lm import LMOutput, TransformerLM
+from turnout.models.terms import TERMS, Term, mlflow_metrics, spec
+from turnout.trainer.metrics import StatsAccumulator
+
+pytestmark = pytest.mark.unit
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_metric_section() -> str:
+    text = README.read_text()
+    start = text.index("## Metrics logged to MLflow")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_readme_metric_list_equals_the_table() -> None:
+    section = _readme_metric_section()
+    listed = set(re.findall(r"`((?:layer<i>|aux)/[^`]+)`", section))
+    assert listed == mlflow_metrics()
+
+
+def test_every_term_has_one_row_and_losses_name_a_real_coefficient() -> None:
+    assert set(TERMS) == set(Term)
+    cfg = ModelConfig(
+        moe=MoEConfig(aux_loss_coef=0.3, z_loss_coef=0.05), mod=MoDConfig(predictor_loss_coef=0.7)
+    )
+    coefs = {t: s.coefficient(cfg) for t, s in TERMS.items() if s.is_loss}
+    assert coefs == {Term.MOE_LB: 0.3, Term.MOE_Z: 0.05, Term.MOD_PRED_LOSS: 0.7}
+    assert all(s.coefficient(cfg) == 0.0 for s in TERMS.values() if not s.is_loss)
+    assert all(s.meaning for s in TERMS.values())
+
+
+def test_unknown_names_raise_instead_of_vanishing() -> None:
+    with pytest.raises(KeyError, match="moe_lbb"):
+        spec("moe_lbb")
+    acc = StatsAccumulator()
+    typo = LMOutput(logits=torch.zeros(1), stats=[{"moe_dorp": torch.tensor(0.5)}])  # type: ignore[dict-item]
+    with pytest.raises(KeyError, match="moe_dorp"):
+        acc.add(typo)
+    stat_as_loss = LMOutput(logits=torch.zeros(1), terms={Term.MOE_DROP: torch.tensor(0.5)})
+    with pytest.raises(KeyError, match="not a loss"):
+        StatsAccumulator().add(stat_as_loss)
+
+
+def test_every_metric_of_a_real_model_is_in_the_table() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=32,
+        d_model=16,
+        n_heads=2,
+        ffn_dim=32,
+        max_seq_len=8,
+        n_layers=5,
+        layer_pattern=["dense", "moe", "mod", "mode", "imode"],
+        moe=MoEConfig(num_experts=4, top_k=2, num_noop_experts=1),
+    )
+    lm = TransformerLM(cfg)
+    tokens = torch.randint(0, 32, (2, 8))
+    acc = StatsAccumulator()
+    acc.add(lm(tokens, tokens))
+    metrics = acc.reduce()
+    generic = {re.sub(r"^layer\d+/", "layer<i>/", k) for k in metrics}
+    generic = {re.sub(r"/expert\d+_load$", "/expert<e>_load", k) for k in generic}
+    assert generic == mlflow_metrics()  # every table metric appears, and nothing else

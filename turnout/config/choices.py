@@ -1,0 +1,72 @@
+"""The fixed choices a config field or a call may name: one ``str`` enum each.
+
+Validation and the code that acts on a choice read the same enum, so a value is spelled
+once. The members are ``str`` subclasses: a config field stays a plain string (omegaconf,
+YAML, MLflow params) and compares equal to its member (``"bf16" == Precision.BF16``).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """Base of the choice enums: ``values()`` for validation and one-line error text."""
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def spelled(cls) -> str:
+        """The choices for an error message: 'a', 'b' or 'c'."""
+        quoted = [repr(v) for v in cls.values()]
+        return ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
+
+
+class Predictor(Choice):
+    """model.mod.predictor: how the causal (sampling-time) MoD decision is made."""
+
+    MLP = "mlp"
+    ROUTER = "router"
+
+
+class RouterGate(Choice):
+    """model.mod.router_gate: g(score) scaling a chosen token's residual increment."""
+
+    SIGMOID = "sigmoid"
+    IDENTITY = "identity"
+
+
+class RouterInput(Choice):
+    """model.moe.router_input: what the MoE router of a 'mode' block reads."""
+
+    FFN = "ffn"
+    """The FFN input (after attention and the norm), like every other MoE block."""
+    BLOCK = "block"
+    """The block input, so the MoD choice and the expert plan come from one fused op."""
+
+
+class Routing(Choice):
+    """The MoD routing mode of a forward pass."""
+
+    TOPK = "topk"
+    """Training: expert-choice top-k over each sequence (looks at the future)."""
+    CAUSAL = "causal"
+    """Sampling: each token's own predictor decision."""
+
+
+class Precision(Choice):
+    """train.precision."""
+
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+class Backend(Choice):
+    """parallel.backend: the torch.distributed backend."""
+
+    AUTO = "auto"
+    GLOO = "gloo"
+    NCCL = "nccl"
