@@ -12,8 +12,9 @@ Conventions (also in docs/design.md, "FLOP accounting"):
 - A MoD-routed block (top-k routing, as in training) runs on ``M = ceil(capacity * S)``
   positions of each sequence; its router and causal predictor run on all ``S``.
 - A MoE layer's router runs on every token reaching it (fp32 ``D x E`` matmul, the
-  no-op columns of integrated MoDE included). In capacity mode the experts compute
-  every row of their ``[E, C, D]`` buckets, padding included, with
+  no-op columns of integrated MoDE included); with ``moe.router_input: block`` it
+  scores all ``S`` positions of a MoD-routed block, before the MoD choice. In
+  capacity mode the experts compute every row of their ``[E, C, D]`` buckets, padding included, with
   ``C = max(min_capacity, ceil(capacity_factor * T * k / E))`` and ``T`` the tokens of
   one micro batch reaching the layer; dropless mode counts the ``k`` real rows per
   token (assignments to no-op experts cost nothing: the share ``E / (E + noop)`` of
@@ -30,7 +31,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from turnout.config.model import ModelConfig
+from turnout.config.choices import Predictor, RouterInput
+from turnout.config.model import BLOCK_KINDS, ModelConfig
 from turnout.models.routing import expert_capacity, mod_capacity
 
 #: Backward costs about twice the forward, so one training step is ~3x forward FLOPs.
@@ -102,17 +104,20 @@ def _moe_rows(cfg: ModelConfig, tokens: int, noop: int) -> float:
 def block_flops(cfg: ModelConfig, kind: str, seq_len: int, batch: int = 1) -> BlockFlops:
     """Forward FLOPs per token of one block of ``kind`` (top-k MoD routing)."""
     D = cfg.d_model
-    routed = kind in ("mod", "mode")
-    rows = mod_capacity(seq_len, cfg.mod.capacity) if routed else seq_len
+    spec = BLOCK_KINDS[kind]
+    rows = mod_capacity(seq_len, cfg.mod.capacity) if spec.mod_routed else seq_len
     per_seq_routing = 0.0
-    if routed:
+    if spec.mod_routed:
         per_seq_routing += seq_len * 2 * D  # MoD router: one score per position
-        if cfg.mod.predictor == "mlp":
+        if cfg.mod.predictor == Predictor.MLP:
             h = cfg.mod.predictor_hidden
             per_seq_routing += seq_len * (2 * D * h + 2 * h)
-    if kind in ("moe", "mode", "imode"):
-        noop = cfg.moe.num_noop_experts if kind == "imode" else 0
-        per_seq_routing += rows * 2 * D * (cfg.moe.num_experts + noop)
+    if spec.has_moe:
+        noop = cfg.moe.num_noop_experts if spec.noop_experts else 0
+        # A router reading the block input scores every position, not only the chosen.
+        block_input = spec.mod_routed and cfg.moe.router_input == RouterInput.BLOCK
+        router_rows = seq_len if block_input else rows
+        per_seq_routing += router_rows * 2 * D * (cfg.moe.num_experts + noop)
         expert_rows = _moe_rows(cfg, batch * rows, noop) / batch
         per_seq_ffn = expert_rows * SWIGLU_MATMULS * 2 * D * cfg.expert_hidden()
     else:

@@ -67,12 +67,19 @@ def test_routed_models_cost_less_than_their_dense_counterpart() -> None:
 
 
 @pytest.mark.parametrize(
-    "pattern,noop",
-    [(["dense"], 0), (["dense", "mod"], 0), (["moe"], 0), (["dense", "mode"], 0), (["imode"], 2)],
+    "pattern,moe",
+    [
+        (["dense"], {}),
+        (["dense", "mod"], {}),
+        (["moe"], {}),
+        (["dense", "mode"], {}),
+        (["dense", "mode"], {"router_input": "block"}),
+        (["imode"], {"num_noop_experts": 2}),
+    ],
 )
 @pytest.mark.parametrize("predictor", ["mlp", "router"])
-def test_agrees_with_torch_flop_counter(pattern: list[str], noop: int, predictor: str) -> None:
-    cfg = _cfg(pattern, num_noop_experts=noop)
+def test_agrees_with_torch_flop_counter(pattern: list[str], moe: dict, predictor: str) -> None:
+    cfg = _cfg(pattern, **moe)
     cfg.mod.predictor = predictor
     B = 3
     torch.manual_seed(0)
