@@ -7,7 +7,9 @@ lock makes concurrent ranks wait for one build). They register the ``torch.ops.t
 custom ops; this module adds their fake (meta) kernels and autograd formulas.
 
 ``TURNOUT_KERNELS=0`` (or ``reference``/``off``) forces the pure-PyTorch reference. A
-failed build falls back to the reference with one warning.
+failed build falls back to the reference with one warning, and so does a device whose
+kernels fail the self-check of :mod:`turnout.models.kernel_check` at first use (the
+CUDA kernels are compiled in CI but may never have run on the user's GPU model).
 
 Shape legend: T tokens, E router columns, K top-k, D width, C capacity, B batch,
 S positions, M MoD-chosen positions per sequence, N = B * S rows.
@@ -62,6 +64,8 @@ _OFF = {"0", "off", "reference", "false", "no"}
 _lock = threading.Lock()
 # The one loaded library per process (a cache of an import, not training state).
 _loaded: dict[str, Any] = {"tried": False, "ok": False, "cuda": False, "seconds": None}
+# Per device type: did the kernels pass their self-check against the reference there.
+_checked: dict[str, bool] = {}
 
 
 def forced_reference() -> bool:
@@ -126,12 +130,35 @@ def load() -> bool:
 
 
 def supports(t: torch.Tensor) -> bool:
-    """True when the fused kernels handle tensors on ``t``'s device."""
+    """True when the fused kernels handle tensors on ``t``'s device (and passed its check)."""
     if not load():
         return False
-    if t.device.type == "cpu":
-        return True
-    return t.device.type == "cuda" and bool(_loaded["cuda"])
+    kind = t.device.type
+    if kind not in ("cpu", "cuda") or (kind == "cuda" and not _loaded["cuda"]):
+        return False
+    verdict = _checked.get(kind)
+    if verdict is None:
+        verdict = _check_device(t.device)
+    return verdict
+
+
+def _check_device(device: torch.device) -> bool:
+    """Compare every fused op with the reference on ``device`` once; False on any difference."""
+    from turnout.models.kernel_check import mismatches
+
+    with _lock:
+        if device.type not in _checked:
+            with torch.no_grad():
+                found = mismatches(device)
+            if found:
+                warnings.warn(
+                    f"turnout: the csrc/ kernels disagree with the reference on {device.type} "
+                    f"({'; '.join(found[:3])}); using the pure-PyTorch reference there",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            _checked[device.type] = not found
+    return _checked[device.type]
 
 
 def load_seconds() -> float | None:

@@ -92,3 +92,9 @@ def test_gradcheck_and_gate_grad_cuda() -> None:
     t = torch.ops.turnout
     assert torch.autograd.gradcheck(lambda y, g: t.combine(y, e, s, k, g), (y, gate))
     assert torch.autograd.gradcheck(lambda x, g: t.permute(x, e, s, k, g, 4, 5), (x, gate))
+
+
+def test_cuda_self_check_passes() -> None:
+    from turnout.models.kernel_check import mismatches
+
+    assert mismatches(CUDA) == []
