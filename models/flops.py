@@ -5,6 +5,8 @@ Conventions (also in docs/design.md, "FLOP accounting"):
 - A matmul of ``[m, k] x [k, n]`` costs ``2 m k n`` FLOPs; bias adds, norms, RoPE,
   softmax, activations, gathers and the embedding lookup are not counted (they are
   small next to the matmuls and are what ``torch.utils.flop_counter`` leaves out too).
+- Attention projections: Q and the output are ``D x D``; K and V are ``D x (G * Hd)``
+  with ``G = model.n_kv_heads`` key/value heads (grouped-query attention).
 - Attention scores are counted over every key a query's kernel computes: for a block
   that runs on ``M`` positions of a sequence, ``QK^T`` and ``AV`` cost ``2 * 2 M^2 D``
   per sequence. Causal masking is *not* halved (the usual MFU convention, and what the
@@ -86,7 +88,8 @@ class FlopCount:
 def _attention(cfg: ModelConfig, seq_len: int, rows: int) -> float:
     """Attention FLOPs of one sequence when the block runs on ``rows`` of its positions."""
     D = cfg.d_model
-    projections = 2 * D * (3 * D) + 2 * D * D  # fused qkv, then the output projection
+    kv_dim = cfg.kv_heads() * (D // cfg.n_heads)  # grouped-query attention: G < H K/V heads
+    projections = 2 * D * (D + 2 * kv_dim) + 2 * D * D  # fused q/k/v, then the output
     scores = 2 * 2 * rows * rows * D  # QK^T and AV over all heads
     return rows * projections + scores
 

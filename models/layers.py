@@ -1,7 +1,7 @@
 """Dense building blocks: RMSNorm, rotary embeddings, causal attention, SwiGLU.
 
 Shape legend: B batch, S sequence (or the compacted chosen positions), D width,
-H heads, Hd head dim, F FFN hidden.
+H query heads, G key/value heads, Hd head dim, L keys, F FFN hidden.
 """
 
 from __future__ import annotations
@@ -43,26 +43,62 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, rotary: Rotary) -> None:
+    """Multi-head attention with ``n_kv_heads`` key/value heads (grouped-query attention).
+
+    One fused projection gives Q (``D`` columns) then K and V (``G * Hd`` columns each);
+    each K/V head serves ``H / G`` query heads. With ``G = H`` it is plain multi-head
+    attention with the same parameter layout.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, rotary: Rotary, n_kv_heads: int = 0) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = d_model // n_heads
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(d_model, d_model + 2 * kv_dim, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.rotary = rotary
+
+    def heads(
+        self, x_BSD: torch.Tensor, pos_BS: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q_BHSd`` and ``k_BGSd``, ``v_BGSd`` of ``x``, RoPE applied at ``pos_BS``."""
+        B, S, D = x_BSD.shape
+        kv_dim = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x_BSD).split([D, kv_dim, kv_dim], dim=-1)
+        q_BHSd = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGSd = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGSd = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return self.rotary(q_BHSd, pos_BS), self.rotary(k_BGSd, pos_BS), v_BGSd
+
+    def attend(
+        self,
+        q_BHSd: torch.Tensor,
+        k_BGLd: torch.Tensor,
+        v_BGLd: torch.Tensor,
+        mask_BSL: torch.Tensor | None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """SDPA of S queries over L keys (``mask_BSL``: True = may attend), projected out."""
+        B, _, S, _ = q_BHSd.shape
+        mask = None if mask_BSL is None else mask_BSL.unsqueeze(1)
+        o_BHSd = F.scaled_dot_product_attention(
+            q_BHSd,
+            k_BGLd,
+            v_BGLd,
+            attn_mask=mask,
+            is_causal=causal and mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.proj(o_BHSd.transpose(1, 2).reshape(B, S, -1))
 
     def forward(
         self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, mask_BSS: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Causal attention in index order; ``mask_BSS`` (True = may attend) overrides it."""
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = self.rotary(q, pos_BS), self.rotary(k, pos_BS)
-        if mask_BSS is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BSS.unsqueeze(1))
-        return self.proj(o.transpose(1, 2).reshape(B, S, D))
+        q_BHSd, k_BGSd, v_BGSd = self.heads(x_BSD, pos_BS)
+        return self.attend(q_BHSd, k_BGSd, v_BGSd, mask_BSS, causal=True)
 
 
 class SwiGLU(nn.Module):

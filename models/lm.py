@@ -17,7 +17,9 @@ from torch import nn
 
 from turnout.config.choices import Routing
 from turnout.config.model import ModelConfig
+from turnout.models import decode
 from turnout.models.block import Block
+from turnout.models.decode import DecodeState
 from turnout.models.layers import RMSNorm, Rotary
 from turnout.models.mod import MoDBlock
 from turnout.models.terms import TERMS, Aux, Term, spec
@@ -94,7 +96,23 @@ class TransformerLM(nn.Module):
             out.ce = ce.detach()
         return out
 
-    @torch.no_grad()
+    def new_decode_state(self, batch: int, max_len: int | None = None) -> DecodeState:
+        """Empty KV caches for incremental decoding (see :mod:`turnout.models.decode`)."""
+        return decode.new_state(self, batch, max_len)
+
+    def prefill(
+        self, prompt_BS: torch.Tensor, max_len: int | None = None
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """Run the prompt through fresh caches: its ``logits_BSV`` and the decode state."""
+        state = self.new_decode_state(prompt_BS.shape[0], max_len)
+        return decode.extend(self, prompt_BS, state), state
+
+    def decode_step(self, tokens_B1: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Feed one new token per sequence through the caches: next-token ``logits_BV``."""
+        if tokens_B1.dim() != 2 or tokens_B1.shape[1] != 1:
+            raise ValueError(f"decode_step takes [B, 1] tokens, got {tuple(tokens_B1.shape)}")
+        return decode.extend(self, tokens_B1, state)[:, -1]
+
     def generate(
         self,
         prompt_BS: torch.Tensor,
@@ -102,15 +120,9 @@ class TransformerLM(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample with causal MoD decisions (the predictor), re-running the window each step."""
-        tokens = prompt_BS
-        for _ in range(max_new_tokens):
-            window = tokens[:, -self.cfg.max_seq_len :]
-            logits = self(window, routing=Routing.CAUSAL).logits[:, -1].float()
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            tokens = torch.cat([tokens, nxt], dim=1)
-        return tokens
+        """Sample with causal MoD decisions through the KV caches (skipped tokens do no work).
+
+        Prompt + new tokens must fit in ``max_seq_len``; :func:`decode.generate` also
+        returns the caches and the skip counters.
+        """
+        return decode.generate(self, prompt_BS, max_new_tokens, temperature, generator).tokens_BS

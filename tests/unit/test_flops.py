@@ -90,3 +90,32 @@ def test_agrees_with_torch_flop_counter(pattern: list[str], moe: dict, predictor
         model(tokens)
     counted = fc.get_total_flops() / (B * cfg.max_seq_len)
     assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=0.005)
+
+
+def test_grouped_query_attention_hand_count() -> None:
+    cfg = dataclasses.replace(_cfg(["dense"]), n_heads=4, n_kv_heads=2)
+    D, S = 32, 24
+    kv_dim = 2 * (D // 4)  # 2 K/V heads of head dim 8
+    block = forward_flops(cfg).blocks[0]
+    assert block.attention * S == S * (2 * D * (D + 2 * kv_dim) + 2 * D * D) + 4 * S * S * D
+    full = forward_flops(_cfg(["dense"])).blocks[0]
+    assert full.attention - block.attention == 2 * 2 * D * (D - kv_dim)  # K and V shrink
+
+
+@pytest.mark.parametrize("pattern", [["dense"], ["dense", "mod"], ["dense", "mode"]])
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+def test_grouped_query_attention_agrees_with_torch_flop_counter(
+    pattern: list[str], n_kv_heads: int
+) -> None:
+    cfg = dataclasses.replace(_cfg(pattern), n_kv_heads=n_kv_heads)
+    B = 2
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).eval()
+    assert model.layers[0].attn.n_kv_heads == n_kv_heads
+    tokens = torch.randint(0, cfg.vocab_size, (B, cfg.max_seq_len))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(tokens)
+    counted = fc.get_total_flops() / (B * cfg.max_seq_len)
+    assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=0.005)
+    mha = forward_flops(dataclasses.replace(cfg, n_kv_heads=0), batch=B).per_token
+    assert forward_flops(cfg, batch=B).per_token < mha

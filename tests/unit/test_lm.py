@@ -167,12 +167,15 @@ def test_generate_runs_and_argmax_is_deterministic() -> None:
     for t in range(5, 11):
         logits = lm(a[:, :t], routing="causal").logits[:, -1]
         assert torch.equal(a[:, t], logits.argmax(-1))
-    # sampling with a seeded generator is reproducible too; beyond max_seq_len it slides
+    # sampling with a seeded generator is reproducible too, up to max_seq_len = 16
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    s1 = lm.generate(prompt, 14, temperature=1.0, generator=g1)  # 19 > max_seq_len = 16
-    s2 = lm.generate(prompt, 14, temperature=1.0, generator=g2)
-    assert s1.shape == (B, 19) and torch.equal(s1, s2)
+    s1 = lm.generate(prompt, 11, temperature=1.0, generator=g1)
+    s2 = lm.generate(prompt, 11, temperature=1.0, generator=g2)
+    assert s1.shape == (B, 16) and torch.equal(s1, s2)
     assert int(s1.max()) < V and int(s1.min()) >= 0
+    # beyond max_seq_len the cached decode refuses (no sliding window), naming the key
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        lm.generate(prompt, 12, temperature=1.0)  # 17 > max_seq_len = 16
 
 
 def test_tied_embeddings() -> None:

@@ -53,6 +53,8 @@ BAD: list[tuple[str, Callable[[ModelConfig], None], str]] = [
     ("init-zero", _set("init_std", 0.0), "model.init_std"),
     ("heads-not-dividing", _set("n_heads", 3), "model.n_heads"),
     ("odd-head-dim", _both(_set("d_model", 24), _set("n_heads", 8)), "model.n_heads"),
+    ("kv-heads-not-dividing", _set("n_kv_heads", 3), "model.n_kv_heads"),
+    ("kv-heads-neg", _set("n_kv_heads", -2), "model.n_kv_heads"),
     ("empty-pattern", _set("layer_pattern", []), "model.layer_pattern"),
     ("unknown-kind", _set("layer_pattern", ["dense", "moee"]), "model.layer_pattern[1]"),
     ("experts-zero", _set("moe.num_experts", 0), "model.moe.num_experts"),
@@ -121,6 +123,8 @@ GOOD = [
     ModelConfig(moe=MoEConfig(capacity_factor=None, min_capacity=0)),
     ModelConfig(layer_pattern=["dense"], mod=MoDConfig(capacity=1.0, predictor="router")),
     ModelConfig(d_model=8, n_heads=4, moe=MoEConfig(num_experts=1, top_k=1)),
+    ModelConfig(n_heads=4, n_kv_heads=2),
+    ModelConfig(n_heads=4, n_kv_heads=1, layer_pattern=["mod", "moe"]),
     ModelConfig(layer_pattern=["dense", "mod", "mode"], moe=MoEConfig(router_input="block")),
 ]
 

@@ -106,6 +106,8 @@ class ModelConfig:
     """Number of transformer blocks."""
     n_heads: int = 4
     """Attention heads; d_model must be divisible by it."""
+    n_kv_heads: int = 0
+    """Key/value heads (grouped-query attention); 0 means n_heads. Must divide n_heads."""
     ffn_dim: int = 256
     """SwiGLU hidden size of dense FFNs."""
     max_seq_len: int = 256
@@ -132,6 +134,10 @@ class ModelConfig:
     def blocks(self) -> list[BlockKind]:
         """The :class:`BlockKind` of each of the n_layers blocks."""
         return [BLOCK_KINDS[k] for k in self.block_kinds()]
+
+    def kv_heads(self) -> int:
+        """The effective number of key/value heads (0 resolved to n_heads)."""
+        return self.n_kv_heads or self.n_heads
 
     def expert_hidden(self) -> int:
         return self.moe.expert_ffn_dim or self.ffn_dim
@@ -161,6 +167,11 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
         )
     if (cfg.d_model // cfg.n_heads) % 2:
         raise ConfigError(f"{prefix}.n_heads", "head dim d_model/n_heads must be even for RoPE")
+    if cfg.n_kv_heads < 0 or cfg.n_heads % cfg.kv_heads():
+        raise ConfigError(
+            f"{prefix}.n_kv_heads",
+            f"must be 0 (= n_heads) or divide n_heads={cfg.n_heads}, got {cfg.n_kv_heads}",
+        )
     if not cfg.layer_pattern:
         raise ConfigError(f"{prefix}.layer_pattern", "must name at least one block kind")
     for i, kind in enumerate(cfg.layer_pattern):

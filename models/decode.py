@@ -1,0 +1,253 @@
+"""Incremental decoding with a KV cache per block, where MoD-routed blocks skip for real.
+
+Shape legend: B batch, S new positions of one call (the prompt when prefilling, 1 when
+decoding), M processed positions per sequence in one call (padded to the batch's
+largest), N processed rows in all, D width, E router columns, V vocabulary.
+
+It reproduces the causal-routing forward ``model(tokens, routing="causal")`` token by
+token (fp32: logits within float noise):
+
+- dense, moe and imode blocks run every token and append its keys/values to the block's
+  cache.
+- mod and mode blocks ask the causal predictor per token (logit above
+  ``mod.CHOOSE_ABOVE_LOGIT``). A skipped token does no work in the block (no attention,
+  no FFN, no router) and writes nothing to its cache; it leaves the block unchanged. A
+  processed token attends to the block's earlier *processed* tokens and itself, at its
+  real RoPE position: the masked-dense definition in :func:`models.mod.masked_dense`.
+- MoE layers decode with the :class:`LocalDispatcher` and **dropless** routing, whatever
+  ``model.moe.capacity_factor`` says. Capacity is a training device for fixed-size
+  expert buckets; in decode a step holds one token per sequence, so a per-step capacity
+  would make a token's output depend on the batch size and on which tokens share its
+  step. Decoding therefore equals the causal forward of the same weights with
+  ``capacity_factor = null``; with a capacity factor the two differ exactly where the
+  full forward drops an assignment. Prefill follows the same rule.
+- Batch > 1: a routed block is skipped entirely (no work) when no sequence of the call
+  chose any token. Otherwise its norms, Q/K/V projections and attention run on the
+  compacted ``[B, M]`` rows, padded where a sequence chose fewer than M (the padded rows
+  are computed and discarded, never cached), and the FFN / MoE (and a block-input
+  router) run on exactly the N chosen rows. So in batched decoding the FFN work skipped
+  is real; the attention of a step is skipped only when the whole batch skips. At batch
+  1 every skip is real.
+- The sequence may not outgrow its cache (``max_len``, at most ``model.max_seq_len``,
+  the RoPE table and the trained context): no sliding window, since sliding would change
+  which earlier tokens a block processed. :func:`generate` refuses such requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from turnout.models import ops
+from turnout.models.block import Block
+from turnout.models.dispatch import LocalDispatcher
+from turnout.models.kvcache import KVCache
+from turnout.models.mod import CHOOSE_ABOVE_LOGIT, MoDBlock
+from turnout.models.moe import MoELayer
+
+if TYPE_CHECKING:
+    from turnout.models.lm import TransformerLM
+
+Tensor = torch.Tensor
+
+_LOCAL = LocalDispatcher()
+
+
+@dataclass
+class LayerState:
+    """One block's cache and its work counters (token-blocks, summed over sequences)."""
+
+    cache: KVCache
+    routed: bool
+    """A MoD-routed block (mod, mode): the predictor decides which tokens run."""
+    processed: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class DecodeState:
+    """Everything an incremental decode carries between calls."""
+
+    layers: list[LayerState]
+    max_len: int
+    """Positions the caches hold (prompt + generated tokens fed to the model)."""
+    position: int = 0
+    """Positions fed so far (the next token's RoPE position)."""
+    steps: list[int] = field(default_factory=list)
+    """The number of positions of each call (prefill, then 1 per decode step)."""
+
+    def cache_lengths(self) -> list[list[int]]:
+        """``[layer][sequence]``: tokens cached, i.e. the tokens that block processed."""
+        return [list(layer.cache.lengths) for layer in self.layers]
+
+    def routed_work(self) -> tuple[int, int]:
+        """(processed, skipped) token-blocks over the MoD-routed blocks."""
+        routed = [layer for layer in self.layers if layer.routed]
+        return sum(la.processed for la in routed), sum(la.skipped for la in routed)
+
+    def skipped_fraction(self) -> float:
+        """Fraction of routed-block work the predictor skipped (0 without routed blocks)."""
+        processed, skipped = self.routed_work()
+        return skipped / max(processed + skipped, 1)
+
+
+def new_state(model: TransformerLM, batch: int, max_len: int | None = None) -> DecodeState:
+    """Empty caches for ``batch`` sequences of up to ``max_len`` (default max_seq_len)."""
+    cfg = model.cfg
+    slots = cfg.max_seq_len if max_len is None else max_len
+    if not 1 <= slots <= cfg.max_seq_len:
+        raise ValueError(f"max_len must be in [1, model.max_seq_len={cfg.max_seq_len}]")
+    w = model.embed.weight
+    head_dim = cfg.d_model // cfg.n_heads
+    layers = [
+        LayerState(
+            KVCache(batch, cfg.kv_heads(), head_dim, slots, w.device, w.dtype),
+            isinstance(layer, MoDBlock),
+        )
+        for layer in model.layers
+    ]
+    return DecodeState(layers=layers, max_len=slots)
+
+
+def _dropless_moe(moe: MoELayer, h_ND: Tensor, logits_NE: Tensor) -> Tensor:
+    """The MoE layer on these rows, dropless, on this process (see the module docstring)."""
+    plan = ops.moe_plan(logits_NE, moe.top_k, None, moe.cfg.gates_normalized(), moe.num_experts)
+    return _LOCAL(h_ND, plan, moe.experts)
+
+
+def _increment(
+    block: Block,
+    x_BMD: Tensor,
+    pos_BM: Tensor,
+    counts: list[int],
+    valid_BM: Tensor | None,
+    cache: KVCache,
+    router_x_ND: Tensor | None = None,
+) -> Tensor:
+    """The block's residual increment for new rows, attending over (and filling) ``cache``.
+
+    ``valid_BM`` marks the real rows (None: all are); only they reach the FFN.
+    ``router_x_ND`` is what a block-input MoE router reads (None: the FFN input).
+    """
+    attn = block.attn
+    q_BHMd, k_BGMd, v_BGMd = attn.heads(block.norm_attn(x_BMD), pos_BM)
+    keys_BGLd, values_BGLd, mask_BML = cache.append(k_BGMd, v_BGMd, counts)
+    a_BMD = attn.attend(q_BHMd, keys_BGLd, values_BGLd, mask_BML)
+    h_BMD = block.norm_ffn(x_BMD + a_BMD)
+    h_ND = h_BMD.reshape(-1, h_BMD.shape[-1]) if valid_BM is None else h_BMD[valid_BM]
+    if isinstance(block.ffn, MoELayer):
+        moe = block.ffn
+        logits_NE = moe.router_logits(h_ND if router_x_ND is None else router_x_ND)
+        f_ND = _dropless_moe(moe, h_ND, logits_NE).to(h_ND.dtype)
+    else:
+        f_ND = block.ffn(h_ND)
+    if valid_BM is None:
+        return a_BMD + f_ND.view_as(h_BMD)
+    return a_BMD + torch.zeros_like(h_BMD).index_put((valid_BM,), f_ND)
+
+
+def _block_step(block: Block, x_BSD: Tensor, pos_BS: Tensor, layer: LayerState) -> Tensor:
+    B, S, _ = x_BSD.shape
+    layer.processed += B * S
+    return x_BSD + _increment(block, x_BSD, pos_BS, [S] * B, None, layer.cache)
+
+
+def _mod_step(mod: MoDBlock, x_BSD: Tensor, pos_BS: Tensor, layer: LayerState) -> Tensor:
+    B, S, D = x_BSD.shape
+    score_BS = mod.scores(x_BSD)
+    chosen_BS = mod.causal_logits(x_BSD, score_BS) > CHOOSE_ABOVE_LOGIT
+    counts_B = chosen_BS.sum(1)
+    counts = counts_B.tolist()  # one host sync: the shapes (and the skip) depend on it
+    M = max(counts)
+    layer.processed += sum(counts)
+    layer.skipped += B * S - sum(counts)
+    if M == 0:
+        return x_BSD
+    # The chosen positions first, in position order (a stable sort of "not chosen").
+    idx_BM = torch.sort((~chosen_BS).to(torch.uint8), dim=1, stable=True).indices[:, :M]
+    valid_BM = None
+    if min(counts) < M:
+        valid_BM = torch.arange(M, device=x_BSD.device).unsqueeze(0) < counts_B.unsqueeze(1)
+    idx_BMD = idx_BM.unsqueeze(-1).expand(B, M, D)
+    x_BMD = x_BSD.gather(1, idx_BMD)
+    router_x_ND = None
+    if mod.routes_from_block_input:
+        router_x_ND = x_BMD.reshape(B * M, D) if valid_BM is None else x_BMD[valid_BM]
+    delta_BMD = _increment(
+        mod.block, x_BMD, pos_BS.gather(1, idx_BM), counts, valid_BM, layer.cache, router_x_ND
+    )
+    g_BM1 = mod.gate(score_BS.gather(1, idx_BM)).unsqueeze(-1).to(x_BSD.dtype)
+    new_BMD = x_BMD + g_BM1 * delta_BMD
+    if valid_BM is not None:
+        new_BMD = torch.where(valid_BM.unsqueeze(-1), new_BMD, x_BMD)
+    return x_BSD.scatter(1, idx_BMD, new_BMD)
+
+
+@torch.no_grad()
+def extend(model: TransformerLM, tokens_BS: Tensor, state: DecodeState) -> Tensor:
+    """Feed ``S`` new positions of every sequence through the caches: ``logits_BSV``."""
+    B, S = tokens_BS.shape
+    if S < 1 or state.position + S > state.max_len:
+        raise ValueError(
+            f"{state.position} + {S} positions do not fit the decode state's {state.max_len}"
+        )
+    start = state.position
+    pos_BS = torch.arange(start, start + S, device=tokens_BS.device).unsqueeze(0).expand(B, S)
+    x_BSD = model.embed(tokens_BS)
+    for layer, layer_state in zip(model.layers, state.layers, strict=True):
+        if isinstance(layer, MoDBlock):
+            x_BSD = _mod_step(layer, x_BSD, pos_BS, layer_state)
+        else:
+            x_BSD = _block_step(layer, x_BSD, pos_BS, layer_state)
+    state.position += S
+    state.steps.append(S)
+    return model.head(model.norm(x_BSD))
+
+
+@dataclass
+class Generation:
+    tokens_BS: Tensor
+    """Prompt followed by the sampled tokens."""
+    state: DecodeState
+    """The caches and counters after the last fed token."""
+
+
+@torch.no_grad()
+def generate(
+    model: TransformerLM,
+    prompt_BS: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Prefill the prompt, then sample one token per step through the caches.
+
+    ``temperature <= 0`` is greedy (argmax). The prompt plus the new tokens must fit in
+    ``model.max_seq_len`` (ValueError otherwise; see the module docstring).
+    """
+    B, P = prompt_BS.shape
+    limit = model.cfg.max_seq_len
+    if P < 1 or max_new_tokens < 0 or P + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) must be in "
+            f"[1, model.max_seq_len={limit}]"
+        )
+    # The last sampled token is never fed, so P + N - 1 positions (at least the prompt's).
+    state = new_state(model, B, max(P, P + max_new_tokens - 1))
+    tokens = [prompt_BS]
+    if max_new_tokens == 0:
+        return Generation(prompt_BS, state)
+    logits_BV = extend(model, prompt_BS, state)[:, -1]
+    for step in range(max_new_tokens):
+        logits_BV = logits_BV.float()
+        if temperature <= 0:
+            next_B1 = logits_BV.argmax(-1, keepdim=True)
+        else:
+            probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
+            next_B1 = torch.multinomial(probs_BV, 1, generator=generator)
+        tokens.append(next_B1)
+        if step + 1 < max_new_tokens:
+            logits_BV = extend(model, next_B1, state)[:, -1]
+    return Generation(torch.cat(tokens, dim=1), state)
