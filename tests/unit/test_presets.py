@@ -44,6 +44,7 @@ def test_mixtral_like_shape() -> None:
     cfg = load_config("mixtral-8x7b")
     m = cfg.model
     assert (m.d_model, m.n_layers, m.n_heads) == (4096, 32, 32)
+    assert m.kv_heads() == 8 and not m.tie_embeddings  # grouped-query, untied, as Mixtral
     assert m.block_kinds() == ["moe"] * 32
     assert (m.moe.num_experts, m.moe.top_k) == (8, 2)
     assert m.moe.capacity_factor is None  # dropless
