@@ -94,7 +94,7 @@ def _attention(cfg: ModelConfig, seq_len: int, rows: int) -> float:
     return rows * projections + scores
 
 
-def _moe_rows(cfg: ModelConfig, tokens: int, noop: int) -> float:
+def moe_rows(cfg: ModelConfig, tokens: int, noop: int) -> float:
     """Expert rows computed for ``tokens`` tokens reaching a MoE layer."""
     moe = cfg.moe
     E, k = moe.num_experts, moe.top_k
@@ -121,7 +121,7 @@ def block_flops(cfg: ModelConfig, kind: str, seq_len: int, batch: int = 1) -> Bl
         block_input = spec.mod_routed and cfg.moe.router_input == RouterInput.BLOCK
         router_rows = seq_len if block_input else rows
         per_seq_routing += router_rows * 2 * D * (cfg.moe.num_experts + noop)
-        expert_rows = _moe_rows(cfg, batch * rows, noop) / batch
+        expert_rows = moe_rows(cfg, batch * rows, noop) / batch
         per_seq_ffn = expert_rows * SWIGLU_MATMULS * 2 * D * cfg.expert_hidden()
     else:
         per_seq_ffn = rows * SWIGLU_MATMULS * 2 * D * cfg.ffn_dim

@@ -1,0 +1,359 @@
+"""The compute planner: size, FLOPs, memory per rank, all-to-all traffic and a step-time bound.
+
+Everything is arithmetic on the config; nothing is built or run. The estimates:
+
+- **Parameters**: :func:`turnout.models.params.count_params` (total and active).
+- **FLOPs**: :func:`turnout.models.flops.forward_flops` on one micro batch
+  (``train.micro_batch_size`` x ``model.max_seq_len``), top-k MoD routing; training is
+  3x forward. A step processes ``gpus x micro_batch_size x max_seq_len x grad_accum``
+  tokens; every rank runs its own micro batches (experts included, balanced routing).
+- **Model states per rank** (bytes per parameter): ``bf16`` keeps bf16 weights and
+  gradients and an fp32 master copy plus the two fp32 Adam moments (2 + 2 + 12);
+  ``fp32`` keeps fp32 weights and gradients and the moments (4 + 4 + 8); ``auto`` is
+  bf16 on every device of the table. Dense parameters are data-parallel over all
+  ``gpus``; each rank holds ``1/ep`` of every expert bank, data-parallel over the
+  ``gpus / ep`` ranks of its expert-data-parallel group. ZeRO stage 1 shards the
+  optimizer states over those groups, stage 2 the gradients too, stage 3 the weights
+  too; stage 0 shards nothing.
+- **Activations per micro batch** (saved for backward, no recomputation, fused attention
+  that keeps no ``S x S`` scores), in the activation dtype (2 bytes for bf16):
+  ``sum over blocks of rows(l) * (5 D + 2 G Hd + ffn(l)) + N * mod(l)``, plus
+  ``N D`` for the embedding output and ``2 N V`` fp32 values for the logits and their
+  softmax. ``N = B S`` tokens; ``rows(l)`` the tokens block ``l`` runs on
+  (``B ceil(capacity S)`` for a MoD-routed block: the MoD reduction); attention saves
+  its input, normed input, Q/K/V, output and projection (``5 D + 2 G Hd``); a dense
+  FFN its input, normed input and the four SwiGLU tensors (``2 D + 4 F``); a MoE FFN
+  the same per expert row (``r (2 D + 4 Fe)``, ``r`` expert rows per token as in the
+  FLOP count) plus the router logits; a MoD-routed block also keeps, for all ``N``
+  tokens, its scattered output, router score and predictor hidden (``D + 1 + h``).
+- **All-to-all** (``ep > 1`` only), per rank per step: each MoE layer exchanges its
+  expert buffer four times per micro step (dispatch and combine, forward and
+  backward): ``E C D`` values in capacity mode, the ``k T D`` real rows dropless
+  (``T`` the tokens reaching the layer). ``(ep - 1) / ep`` of it leaves the rank.
+- **Step-time lower bound**: ``max(compute, all-to-all)``, compute = training FLOPs
+  per rank at the device's dense peak, all-to-all = off-rank bytes at its link
+  bandwidth. Data-parallel gradient traffic and kernel efficiency are not counted, so
+  real steps are slower.
+
+Shape legend: B micro batch, S sequence, D width, G KV heads, Hd head dim, F FFN
+hidden, Fe expert hidden, E experts, V vocabulary, N = B S tokens of a micro batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from turnout.config.choices import Precision, Predictor
+from turnout.config.model import BLOCK_KINDS, ModelConfig
+from turnout.config.root import TurnoutConfig
+from turnout.errors import ConfigError
+from turnout.models.flops import FlopCount, dense_counterpart, forward_flops, moe_rows
+from turnout.models.params import ParamCount, count_params
+from turnout.models.routing import mod_capacity
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Device:
+    """Vendor peak figures of one accelerator (dense, no sparsity)."""
+
+    name: str
+    bf16_tflops: float
+    fp32_tflops: float
+    link_gb_s: float
+    """GPU-to-GPU link bandwidth (NVLink, all links, both directions), GB/s."""
+
+
+#: Vendor datasheet figures: H100 SXM5 (NVIDIA H100 Tensor Core GPU datasheet): 989 TFLOP/s
+#: dense BF16 (1979 with sparsity), 67 TFLOP/s FP32, NVLink 900 GB/s. H200 SXM (NVIDIA
+#: H200 datasheet): the same compute, NVLink 900 GB/s. A100 SXM4 (NVIDIA A100 datasheet):
+#: 312 TFLOP/s dense BF16, 19.5 TFLOP/s FP32, NVLink 600 GB/s. Intra-node figures: an
+#: expert-parallel group spanning nodes is bound by the network instead.
+DEVICES: dict[str, Device] = {
+    "h100": Device("NVIDIA H100 SXM", 989.0, 67.0, 900.0),
+    "h200": Device("NVIDIA H200 SXM", 989.0, 67.0, 900.0),
+    "a100": Device("NVIDIA A100 SXM", 312.0, 19.5, 600.0),
+}
+DEFAULT_GPU = "h100"
+
+#: Bytes per parameter: (weights, gradients, optimizer states) under AdamW.
+STATE_BYTES: dict[str, tuple[int, int, int]] = {
+    Precision.BF16.value: (2, 2, 12),  # bf16 weights and grads; fp32 master, m and v
+    Precision.FP32.value: (4, 4, 8),  # fp32 weights and grads; fp32 m and v
+}
+#: Bytes of one activation value by precision.
+ACT_BYTES = {Precision.BF16.value: 2, Precision.FP32.value: 4}
+#: Expert-buffer exchanges per MoE layer per micro step: dispatch + combine, fwd + bwd.
+A2A_PER_LAYER = 4
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per rank."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    """Per micro batch (see the module docstring)."""
+
+    @property
+    def states(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations
+
+
+@dataclass(frozen=True)
+class Plan:
+    gpu: str
+    device: Device
+    gpus: int
+    ep: int
+    zero_stage: int
+    precision: str
+    """Resolved: 'bf16' or 'fp32'."""
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+    params: ParamCount
+    flops: FlopCount
+    dense_flops: FlopCount
+    """The dense model of equal shape (every block dense, width ``ffn_dim``)."""
+    memory: Memory
+    dense_activations: float
+    """Activation bytes per micro batch of the equal-shape dense model."""
+    a2a_bytes: float
+    """All-to-all buffer bytes per rank per step (its own slice included)."""
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks sharing one expert slice (its data-parallel group)."""
+        return self.gpus // self.ep
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.gpus * self.micro_batch * self.seq_len * self.grad_accum
+
+    @property
+    def train_flops_per_step(self) -> float:
+        """Training FLOPs of one optimizer step, all ranks."""
+        return self.flops.train_per_token * self.tokens_per_step
+
+    @property
+    def a2a_link_bytes(self) -> float:
+        """The all-to-all bytes that leave the rank per step."""
+        return self.a2a_bytes * (self.ep - 1) / self.ep
+
+    @property
+    def peak_flops(self) -> float:
+        tflops = self.device.bf16_tflops if self.precision == "bf16" else self.device.fp32_tflops
+        return tflops * 1e12
+
+    @property
+    def compute_s(self) -> float:
+        return self.train_flops_per_step / self.gpus / self.peak_flops
+
+    @property
+    def a2a_s(self) -> float:
+        return self.a2a_link_bytes / (self.device.link_gb_s * 1e9)
+
+    @property
+    def step_s(self) -> float:
+        """Step-time lower bound: the slower of compute at peak and all-to-all at link speed."""
+        return max(self.compute_s, self.a2a_s)
+
+
+def device(gpu: str) -> Device:
+    """The table entry for ``gpu``; ConfigError naming ``--gpu`` when unknown."""
+    if gpu not in DEVICES:
+        raise ConfigError("--gpu", f"unknown device {gpu!r}; expected one of {', '.join(DEVICES)}")
+    return DEVICES[gpu]
+
+
+def resolve_precision(precision: str) -> str:
+    """train.precision on a device of the table: 'auto' is bf16 (all of them have it)."""
+    return Precision.BF16.value if precision == Precision.AUTO else str(precision)
+
+
+def _block_values(cfg: ModelConfig, kind: str, seq_len: int, batch: int) -> tuple[float, float]:
+    """Saved activation values of one block per micro batch: (routed rows, all tokens)."""
+    D = cfg.d_model
+    spec = BLOCK_KINDS[kind]
+    rows = batch * (mod_capacity(seq_len, cfg.mod.capacity) if spec.mod_routed else seq_len)
+    kv_dim = cfg.kv_heads() * (D // cfg.n_heads)
+    attention = rows * (5 * D + 2 * kv_dim)
+    if spec.has_moe:
+        noop = cfg.moe.num_noop_experts if spec.noop_experts else 0
+        expert_rows = moe_rows(cfg, rows, noop)
+        ffn = expert_rows * (2 * D + 4 * cfg.expert_hidden()) + rows * (cfg.moe.num_experts + noop)
+    else:
+        ffn = rows * (2 * D + 4 * cfg.ffn_dim)
+    every = 0.0
+    if spec.mod_routed:
+        hidden = cfg.mod.predictor_hidden if cfg.mod.predictor == Predictor.MLP else 0
+        every = batch * seq_len * (D + 1 + hidden)
+    return attention + ffn, every
+
+
+def activation_bytes(cfg: ModelConfig, seq_len: int, batch: int, precision: str) -> float:
+    """Activation bytes saved for backward on one micro batch (module docstring formula)."""
+    values = 0.0
+    for kind in cfg.block_kinds():
+        values += sum(_block_values(cfg, kind, seq_len, batch))
+    N = batch * seq_len
+    values += N * cfg.d_model
+    return ACT_BYTES[precision] * values + 4 * 2 * N * cfg.vocab_size
+
+
+def state_memory(
+    params: ParamCount, precision: str, zero_stage: int, gpus: int, ep: int
+) -> tuple[float, float, float]:
+    """(weights, grads, optimizer) bytes per rank under ZeRO ``zero_stage`` and ``ep``."""
+    w_b, g_b, o_b = STATE_BYTES[precision]
+    dense, experts = float(params.dense), params.experts / ep
+    expert_dp = gpus // ep
+
+    def held(stage: int) -> float:
+        """Parameters a rank holds of a state ZeRO shards from ``stage`` on."""
+        if zero_stage >= stage:
+            return dense / gpus + experts / expert_dp
+        return dense + experts
+
+    return w_b * held(3), g_b * held(2), o_b * held(1)
+
+
+def a2a_bytes(cfg: TurnoutConfig, precision: str) -> float:
+    """All-to-all buffer bytes per rank per step (0 without expert parallelism)."""
+    m = cfg.model
+    if cfg.parallel.ep_size == 1:
+        return 0.0
+    B, S = cfg.train.micro_batch_size, m.max_seq_len
+    values = 0.0
+    for spec in m.blocks():
+        if not spec.has_moe:
+            continue
+        tokens = B * (mod_capacity(S, m.mod.capacity) if spec.mod_routed else S)
+        noop = m.moe.num_noop_experts if spec.noop_experts else 0
+        values += moe_rows(m, tokens, noop) * m.d_model
+    return A2A_PER_LAYER * values * ACT_BYTES[precision] * cfg.train.grad_accum
+
+
+def plan(cfg: TurnoutConfig, gpus: int | None = None, gpu: str = DEFAULT_GPU) -> Plan:
+    """The plan of training ``cfg`` on ``gpus`` devices (default ``launch.num_workers``)."""
+    dev = device(gpu)
+    world = cfg.launch.num_workers if gpus is None else gpus
+    if world < 1:
+        raise ConfigError("--gpus", f"must be >= 1, got {world}")
+    ep = cfg.parallel.ep_size
+    if world % ep:
+        raise ConfigError("parallel.ep_size", f"{world} GPUs are not divisible by ep_size={ep}")
+    precision = resolve_precision(cfg.train.precision)
+    m, B, S = cfg.model, cfg.train.micro_batch_size, cfg.model.max_seq_len
+    params = count_params(m)
+    weights, grads, optimizer = state_memory(params, precision, cfg.parallel.zero_stage, world, ep)
+    dense = dense_counterpart(m)
+    return Plan(
+        gpu=gpu,
+        device=dev,
+        gpus=world,
+        ep=ep,
+        zero_stage=cfg.parallel.zero_stage,
+        precision=precision,
+        micro_batch=B,
+        seq_len=S,
+        grad_accum=cfg.train.grad_accum,
+        params=params,
+        flops=forward_flops(m, S, B),
+        dense_flops=forward_flops(dense, S, B),
+        memory=Memory(weights, grads, optimizer, activation_bytes(m, S, B, precision)),
+        dense_activations=activation_bytes(dense, S, B, precision),
+        a2a_bytes=a2a_bytes(cfg, precision),
+    )
+
+
+def _si(value: float, unit: str) -> str:
+    """``value`` with a decimal prefix: 27.4 GFLOP, 68.7 GB."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _count(n: int) -> str:
+    """A parameter count as published: 46.7B, 12.9B, 0.9M."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
+
+
+def _bytes(value: float) -> str:
+    for scale, unit in ((GIB, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _seconds(value: float) -> str:
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value / 1e-9:.3g} ns"
+
+
+def format_plan(p: Plan) -> str:
+    """A readable multi-line table of the plan."""
+    mem, n = p.memory, p.params
+    frac = p.flops.fraction_of(p.dense_flops)
+    act_frac = mem.activations / p.dense_activations
+    bound = "compute" if p.compute_s >= p.a2a_s else "all-to-all"
+    compute = f"compute {_seconds(p.compute_s)} at {p.peak_flops / 1e12:g} TFLOP/s"
+    if p.ep > 1:
+        compute += f", all-to-all {_seconds(p.a2a_s)} at {p.device.link_gb_s:g} GB/s"
+    layout = f"data-parallel {p.gpus}, ZeRO stage {p.zero_stage}"
+    if n.experts:
+        layout += f", experts: ep {p.ep} x expert data-parallel {p.expert_dp}"
+    rows = [
+        ("device", f"{p.gpus} x {p.device.name} ({p.gpu}), {p.precision}"),
+        ("layout", layout),
+        (
+            "batch",
+            f"{p.micro_batch} x {p.seq_len} tokens per micro step, grad_accum {p.grad_accum}, "
+            f"{p.tokens_per_step:,} tokens per step",
+        ),
+        ("parameters", f"{_count(n.total)} total, {_count(n.active)} active"),
+        ("", f"({n.total:,} total, {n.active:,} active, {n.experts:,} in experts)"),
+        (
+            "forward FLOPs",
+            f"{_si(p.flops.per_token, 'FLOP')} per token, "
+            f"{frac:.3f} of the equal-shape dense model",
+        ),
+        ("training FLOPs", f"{_si(p.train_flops_per_step, 'FLOP')} per step (all ranks)"),
+        ("memory per rank", ""),
+        ("  weights", _bytes(mem.weights)),
+        ("  gradients", _bytes(mem.grads)),
+        ("  optimizer", _bytes(mem.optimizer)),
+        (
+            "  activations",
+            f"{_bytes(mem.activations)} per micro batch "
+            f"({act_frac:.3f} of the equal-shape dense model)",
+        ),
+        ("  total", _bytes(mem.total)),
+        (
+            "all-to-all",
+            f"{_si(p.a2a_bytes, 'B')} per rank per step, {_si(p.a2a_link_bytes, 'B')} off-rank"
+            if p.ep > 1
+            else "none (ep 1)",
+        ),
+        (
+            "step time >=",
+            f"{_seconds(p.step_s)} ({bound}-bound; {compute})",
+        ),
+        ("tokens/s <=", f"{p.tokens_per_step / p.step_s:,.0f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
