@@ -19,34 +19,34 @@ import subprocess
 import sys
 
 from turnout.config import TurnoutConfig
-from turnout.config.load import DEFAULT_PRESET, load_config, preset_dir, preset_names, to_yaml
-from turnout.errors import ConfigError
-
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+from turnout.config.load import (
+    DEFAULT_PRESET,
+    load_config,
+    preset_dir,
+    preset_names,
+    split_source,
+    to_yaml,
+)
+from turnout.errors import (
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ConfigError,
+    WorkerError,
+    error_line,
+)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line too (and exit 2, as argparse does)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"turnout: error: {message} (see turnout {self._sub_name()}--help)", file=sys.stderr)
+        print(error_line(f"{message} (see turnout {self._sub_name()}--help)"), file=sys.stderr)
         sys.exit(EXIT_CONFIG)
 
     def _sub_name(self) -> str:
         parts = self.prog.split()
         return f"{parts[-1]} " if len(parts) > 1 else ""
-
-
-def one_line_text(text: str) -> str:
-    """Collapse a message onto one line (the error contract is exactly one line)."""
-    return " ".join(text.split())
-
-
-def _split_source(items: list[str]) -> tuple[str | None, list[str]]:
-    """First positional without '=' is the preset or YAML file; the rest are overrides."""
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
 
 
 def _preset_blurb(name: str) -> str:
@@ -66,7 +66,7 @@ def _preset_blurb(name: str) -> str:
 
 
 def _load(items: list[str], address: str | None = None) -> TurnoutConfig:
-    source, overrides = _split_source(items)
+    source, overrides = split_source(items)
     if address:
         overrides = [*overrides, f"launch.address={address}"]
     return load_config(source, overrides)
@@ -114,14 +114,14 @@ def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args.items, args.address)
     from turnout.launch.paths import resolve_paths
-    from turnout.launch.worker import prepare_data
+    from turnout.launch.worker import preflight
 
     cfg = resolve_paths(cfg)
-    data_path = prepare_data(cfg)  # validation ends here: nothing heavy imported yet
+    data_path = preflight(cfg)  # validation ends here: Ray, DeepSpeed, MLflow not imported
     if args.launcher == "torchrun":
         return _train_torchrun(args, cfg)
 
-    from turnout.launch.ray_launch import WorkerFailed, run_ray
+    from turnout.launch.ray_launch import run_ray
     from turnout.launch.worker import format_summary
 
     where = cfg.launch.address or os.environ.get("RAY_ADDRESS") or "an embedded local Ray cluster"
@@ -132,13 +132,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     try:
         res = run_ray(cfg, data_path)
-    except WorkerFailed as e:
-        if e.config_error:  # a check only a worker could make: still a config error
-            print(f"turnout: error: {e.config_error}", file=sys.stderr)
-            return EXIT_CONFIG
-        hint = f" (worker logs: {e.log})" if e.log and "(traceback:" not in e.reason else ""
-        print(f"turnout: error: training failed: {e.reason}{hint}", file=sys.stderr)
-        return EXIT_FAILED
+    except WorkerError as e:  # a config error only a worker could find still exits 2
+        print(error_line(e.text()), file=sys.stderr)
+        return e.exit_code
     print(format_summary(cfg, res), flush=True)
     return EXIT_OK
 
@@ -199,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"turnout: error: {one_line_text(str(e))}", file=sys.stderr)
+        print(error_line(str(e)), file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         print("turnout: interrupted", file=sys.stderr)

@@ -12,45 +12,13 @@ import copy
 from pathlib import Path
 
 from turnout.config import TurnoutConfig
-
-_REMOTE_SCHEMES = ("http://", "https://", "databricks", "postgresql", "mysql", "mssql")
-
-
-def absolute_tracking_uri(uri: str, cwd: Path | None = None) -> str:
-    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/mlflow.db``; plain/file paths -> absolute.
-
-    Server URIs (http, https, databricks, other databases) are returned unchanged.
-    """
-    base = cwd or Path.cwd()
-    if not uri or uri.startswith(_REMOTE_SCHEMES):
-        return uri
-    if uri.startswith("sqlite:///"):
-        rest = uri[len("sqlite:///") :]
-        if rest.startswith("/") or rest == ":memory:" or not rest:
-            return uri
-        return "sqlite:///" + str((base / rest).resolve())
-    if uri.startswith("file://"):
-        rest = uri[len("file://") :]
-        if rest.startswith("/"):
-            return uri
-        return "file://" + str((base / rest).resolve())
-    if "://" in uri:
-        return uri
-    return str((base / uri).resolve())
+from turnout.trainer.tracking_uri import absolute_tracking_uri
 
 
 def _abs(path: str, base: Path) -> str:
     if not path:
         return path
     return str((base / Path(path).expanduser()).resolve())
-
-
-def sqlite_db_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, or None for other stores."""
-    if uri.startswith("sqlite:///"):
-        rest = uri[len("sqlite:///") :]
-        return Path(rest) if rest and rest != ":memory:" else None
-    return None
 
 
 def resolve_paths(cfg: TurnoutConfig, cwd: Path | None = None) -> TurnoutConfig:

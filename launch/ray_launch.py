@@ -14,27 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from turnout.config import TurnoutConfig
-from turnout.launch.worker import one_line, resolve_backend, run_worker, write_traceback
-
-
-class WorkerFailed(RuntimeError):
-    """Training failed on a worker; ``reason`` is one line, ``log`` the traceback file."""
-
-    def __init__(self, reason: str, log: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.log = log
-        # "rank r: ConfigError: key: message (traceback: ...)" -> "key: message"
-        m = re.match(r"rank \d+: ConfigError: (.*?)(?: \(traceback: .*\))?$", reason)
-        self.config_error = m.group(1) if m else None
-
+from turnout.errors import WorkerError, one_line
+from turnout.launch.worker import resolve_backend, run_worker, worker_error
 
 # Lines Ray's (and DeepSpeed's) machinery prints from inside a training worker.
 _RAY_NOISE = (
@@ -155,32 +142,39 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
     try:
         res = run_worker(cfg, config["data_path"])
     except Exception as e:
-        log = write_traceback(Path(config["log_dir"]), rank, e)
-        where = f" (traceback: {log})" if log else ""
-        raise RuntimeError(f"rank {rank}: {one_line(e)}{where}") from None
+        # Ray hands this exception object (pickled) to the driver, in
+        # TrainingFailedError.worker_failures[rank]: no text to parse there.
+        raise worker_error(e, rank, Path(config["log_dir"])) from None
     ray.train.report({k: v for k, v in res.items() if isinstance(v, int | float)})
     return res
 
 
-def _failure_reason(exc: BaseException) -> str:
-    """One line out of Ray's TrainingFailedError (worker or controller failure)."""
-    failures = getattr(exc, "worker_failures", None)
+def _crash_line(error: BaseException) -> str:
+    """One line for an error that is not ours; Ray's remote errors carry traceback text."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Traceback (most recent call last)"):
+        return lines[-1]
+    return one_line(error)
+
+
+def find_worker_error(exc: BaseException, log_dir: Path) -> WorkerError:
+    """The failure behind Ray's TrainingFailedError, as a :class:`WorkerError`.
+
+    A worker that raised hands back its own record (the lowest such rank wins: when
+    every rank stops together, rank 0 speaks). A worker that died without one (killed,
+    out of memory) or a failing Ray Train controller becomes a 'crash' pointing at the
+    run's log folder.
+    """
+    failures: dict[int, BaseException] = getattr(exc, "worker_failures", None) or {}
+    records = {r: e for r, e in failures.items() if isinstance(e, WorkerError)}
+    if records:
+        return records[min(records)]
     if failures:
         rank = min(failures)
-        err = failures[rank]
-        text = str(err).strip()
-        if text.startswith("rank "):  # our own RuntimeError from _ray_train_fn
-            return text.splitlines()[0]
-        # Otherwise Ray may have wrapped it in its own traceback text.
-        for line in reversed(text.splitlines()):
-            if "RuntimeError: rank " in line:
-                return line.split("RuntimeError: ", 1)[1].strip()
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        return f"rank {rank}: {lines[-1] if lines else type(err).__name__}"
+        return WorkerError("crash", _crash_line(failures[rank]), rank, log=str(log_dir))
     cause = getattr(exc, "controller_failure", None)
-    if cause is not None:
-        return f"Ray Train controller: {one_line(cause)}"
-    return one_line(exc)
+    message = f"Ray Train controller: {one_line(cause)}" if cause else one_line(exc)
+    return WorkerError("crash", message, -1, log=str(log_dir))
 
 
 def _init_ray(cfg: TurnoutConfig) -> bool:
@@ -211,7 +205,7 @@ def _init_ray(cfg: TurnoutConfig) -> bool:
 def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
     """Train ``cfg`` (paths already absolute) on Ray; returns rank 0's TrainResult dict.
 
-    Raises :class:`WorkerFailed` with a one-line reason when any worker fails.
+    Raises :class:`WorkerError` (see :func:`find_worker_error`) when training fails.
     """
     _set_ray_env()
     import ray
@@ -255,7 +249,7 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
         try:
             result = trainer.fit()
         except Exception as e:
-            raise WorkerFailed(_failure_reason(e), str(log_dir)) from None
+            raise find_worker_error(e, log_dir) from None
         res = getattr(result, "return_value", None)
         if not res:
             res = dict(result.metrics or {})

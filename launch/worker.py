@@ -25,11 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from turnout.config import TurnoutConfig
-from turnout.config.load import load_config
-from turnout.errors import ConfigError
-
-EXIT_CONFIG = 2
-EXIT_FAILED = 1
+from turnout.config.load import load_config, split_source
+from turnout.errors import EXIT_CONFIG, EXIT_OK, ConfigError, WorkerError, error_line
 
 
 def resolve_backend(cfg: TurnoutConfig) -> str:
@@ -75,15 +72,6 @@ def run_worker(cfg: TurnoutConfig, data_path: Path | str) -> dict[str, Any]:
     return result_to_dict(train(cfg, Path(data_path)))
 
 
-def one_line(exc: BaseException) -> str:
-    """``Type: first meaningful line`` of an exception, for a one-line failure report."""
-    text = str(exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    msg = lines[0] if lines else ""
-    name = type(exc).__name__
-    return f"{name}: {msg}" if msg else name
-
-
 def write_traceback(log_dir: Path, rank: int, exc: BaseException) -> Path | None:
     """Write the full traceback of ``exc`` to ``log_dir/rank<r>.log``; return the path."""
     try:
@@ -93,6 +81,12 @@ def write_traceback(log_dir: Path, rank: int, exc: BaseException) -> Path | None
         return path
     except OSError:
         return None
+
+
+def worker_error(exc: BaseException, rank: int, log_dir: Path) -> WorkerError:
+    """``exc`` raised on this rank as a :class:`WorkerError`, its traceback in ``log_dir``."""
+    log = write_traceback(log_dir, rank, exc)
+    return WorkerError.from_exception(exc, rank, str(log) if log else "")
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -151,6 +145,24 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+def preflight(cfg: TurnoutConfig) -> Path:
+    """The checks that read the disk, made once before any worker trains.
+
+    The tracking store's kind, the ``train.resume`` checkpoint, then the corpus
+    (:func:`prepare_data`). Raises ConfigError naming tracking.uri, train.resume or
+    data.*; returns the token cache.
+    """
+    from turnout.trainer.tracking_uri import check_tracking_uri
+
+    if cfg.tracking.enabled:
+        check_tracking_uri(cfg.tracking.uri)
+    if cfg.train.resume:
+        from turnout.trainer.checkpoint import resolve_resume
+
+        resolve_resume(cfg.train.resume)
+    return prepare_data(cfg)
+
+
 def prepare_data(cfg: TurnoutConfig) -> Path:
     """Tokenize the corpus once, on the launcher, and check the splits fit the run.
 
@@ -180,7 +192,7 @@ def _prepare_on_rank0(cfg: TurnoutConfig, rank: int) -> Path:
     box: list[Any] = [None]
     if rank == 0:
         try:
-            box[0] = ("ok", str(prepare_data(cfg)))
+            box[0] = ("ok", str(preflight(cfg)))
         except ConfigError as e:
             box[0] = ("config", (e.key, e.message))
     dist.broadcast_object_list(box, src=0)
@@ -195,16 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
-    source = None
-    if args and "=" not in args[0]:
-        source, args = args[0], args[1:]
+    source, overrides = split_source(args)
     # The real world size is torchrun's; validate against it (ep divisibility etc.).
-    overrides = [*args, f"launch.num_workers={world}"]
+    overrides = [*overrides, f"launch.num_workers={world}"]
     try:
         cfg = load_config(source, overrides)
     except ConfigError as e:
         if rank == 0:
-            print(f"turnout: error: {e}", file=sys.stderr)
+            print(error_line(str(e)), file=sys.stderr)
         return EXIT_CONFIG
 
     quiet_worker(cfg)
@@ -215,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         data_path = _prepare_on_rank0(cfg, rank)
     except ConfigError as e:
         if rank == 0:
-            print(f"turnout: error: {e}", file=sys.stderr)
+            print(error_line(str(e)), file=sys.stderr)
         return EXIT_CONFIG
 
     from turnout.trainer.loop import train
@@ -223,19 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = result_to_dict(train(cfg, data_path))
     except Exception as e:  # one line to the user, the full traceback to a file
-        log = write_traceback(Path(".turnout", "logs").resolve(), rank, e)
-        where = f" (traceback: {log})" if log else ""
-        print(
-            f"turnout: error: training failed on rank {rank}: {one_line(e)}{where}", file=sys.stderr
-        )
-        return EXIT_FAILED
+        err = worker_error(e, rank, Path(".turnout", "logs").resolve())
+        if err.kind != "config" or rank == 0:  # every rank finds a config error alike
+            print(error_line(err.text()), file=sys.stderr)
+        return err.exit_code
     if rank == 0:
         print(format_summary(cfg, res), flush=True)
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from turnout.errors import ConfigError
+from turnout.errors import CheckpointError, ConfigError
 from turnout.parallel.dist import barrier
 
 LATEST = "latest"
@@ -100,7 +100,7 @@ def load(engine: Any, path: str | os.PathLike) -> dict:
         load_module_strict=not sharded_experts,
     )
     if loaded is None:
-        raise ConfigError("train.resume", f"could not load checkpoint {load_dir / tag}")
+        raise CheckpointError(f"could not load checkpoint {load_dir / tag}")
     _load_expert_slice(engine, load_dir / tag)
     return client_state or {}
 
@@ -138,11 +138,11 @@ def _load_expert_slice(engine: Any, folder: Path) -> None:
         return
     path = folder / f"experts_ep{groups.ep_rank}.pt"
     if not path.is_file():
-        raise ConfigError("train.resume", f"{path} is missing (saved with another ep_size?)")
+        raise CheckpointError(f"{path} is missing (saved with another ep_size?)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     params = _expert_params(engine)
     if set(state) != set(params):
-        raise ConfigError("train.resume", f"{path} holds other expert parameters than this model")
+        raise CheckpointError(f"{path} holds other expert parameters than this model")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state[name].to(p.device, p.dtype))

@@ -67,6 +67,8 @@ def _user_files(corpus: str) -> list[Path]:
     if path.is_file():
         if not os.access(path, os.R_OK):
             raise ConfigError("data.corpus", f"cannot read {corpus}")
+        if _looks_binary(path):
+            raise ConfigError("data.corpus", f"{corpus} is a binary file, not text")
         return [path.resolve()]
     if not path.is_dir():
         raise ConfigError("data.corpus", f"{corpus} is neither a file nor a directory")
@@ -271,10 +273,3 @@ class BatchSampler:
 
     def eval_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._windows(self.data.val, self.eval_starts[i])
-
-    def state_dict(self, step: int) -> dict:
-        return {"step": step, "seed": self.seed, "rank": self.rank, "world": self.world}
-
-    @staticmethod
-    def resume_step(state: dict) -> int:
-        return int(state["step"])

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from turnout.errors import ConfigError
+from turnout.errors import RunError
 from turnout.models.lm import TransformerLM
 from turnout.parallel.dist import (
     all_reduce_sum,
@@ -115,7 +115,7 @@ def _start_tracking(cfg: Any, rank: int, world: int) -> Tracker:
         error = f"cannot open the MLflow store {cfg.tracking.uri!r}: {first}"
     error = str(broadcast_object(error if rank == 0 else ""))
     if error:
-        raise ConfigError("tracking.uri", error)
+        raise RunError(error, key="tracking.uri")
     assert tracker is not None
     return tracker
 

@@ -17,7 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from turnout.config import TurnoutConfig
 from turnout.config.load import flatten, to_yaml
+from turnout.trainer.tracking_uri import local_sqlite_uri, sqlite_artifact_root, sqlite_db_path
 
 _NOISY_LOGGERS = ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils")
 
@@ -39,14 +41,6 @@ def git_commit(path: Path | None = None) -> str:
         return "unknown"
 
 
-def sqlite_artifact_root(uri: str) -> str | None:
-    """For ``sqlite:///path/x.db``, the folder beside the database that holds artifacts."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///") :]).expanduser().resolve()
-    return (db.parent / "mlartifacts").as_uri()
-
-
 def _quiet() -> None:
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -55,7 +49,7 @@ def _quiet() -> None:
 class Tracker:
     """MLflow on rank 0 (no-op elsewhere or when disabled)."""
 
-    def __init__(self, cfg: Any, rank: int, world_size: int) -> None:
+    def __init__(self, cfg: TurnoutConfig, rank: int, world_size: int) -> None:
         self.active = bool(cfg.tracking.enabled) and rank == 0
         self.run_id = ""
         self._mlflow: Any = None
@@ -67,11 +61,10 @@ class Tracker:
         _quiet()
         self._mlflow = mlflow
         t = cfg.tracking
-        uri = t.uri
-        if uri.startswith("sqlite:///"):
-            db = Path(uri[len("sqlite:///") :]).expanduser().resolve()
+        uri = local_sqlite_uri(t.uri)
+        db = sqlite_db_path(uri)
+        if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-            uri = f"sqlite:///{db}"
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient()
         exp = client.get_experiment_by_name(t.experiment)

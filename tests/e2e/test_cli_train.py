@@ -147,9 +147,38 @@ def test_worker_failure_is_one_line(tmp_path: Path) -> None:
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("turnout: error:")]
     assert len(errors) == 1, proc.stderr
     assert "non-finite loss" in errors[0]
-    log = re.search(r"\(traceback: (\S+)\)", errors[0])
-    assert log and "NonFiniteLossError" in Path(log.group(1)).read_text()
+    m = re.match(
+        r"turnout: error: training failed on rank (\d): .* \(traceback: (\S+)\)$", errors[0]
+    )
+    assert m, errors[0]
+    log = Path(m.group(2))
+    assert log.name == f"rank{m.group(1)}.log"
+    assert "NonFiniteLossError" in log.read_text()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_worker_config_error_reaches_the_launcher_as_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check only a worker makes (here: the token cache it is handed is not one) comes
+    back through Ray as the worker's own WorkerError record: kind 'config', exit code 2."""
+    from turnout.errors import EXIT_CONFIG, WorkerError, error_line
+    from turnout.launch.paths import resolve_paths
+    from turnout.launch.ray_launch import run_ray
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = resolve_paths(load_config("tiny", [*SHORT, "tracking.enabled=false"]))
+    with pytest.raises(WorkerError) as info:
+        run_ray(cfg, tmp_path / "not-a-cache")
+    err = info.value
+    assert (err.kind, err.key, err.exit_code) == ("config", "data.cache_dir", EXIT_CONFIG)
+    assert err.rank in (0, 1)
+    assert "is not a token cache" in err.message
+    assert error_line(err.text()) == f"turnout: error: data.cache_dir: {err.message}"
+    log = Path(err.log)
+    assert log.name == f"rank{err.rank}.log" and tmp_path in log.parents
+    assert "ConfigError" in log.read_text()
 
 
 def test_worker_entry_under_torchrun(tmp_path: Path) -> None:

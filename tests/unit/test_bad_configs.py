@@ -7,6 +7,7 @@ checkpoints, no Ray run folder) before the error.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,7 +63,15 @@ CASES = [
     ("corpus-missing", ["tiny", "data.corpus=does/not/exist"], "data.corpus"),
     ("corpus-empty-dir", ["tiny", "data.corpus=@empty_dir"], "data.corpus"),
     ("corpus-too-small", ["tiny", "data.corpus=@small_file"], "data.corpus"),
+    ("corpus-binary-file", ["tiny", "data.corpus=@binary_file"], "data.corpus"),
+    ("corpus-binary-in-dir", ["tiny", "data.corpus=@binary_dir"], "data.corpus"),
+    ("resume-missing", ["tiny", "train.resume=no/such/run"], "train.resume"),
+    ("resume-not-a-checkpoint", ["tiny", "train.resume=@not_a_checkpoint"], "train.resume"),
+    ("tracking-uri-scheme", ["tiny", "tracking.uri=ftp://host/mlruns"], "tracking.uri"),
 ]
+
+# What a binary corpus file holds: enough bytes for a run, with NULs in them.
+BINARY = bytes(range(256)) * 64
 
 FILES = {
     "malformed": "model: [unclosed\n  d_model: 3\n",
@@ -85,6 +94,17 @@ def _materialise(args: list[str], cwd: Path) -> list[str]:
         elif a.endswith("=@small_file"):
             (cwd / "small.txt").write_text("print('hello')\n" * 4)
             a = a.replace("@small_file", str(cwd / "small.txt"))
+        elif a.endswith("=@binary_file"):
+            (cwd / "blob.bin").write_bytes(BINARY)
+            a = a.replace("@binary_file", str(cwd / "blob.bin"))
+        elif a.endswith("=@binary_dir"):
+            (cwd / "blobs").mkdir()
+            (cwd / "blobs" / "blob.bin").write_bytes(BINARY)
+            a = a.replace("@binary_dir", str(cwd / "blobs"))
+        elif a.endswith("=@not_a_checkpoint"):
+            (cwd / "run").mkdir()
+            (cwd / "run" / "notes.txt").write_text("not a checkpoint\n")
+            a = a.replace("@not_a_checkpoint", str(cwd / "run"))
         out.append(a)
     return out
 
@@ -163,3 +183,30 @@ def test_validation_does_not_import_the_heavy_stack() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.resume=no/such/run", "tracking.uri=ftp://host/mlruns", "data.corpus=blob.bin"],
+)
+def test_launcher_checks_come_before_ray(override: str, tmp_path: Path) -> None:
+    """A bad resume path, store or corpus is reported by the launcher: Ray, DeepSpeed and
+    MLflow are never imported (so no worker started), and it takes about a second."""
+    (tmp_path / "blob.bin").write_bytes(BINARY)
+    code = (
+        "import json, sys, time\n"
+        "from turnout.launch.cli import main\n"
+        "t = time.perf_counter()\n"
+        f"rc = main(['train', 'tiny', {override!r}])\n"
+        "heavy = sorted(m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules)\n"
+        "print(json.dumps([rc, heavy, time.perf_counter() - t]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    rc, heavy, seconds = json.loads(proc.stdout)
+    assert (rc, heavy) == (2, []), proc.stdout + proc.stderr
+    assert seconds < 15, seconds  # generous for a busy machine; about a second when idle
+    key = override.split("=", 1)[0]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(f"turnout: error: {key}: ")

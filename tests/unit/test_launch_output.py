@@ -1,4 +1,4 @@
-"""What the launcher prints: failure reasons in one line, Ray's log filter, the summary."""
+"""What the launcher prints: Ray's log filter and the end-of-run summary."""
 
 from __future__ import annotations
 
@@ -9,41 +9,10 @@ import sys
 import pytest
 
 from turnout.config.load import load_config
-from turnout.launch.ray_launch import WorkerFailed, _failure_reason, _WorkerLogPrinter
-from turnout.launch.worker import format_summary, one_line, result_to_dict
+from turnout.launch.ray_launch import _WorkerLogPrinter
+from turnout.launch.worker import format_summary, result_to_dict
 
 pytestmark = pytest.mark.unit
-
-
-def test_worker_group_error_becomes_one_line() -> None:
-    from ray.train.v2.api.exceptions import WorkerGroupError
-
-    msg = "rank 1: NonFiniteLossError: non-finite loss at step 3 (traceback: /t/rank1.log)"
-    err = WorkerGroupError("boom\nmore", {1: RuntimeError(msg), 0: RuntimeError("rank 0: x")})
-    assert _failure_reason(err) == "rank 0: x"
-    err = WorkerGroupError("boom", {1: RuntimeError(msg)})
-    reason = _failure_reason(err)
-    assert reason == msg
-    assert WorkerFailed(reason).config_error is None
-
-
-def test_foreign_worker_error_keeps_its_last_line() -> None:
-    from ray.train.v2.api.exceptions import WorkerGroupError
-
-    text = "Traceback (most recent call last):\n  File x\nOSError: disk full"
-    assert _failure_reason(WorkerGroupError("b", {2: RuntimeError(text)})) == (
-        "rank 2: OSError: disk full"
-    )
-
-
-def test_config_error_on_a_worker_is_still_a_config_error() -> None:
-    e = WorkerFailed("rank 0: ConfigError: data.corpus: too small (traceback: /t/rank0.log)")
-    assert e.config_error == "data.corpus: too small"
-
-
-def test_one_line_takes_the_first_line() -> None:
-    assert one_line(ValueError("first\nsecond")) == "ValueError: first"
-    assert one_line(KeyError()) == "KeyError"
 
 
 def _feed(printer: _WorkerLogPrinter, lines: list[str], actor: str = "RayTrainWorker") -> None:

@@ -7,33 +7,9 @@ from pathlib import Path
 import pytest
 
 from turnout.config.load import load_config
-from turnout.launch.paths import absolute_tracking_uri, resolve_paths, sqlite_db_path
+from turnout.launch.paths import resolve_paths
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.mark.parametrize(
-    ("uri", "expected"),
-    [
-        ("sqlite:///mlflow.db", "sqlite:////home/u/run/mlflow.db"),
-        ("sqlite:///sub/m.db", "sqlite:////home/u/run/sub/m.db"),
-        ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
-        ("mlruns", "/home/u/run/mlruns"),
-        ("./mlruns", "/home/u/run/mlruns"),
-        ("file://mlruns", "file:///home/u/run/mlruns"),
-        ("file:///abs/mlruns", "file:///abs/mlruns"),
-        ("http://mlflow.internal:5000", "http://mlflow.internal:5000"),
-        ("databricks", "databricks"),
-        ("postgresql://u@h/db", "postgresql://u@h/db"),
-    ],
-)
-def test_absolute_tracking_uri(uri: str, expected: str) -> None:
-    assert absolute_tracking_uri(uri, Path("/home/u/run")) == expected
-
-
-def test_sqlite_db_path() -> None:
-    assert sqlite_db_path("sqlite:////a/b.db") == Path("/a/b.db")
-    assert sqlite_db_path("http://x") is None
 
 
 def test_resolve_paths_leaves_the_input_alone(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from turnout.config.load import load_config, preset_dir, preset_names, to_yaml
+from turnout.config.load import load_config, preset_dir, preset_names, split_source, to_yaml
 
 pytestmark = pytest.mark.unit
 
@@ -100,3 +100,10 @@ def test_cli_show_prints_the_resolved_config() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "num_experts: 128" in proc.stdout
     assert "steps: 7" in proc.stdout
+
+
+def test_split_source_takes_the_first_item_without_equals() -> None:
+    assert split_source(["tiny", "a.b=1"]) == ("tiny", ["a.b=1"])
+    assert split_source(["x.yaml"]) == ("x.yaml", [])
+    assert split_source(["a.b=1", "c=2"]) == (None, ["a.b=1", "c=2"])
+    assert split_source([]) == (None, [])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from turnout.config import TurnoutConfig
-from turnout.trainer.tracking import Tracker, git_commit, sqlite_artifact_root
+from turnout.trainer.tracking import Tracker, git_commit
 
 pytestmark = pytest.mark.unit
 
@@ -28,9 +28,3 @@ def test_inactive_tracker_touches_nothing(
 
 def test_git_commit_outside_a_checkout_is_unknown(tmp_path: Path) -> None:
     assert git_commit(tmp_path) == "unknown"
-
-
-def test_sqlite_artifacts_live_beside_the_database(tmp_path: Path) -> None:
-    root = sqlite_artifact_root(f"sqlite:///{tmp_path / 'x' / 'mlflow.db'}")
-    assert root == (tmp_path / "x" / "mlartifacts").as_uri()
-    assert sqlite_artifact_root("http://mlflow.example:5000") is None

@@ -61,6 +61,16 @@ def _source(name: str | None) -> dict:
     return _read_yaml(path, "config")
 
 
+def split_source(items: list[str]) -> tuple[str | None, list[str]]:
+    """Command-line items -> (preset name or YAML path, ``a.b=c`` overrides).
+
+    The first item is the source when it holds no '='; otherwise the default preset.
+    """
+    if items and "=" not in items[0]:
+        return items[0], list(items[1:])
+    return None, list(items)
+
+
 def _omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
     key = getattr(e, "full_key", None) or "config"
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
