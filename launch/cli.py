@@ -4,6 +4,7 @@
     turnout presets
     turnout show [PRESET|file.yaml] [key=value ...]
     turnout keys [--markdown]
+    turnout plan [PRESET|file.yaml] [key=value ...] [--gpus N] [--gpu h100|h200|a100]
 
 Everything that can be wrong with a config is found here, on the launcher, before a
 worker starts: one line ``turnout: error: <key>: <message>`` on stderr, exit code 2.
@@ -94,6 +95,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from turnout.trainer.plan import format_plan, plan
+
+    cfg = _load(args.items)
+    print(format_plan(plan(cfg, gpus=args.gpus, gpu=args.gpu)))
+    return EXIT_OK
+
+
 def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
     """Run the same worker entry under torchrun on this machine (no Ray)."""
     cmd = [
@@ -180,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
         "items", nargs="*", metavar="[PRESET|FILE.yaml] [key=value ...]", help=items_help
     )
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser(
+        "plan", help="size, FLOPs, memory per rank and a step-time bound, without running"
+    )
+    p.add_argument(
+        "items", nargs="*", metavar="[PRESET|FILE.yaml] [key=value ...]", help=items_help
+    )
+    p.add_argument(
+        "--gpus", type=int, default=None, help="world size to plan for (default launch.num_workers)"
+    )
+    p.add_argument(
+        "--gpu", default="h100", help="device whose peak and link bandwidth bound the step time"
+    )
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -237,3 +237,17 @@ def test_format_shows_the_key_lines() -> None:
         assert any(line.strip().startswith(key) for line in text.splitlines()), key
     dense = format_plan(plan(_job(["dense"], ep=1)))
     assert "none (ep 1)" in dense and "experts:" not in dense
+
+
+def test_cli_plan_prints_the_plan_and_refuses_unknown_devices(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from turnout.launch.cli import main
+
+    assert main(["plan", "mixtral-8x7b", "model.vocab_size=32000", "--gpus", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "46.7B total, 12.9B active" in out
+    assert main(["plan", "tiny", "--gpu", "tpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "turnout: error: --gpu: unknown device 'tpu'; expected one of h100, h200, a100"
+    )
