@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from turnout.models.layers import SwiGLU
+from turnout.parallel.dist import free_port
 
 
 def _time(fn: Callable[[], None], iters: int, warmup: int) -> float:
@@ -166,10 +166,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.d, args.ffn, args.tokens, args.experts = 256, 512, [2048], [8, 32]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, args), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), args), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

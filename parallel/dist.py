@@ -27,10 +27,15 @@ def resolve_backend(backend: str, use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on every interface of this host right now.
+
+    Bound on all interfaces (not only loopback), so the port also serves a rendezvous
+    on this node's network address.
+    """
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
 
 
 def local_rank() -> int:
@@ -46,7 +51,7 @@ def init_distributed(backend: str = "gloo") -> tuple[int, int]:
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         name = backend
         if name == "nccl":
             torch.cuda.set_device(local_rank())
