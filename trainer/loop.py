@@ -1,13 +1,16 @@
 """The training loop; runs on every rank inside one process group.
 
-``train(cfg, data_path)`` seeds, builds ``TransformerLM(cfg.model)`` and the DeepSpeed
-engine, then for each optimizer step runs ``train.grad_accum`` micro steps on this
-rank's shard. After every micro step's forward one all-reduce carries a per-rank
-non-finite flag (and the loss for logging), so when any rank sees a NaN/inf loss EVERY
-rank raises :class:`NonFiniteLossError` at the same point, before the backward.
-It logs every ``log_every`` steps (MLflow on rank 0, a tqdm bar on rank 0), validates
-every ``eval_every`` steps and at the end (loss averaged over all ranks), checkpoints
-every ``ckpt_every`` steps and at the end, and resumes from ``train.resume``.
+``train(cfg, data_path, groups)`` runs inside the process group the worker entry created
+(``init_distributed``), with the parallel groups it built once (``build_groups``). It
+seeds, builds ``TransformerLM(cfg.model)``, installs expert parallelism when
+``groups.ep_size > 1`` and builds the DeepSpeed engine, then for each optimizer step
+runs ``train.grad_accum`` micro steps on this rank's shard. After every micro step's
+forward one all-reduce carries a per-rank non-finite flag (and the loss for logging), so
+when any rank sees a NaN/inf loss EVERY rank raises :class:`NonFiniteLossError` at the
+same point, before the backward. It logs every ``log_every`` steps (MLflow on rank 0, a
+tqdm bar on rank 0), validates every ``eval_every`` steps and at the end (loss averaged
+over all ranks), checkpoints every ``ckpt_every`` steps and at the end, and resumes from
+``train.resume``.
 """
 
 from __future__ import annotations
@@ -24,14 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from turnout.config import TurnoutConfig
 from turnout.errors import ConfigError
 from turnout.models.lm import TransformerLM
-from turnout.parallel.dist import (
-    all_reduce_sum,
-    broadcast_object,
-    init_distributed,
-    resolve_backend,
-)
+from turnout.parallel.dist import all_reduce_sum, broadcast_object
+from turnout.parallel.expert_parallel import install_expert_parallel
+from turnout.parallel.groups import ParallelGroups
 from turnout.trainer import checkpoint
 from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens
 from turnout.trainer.engine import build_engine
@@ -82,7 +83,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run_dir(cfg: Any, run_id: str) -> Path:
+def _run_dir(cfg: TurnoutConfig, run_id: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = cfg.tracking.run_name or "run"
     suffix = run_id[:8] if run_id else secrets.token_hex(4)
@@ -104,7 +105,7 @@ def evaluate(engine: Any, sampler: BatchSampler, batches: int, routing: str) -> 
     return float(mean[0]) / world
 
 
-def _start_tracking(cfg: Any, rank: int, world: int) -> Tracker:
+def _start_tracking(cfg: TurnoutConfig, rank: int, world: int) -> Tracker:
     """Collective: rank 0 opens the MLflow run; if that fails, every rank raises together."""
     error = ""
     tracker: Tracker | None = None
@@ -128,10 +129,10 @@ def _progress(rank: int, total: int, initial: int) -> Any:
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train(cfg: Any, data_path: Path | str) -> TrainResult:
+def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainResult:
     """Train on every rank (collective); see the module docstring."""
     t_start = time.perf_counter()
-    rank, world = init_distributed(resolve_backend(cfg.parallel.backend, cfg.launch.use_gpu))
+    rank, world = groups.rank, groups.layout.world
     t = cfg.train
     seed_everything(t.seed)
     data = open_tokens(data_path, cfg.data.val_fraction)
@@ -139,8 +140,9 @@ def train(cfg: Any, data_path: Path | str) -> TrainResult:
     sampler = BatchSampler(data, seq_len, t.micro_batch_size, rank, world, t.seed, t.eval_batches)
     entropy = byte_unigram_entropy(data.train, data.vocab_size)
     model = TransformerLM(cfg.model)
+    install_expert_parallel(model, groups)  # a no-op at ep_size 1
     log.debug("rank %d: data and model ready after %.1fs", rank, time.perf_counter() - t_start)
-    engine, scheduler = build_engine(model, cfg)
+    engine, scheduler = build_engine(model, cfg, groups)
     log.debug("rank %d: engine ready after %.1fs", rank, time.perf_counter() - t_start)
     tracker = _start_tracking(cfg, rank, world)
     log.debug("rank %d: tracking ready after %.1fs", rank, time.perf_counter() - t_start)
@@ -157,7 +159,7 @@ def train(cfg: Any, data_path: Path | str) -> TrainResult:
     start = 0
     try:
         if t.resume:
-            start = int(checkpoint.load(engine, t.resume).get("step", 0))
+            start = int(checkpoint.load(engine, t.resume, groups).get("step", 0))
         tracker.log_metrics({"unigram_entropy": entropy}, step=start)
         bar = _progress(rank, t.steps, start)
         for step in range(start, t.steps):
@@ -216,7 +218,7 @@ def train(cfg: Any, data_path: Path | str) -> TrainResult:
             if (t.ckpt_every and done % t.ckpt_every == 0) or last:
                 state = {"step": done, "seed": t.seed, "world_size": world}
                 t_ckpt = time.perf_counter()
-                ckpt = str(checkpoint.save(engine, run_dir, done, state, rank))
+                ckpt = str(checkpoint.save(engine, run_dir, done, state, groups))
                 log.debug("rank %d: checkpoint %.1fs", rank, time.perf_counter() - t_ckpt)
         status = "FINISHED"
         log.debug("rank %d: loop done after %.1fs", rank, time.perf_counter() - t_start)
