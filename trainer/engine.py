@@ -130,7 +130,7 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: build_scheduler(opt, t.lr, t.min_lr, t.warmup_steps, t.steps),
-        config=deepspeed_config(cfg, groups.layout.world),
+        config=deepspeed_config(cfg, groups.world),
         dist_init_required=False,
     )
     return engine, scheduler

@@ -129,7 +129,7 @@ class Run:
 
     @property
     def world(self) -> int:
-        return self.groups.layout.world
+        return self.groups.world
 
     @property
     def tokens_per_step(self) -> int:
@@ -141,7 +141,7 @@ class Run:
 def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> Run:
     """Collective: data, model (expert-parallel when ``groups`` say so), engine, MLflow run."""
     t0 = time.perf_counter()
-    rank, world = groups.rank, groups.layout.world
+    rank, world = groups.rank, groups.world
     t = cfg.train
     seed_everything(t.seed)
     data = open_tokens(data_path, cfg.data.val_fraction)
