@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from turnout.models.layers import SwiGLU
+from turnout.parallel.dist import free_port, init_distributed
 
 
 def _time(fn: Callable[[], None], iters: int, warmup: int) -> float:
@@ -118,14 +118,15 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
     os.environ.update(WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
-    if cuda:
-        torch.cuda.set_device(rank)
-    else:
+    if not cuda:
         torch.set_num_threads(args.threads)
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    backend = "nccl" if cuda else "gloo"
+    init_distributed(backend)  # also selects this rank's GPU under NCCL
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    # DeepSpeed's MoE layer talks through deepspeed.comm: let it adopt our process group.
+    deepspeed.init_distributed(dist_backend=backend, dist_init_required=False, verbose=False)
     if rank == 0:
         print(
             f"d={args.d} ffn={args.ffn} k={args.k} cf={args.cf} ranks={world} "
@@ -166,10 +167,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.d, args.ffn, args.tokens, args.experts = 256, 512, [2048], [8, 32]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, args), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), args), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

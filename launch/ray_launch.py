@@ -21,7 +21,7 @@ from typing import Any
 
 from turnout.config import TurnoutConfig
 from turnout.errors import WorkerError, one_line
-from turnout.launch.worker import resolve_backend, run_worker, worker_error
+from turnout.launch.worker import run_worker, worker_error
 
 # Lines Ray's (and DeepSpeed's) machinery prints from inside a training worker.
 _RAY_NOISE = (
@@ -210,7 +210,9 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
     _set_ray_env()
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from turnout.launch.ray_backend import RendezvousConfig
 
     try:
         from ray.train.v2.api.config import LoggingConfig
@@ -244,7 +246,8 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
                 resources_per_worker={"CPU": cfg.launch.cpus_per_worker},
             ),
             run_config=RunConfig(**run_kw),
-            torch_config=TorchConfig(backend=resolve_backend(cfg)),
+            # Ray sets the rendezvous environment; run_worker creates the group.
+            torch_config=RendezvousConfig(),
         )
         try:
             result = trainer.fit()

@@ -29,13 +29,6 @@ from turnout.config.load import load_config, split_source
 from turnout.errors import EXIT_CONFIG, EXIT_OK, ConfigError, WorkerError, error_line
 
 
-def resolve_backend(cfg: TurnoutConfig) -> str:
-    """The torch.distributed backend of this run (see parallel.dist.resolve_backend)."""
-    from turnout.parallel.dist import resolve_backend as resolve
-
-    return resolve(cfg.parallel.backend, cfg.launch.use_gpu)
-
-
 def result_to_dict(result: Any) -> dict[str, Any]:
     """A TrainResult (dataclass or plain object) as a picklable dict of plain values."""
     if result is None:
@@ -62,14 +55,38 @@ def quiet_worker(cfg: TurnoutConfig) -> None:
     )
 
 
-def run_worker(cfg: TurnoutConfig, data_path: Path | str) -> dict[str, Any]:
-    """init_distributed + train on this rank; returns the TrainResult as a dict."""
-    quiet_worker(cfg)
-    from turnout.parallel.dist import init_distributed
+def init_process_group(cfg: TurnoutConfig) -> tuple[int, int]:
+    """Create this process's default process group (the only call); return (rank, world)."""
+    from turnout.parallel.dist import init_distributed, resolve_backend
+
+    return init_distributed(resolve_backend(cfg.parallel.backend, cfg.launch.use_gpu))
+
+
+def train_on_group(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
+    """Build the parallel groups once and train; returns the TrainResult as a dict."""
+    from turnout.parallel.groups import build_groups
     from turnout.trainer.loop import train
 
-    init_distributed(resolve_backend(cfg))
-    return result_to_dict(train(cfg, Path(data_path)))
+    groups = build_groups(cfg.parallel.ep_size)
+    return result_to_dict(train(cfg, data_path, groups))
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_worker(cfg: TurnoutConfig, data_path: Path | str) -> dict[str, Any]:
+    """Ray Train worker: process group (from the rendezvous environment Ray set), parallel
+    groups, train; returns the TrainResult as a dict."""
+    quiet_worker(cfg)
+    init_process_group(cfg)
+    try:
+        return train_on_group(cfg, Path(data_path))
+    finally:
+        destroy_process_group()
 
 
 def write_traceback(log_dir: Path, rank: int, exc: BaseException) -> Path | None:
@@ -218,20 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     quiet_worker(cfg)
-    from turnout.parallel.dist import init_distributed
-
     try:
-        rank, world = init_distributed(resolve_backend(cfg))
+        rank, world = init_process_group(cfg)
         data_path = _prepare_on_rank0(cfg, rank)
     except ConfigError as e:
         if rank == 0:
             print(error_line(str(e)), file=sys.stderr)
         return EXIT_CONFIG
 
-    from turnout.trainer.loop import train
-
     try:
-        res = result_to_dict(train(cfg, data_path))
+        res = train_on_group(cfg, data_path)
     except Exception as e:  # one line to the user, the full traceback to a file
         err = worker_error(e, rank, Path(".turnout", "logs").resolve())
         if err.kind != "config" or rank == 0:  # every rank finds a config error alike
@@ -239,10 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     if rank == 0:
         print(format_summary(cfg, res), flush=True)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_process_group()
     return EXIT_OK
 
 

@@ -1,9 +1,11 @@
 """Process-group setup and the few collectives the trainer needs.
 
-``init_distributed`` is a no-op when ``torch.distributed`` is already initialised
-(Ray Train does that for its workers); otherwise it reads the torchrun environment
-(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and falls back to a
-single-process group of world 1 when none is set.
+``init_distributed`` is the one place a turnout process creates its default process
+group; the worker entry (``turnout.launch.worker``) calls it once per process. It reads
+the rendezvous environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK),
+which torchrun sets, and which turnout's Ray backend (``turnout.launch.ray_backend``)
+sets on every Ray Train worker; with none set it creates a single-process group of
+world 1. It refuses to run twice, so no other code path can have created the group.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import torch.distributed as dist
 
 from turnout.config.choices import Backend
 
+#: How long a collective may wait for the slowest rank (a rank-0 checkpoint write or
+#: token-cache build included) before the process group gives up.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+
 
 def resolve_backend(backend: str, use_gpu: bool) -> str:
     """parallel.backend 'auto' -> nccl when the run uses GPUs (launch.use_gpu), else gloo.
@@ -29,37 +35,47 @@ def resolve_backend(backend: str, use_gpu: bool) -> str:
     return Backend.NCCL.value if use_gpu else Backend.GLOO.value
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on every interface of this host right now.
+
+    Bound on all interfaces (not only loopback), so the port also serves a rendezvous
+    on this node's network address.
+    """
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
 
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_distributed(backend: str = "gloo") -> tuple[int, int]:
-    """Join (or create) the default process group with ``backend`` (gloo or nccl);
-    return (rank, world)."""
-    if not dist.is_initialized():
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("LOCAL_RANK", "0")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        name = backend
-        if name == "nccl":
-            torch.cuda.set_device(local_rank())
-        dist.init_process_group(
-            name,
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            timeout=timedelta(minutes=30),
+def init_distributed(backend: str) -> tuple[int, int]:
+    """Create the default process group with ``backend`` (gloo or nccl) from the
+    rendezvous environment; return (rank, world).
+
+    Raises RuntimeError when a process group already exists: the group is created here
+    and nowhere else.
+    """
+    if dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is already initialised; init_distributed must be the only "
+            "place that creates the process group"
         )
-    elif torch.cuda.is_available() and dist.get_backend() == "nccl":
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if backend == "nccl":
         torch.cuda.set_device(local_rank())
+    dist.init_process_group(
+        backend,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=PROCESS_GROUP_TIMEOUT,
+    )
     return dist.get_rank(), dist.get_world_size()
 
 

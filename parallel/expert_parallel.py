@@ -55,7 +55,13 @@ def mark_expert_param(p: torch.nn.Parameter, group_name: str) -> None:
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
+    """True for a parameter :func:`mark_expert_param` marked (this rank's expert slice)."""
     return getattr(p, "allreduce", True) is False
+
+
+def expert_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The expert-parallel parameters of ``model`` by name (empty without EP)."""
+    return {n: p for n, p in model.named_parameters() if is_expert_param(p)}
 
 
 def split_expert_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -148,6 +154,9 @@ def prepare_for_deepspeed(model: nn.Module, groups: ParallelGroups, zero_stage: 
     layers = moe_layers(model)
     if groups.ep_size == 1 or not layers:
         return
+    for layer in layers:
+        if not isinstance(layer.dispatcher, AllToAllDispatcher):
+            raise RuntimeError("call install_expert_parallel(model, groups) first")
     register_deepspeed_groups(groups)
     if zero_stage == 3:
         from deepspeed.runtime.zero import register_external_parameter

@@ -100,6 +100,10 @@ class ParallelGroups:
     dp_group: Any
 
     @property
+    def world(self) -> int:
+        return self.layout.world
+
+    @property
     def ep_size(self) -> int:
         return self.layout.ep
 

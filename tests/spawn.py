@@ -7,7 +7,6 @@ the single-process reference on the same seed and weights.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -17,11 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from turnout.parallel.dist import free_port, init_distributed
 
 
 def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tuple) -> None:
@@ -36,7 +31,7 @@ def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tu
     torch.set_num_threads(1)
     path = os.path.join(outdir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        init_distributed("gloo")
         result = fn(rank, world, *args)
         torch.save({"ok": True, "result": result}, path)
     except BaseException:

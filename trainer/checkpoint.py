@@ -12,10 +12,11 @@ The client state carries the next optimizer step, which is also the data positio
 Assumes ``ckpt_dir`` is one filesystem shared by all ranks (one machine, or a shared
 mount on a cluster).
 
-Expert parallelism: DeepSpeed's model-state file leaves out expert parameters (those
-marked ``allreduce=False``) and expects its own MoE layer's naming to save them, which
-our expert banks do not have. So each rank that is first in its expert-data-parallel
-group also writes its local expert slice as ``experts_ep<ep rank>.pt`` inside the same
+Expert parallelism (``groups``, the run's :class:`ParallelGroups`, passed in by the
+caller): DeepSpeed's model-state file leaves out expert parameters (those marked
+``allreduce=False``) and expects its own MoE layer's naming to save them, which our
+expert banks do not have. So each rank that is first in its expert-data-parallel group
+also writes its local expert slice as ``experts_ep<ep rank>.pt`` inside the same
 temporary tag, and ``load`` puts the slice back after DeepSpeed has restored the rest
 (the ZeRO-1/2 optimizer's fp32 master partitions are restored by DeepSpeed itself).
 Under ZeRO-3 expert parameters are partitioned and saved with the ZeRO shards.
@@ -32,6 +33,8 @@ import torch
 
 from turnout.errors import CheckpointError, ConfigError
 from turnout.parallel.dist import barrier
+from turnout.parallel.expert_parallel import expert_params
+from turnout.parallel.groups import ParallelGroups
 
 LATEST = "latest"
 
@@ -66,16 +69,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: Any, run_dir: Path, step: int, client_state: dict, rank: int) -> Path:
+def save(engine: Any, run_dir: Path, step: int, client_state: dict, groups: ParallelGroups) -> Path:
     """Collective: write checkpoint ``step<step>`` atomically; return its folder."""
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
+    rank = groups.rank
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(run_dir / tmp_tag, ignore_errors=True)
     barrier()
     engine.save_checkpoint(str(run_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
-    _save_expert_slice(engine, run_dir / tmp_tag)
+    _save_expert_slice(engine, run_dir / tmp_tag, groups)
     barrier()
     final = run_dir / tag
     if rank == 0:
@@ -87,10 +91,10 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict, rank: int) -
     return final
 
 
-def load(engine: Any, path: str | os.PathLike) -> dict:
+def load(engine: Any, path: str | os.PathLike, groups: ParallelGroups) -> dict:
     """Collective: restore model, optimizer and lr scheduler; return the client state."""
     load_dir, tag = resolve_resume(path)
-    sharded_experts = _expert_groups(engine) is not None
+    sharded_experts = _saves_expert_slices(engine, groups)
     loaded, client_state = engine.load_checkpoint(
         str(load_dir),
         tag=tag,
@@ -101,46 +105,31 @@ def load(engine: Any, path: str | os.PathLike) -> dict:
     )
     if loaded is None:
         raise CheckpointError(f"could not load checkpoint {load_dir / tag}")
-    _load_expert_slice(engine, load_dir / tag)
+    if sharded_experts:
+        _load_expert_slice(engine, load_dir / tag, groups)
     return client_state or {}
 
 
-def _expert_groups(engine: Any) -> Any | None:
-    """This rank's expert-parallel groups when experts are sharded (else None)."""
-    from turnout.parallel.ep_dispatcher import AllToAllDispatcher
-    from turnout.parallel.expert_parallel import moe_layers
-
-    if engine.zero_optimization_stage() == 3:
-        return None
-    for layer in moe_layers(engine.module):
-        if isinstance(layer.dispatcher, AllToAllDispatcher):
-            return layer.dispatcher.groups
-    return None
+def _saves_expert_slices(engine: Any, groups: ParallelGroups) -> bool:
+    """Experts are split over ranks and ZeRO-3 does not partition (and save) them."""
+    if groups.ep_size == 1 or engine.zero_optimization_stage() == 3:
+        return False
+    return bool(expert_params(engine.module))
 
 
-def _expert_params(engine: Any) -> dict[str, Any]:
-    return {
-        n: p for n, p in engine.module.named_parameters() if getattr(p, "allreduce", True) is False
-    }
-
-
-def _save_expert_slice(engine: Any, folder: Path) -> None:
-    groups = _expert_groups(engine)
-    if groups is None or groups.layout.edp_rank(groups.rank) != 0:
+def _save_expert_slice(engine: Any, folder: Path, groups: ParallelGroups) -> None:
+    if not _saves_expert_slices(engine, groups) or groups.layout.edp_rank(groups.rank) != 0:
         return
-    state = {n: p.detach().cpu().clone() for n, p in _expert_params(engine).items()}
+    state = {n: p.detach().cpu().clone() for n, p in expert_params(engine.module).items()}
     torch.save(state, folder / f"experts_ep{groups.ep_rank}.pt")
 
 
-def _load_expert_slice(engine: Any, folder: Path) -> None:
-    groups = _expert_groups(engine)
-    if groups is None:
-        return
+def _load_expert_slice(engine: Any, folder: Path, groups: ParallelGroups) -> None:
     path = folder / f"experts_ep{groups.ep_rank}.pt"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing (saved with another ep_size?)")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    params = _expert_params(engine)
+    params = expert_params(engine.module)
     if set(state) != set(params):
         raise CheckpointError(f"{path} holds other expert parameters than this model")
     with torch.no_grad():

@@ -1,11 +1,14 @@
 # engine: ready
 """DeepSpeed engine construction: ZeRO stage, AdamW param groups, schedule, precision.
 
-``build_engine(model, cfg)`` wraps a plain ``TransformerLM`` (already on the right
+``build_engine(model, cfg, groups)`` wraps a ``TransformerLM`` (already on the right
 device is not required; DeepSpeed moves it) into a DeepSpeed engine with
 - a client ``torch.optim.AdamW`` whose param groups come from ONE function,
-  :func:`optimizer_param_groups` (decay / no-decay; the expert-parallel issue adds
-  ``moe: True`` groups for expert parameters there);
+  :func:`optimizer_param_groups` (decay / no-decay), with expert parameters moved into
+  ``moe: True`` groups when ``groups.ep_size > 1``;
+- under expert parallelism, the model must already be in its expert-parallel form
+  (``turnout.parallel.expert_parallel.install_expert_parallel(model, groups)``, done by
+  the caller); here DeepSpeed is only told about it (``prepare_for_deepspeed``);
 - the warmup + cosine LambdaLR of ``turnout.trainer.schedule`` (stepped by the engine
   at every optimizer step, saved and restored with its checkpoints);
 - ZeRO stage ``cfg.parallel.zero_stage``, gradient clipping, gradient accumulation;
@@ -22,6 +25,9 @@ import torch
 from torch import nn
 
 from turnout.config.choices import Precision
+from turnout.config import TurnoutConfig
+from turnout.parallel.expert_parallel import prepare_for_deepspeed, split_expert_param_groups
+from turnout.parallel.groups import ParallelGroups
 from turnout.trainer.schedule import build_scheduler
 
 #: Parameters of these module types never get weight decay (besides any 1-D tensor).
@@ -59,7 +65,7 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     return [g for g in groups if g["params"]]
 
 
-def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: TurnoutConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for a TurnoutConfig (optimizer and scheduler are ours)."""
     t = cfg.train
     bf16 = use_bf16(t.precision)
@@ -98,20 +104,23 @@ def quiet_deepspeed() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def build_engine(model: nn.Module, cfg: Any) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler]:
+def build_engine(
+    model: nn.Module, cfg: TurnoutConfig, groups: ParallelGroups
+) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler]:
     """Wrap ``model`` in a DeepSpeed engine; return ``(engine, lr_scheduler)``.
 
-    The process group must already exist (``turnout.parallel.dist.init_distributed``).
+    The process group and ``groups`` must already exist (``init_distributed``,
+    ``build_groups``), and expert parallelism be installed in ``model`` when
+    ``groups.ep_size > 1``.
     """
     import deepspeed
-    import torch.distributed as dist
 
     quiet_deepspeed()
     t = cfg.train
-    world = dist.get_world_size() if dist.is_initialized() else 1
     param_groups = optimizer_param_groups(model, t.weight_decay)
-    if cfg.parallel.ep_size > 1:
-        param_groups = _expert_parallel(model, cfg, param_groups)
+    if groups.ep_size > 1:
+        prepare_for_deepspeed(model, groups, cfg.parallel.zero_stage)
+        param_groups = split_expert_param_groups(param_groups)
     optimizer = torch.optim.AdamW(
         param_groups,
         lr=t.lr,
@@ -122,31 +131,7 @@ def build_engine(model: nn.Module, cfg: Any) -> tuple[Any, torch.optim.lr_schedu
         model=model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: build_scheduler(opt, t.lr, t.min_lr, t.warmup_steps, t.steps),
-        config=deepspeed_config(cfg, world),
+        config=deepspeed_config(cfg, groups.world),
         dist_init_required=False,
     )
     return engine, scheduler
-
-
-def _expert_parallel(model: nn.Module, cfg: Any, param_groups: list[dict[str, Any]]) -> list:
-    """Install expert parallelism (idempotent) and split expert params into 'moe' groups."""
-    from turnout.parallel.ep_dispatcher import AllToAllDispatcher
-    from turnout.parallel.expert_parallel import (
-        install_expert_parallel,
-        moe_layers,
-        prepare_for_deepspeed,
-        split_expert_param_groups,
-    )
-    from turnout.parallel.groups import build_groups
-
-    layers = moe_layers(model)
-    if not layers:
-        return param_groups
-    if isinstance(layers[0].dispatcher, AllToAllDispatcher):
-        groups = layers[0].dispatcher.groups
-    else:
-        groups = build_groups(cfg.parallel.ep_size)
-        install_expert_parallel(model, groups)
-        param_groups = optimizer_param_groups(model, cfg.train.weight_decay)
-    prepare_for_deepspeed(model, groups, cfg.parallel.zero_stage)
-    return split_expert_param_groups(param_groups)

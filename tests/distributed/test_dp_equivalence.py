@@ -33,6 +33,7 @@ import torch
 from tests.spawn import run_ranks
 from turnout.config import TurnoutConfig
 from turnout.models.lm import TransformerLM
+from turnout.parallel.groups import build_groups
 from turnout.trainer.data import BatchSampler, TokenData
 from turnout.trainer.engine import build_engine, optimizer_param_groups
 from turnout.trainer.schedule import build_scheduler
@@ -76,7 +77,7 @@ def _sampler(cfg: TurnoutConfig, rank: int) -> BatchSampler:
 def _rank(rank: int, world: int, cfg: TurnoutConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = TransformerLM(cfg.model)
-    engine, scheduler = build_engine(model, cfg)
+    engine, scheduler = build_engine(model, cfg, build_groups(cfg.parallel.ep_size))
     sampler = _sampler(cfg, rank)
     lrs, losses, norms = [], [], []
     for step in range(STEPS):

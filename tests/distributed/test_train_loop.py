@@ -70,13 +70,15 @@ def _overrides(tmp_path: Path, steps: int = 6) -> list[str]:
 
 
 def _train_then_resume(rank: int, world: int, overrides: list[str], data: str) -> tuple:
+    from turnout.parallel.groups import build_groups
     from turnout.trainer.loop import train
 
     cfg = load_config("tiny", overrides)
-    first = train(cfg, Path(data))
+    groups = build_groups(cfg.parallel.ep_size)  # once per process, as the worker entry does
+    first = train(cfg, Path(data), groups)
     resume_from = str(Path(first.checkpoint).parent / "step3")
     cfg2 = load_config("tiny", [*overrides, f"train.resume={resume_from}"])
-    second = train(cfg2, Path(data))
+    second = train(cfg2, Path(data), groups)
     return first, second
 
 
@@ -149,11 +151,12 @@ def _check_mlflow(tmp_path: Path, run_id: str, resumed_id: str) -> None:
 
 
 def _train_expect_nonfinite(rank: int, world: int, overrides: list[str], data: str) -> str:
+    from turnout.parallel.groups import build_groups
     from turnout.trainer.loop import NonFiniteLossError, train
 
     cfg = load_config("tiny", overrides)
     try:
-        train(cfg, Path(data))
+        train(cfg, Path(data), build_groups(cfg.parallel.ep_size))
     except NonFiniteLossError as e:
         return str(e)
     return "no error"

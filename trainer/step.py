@@ -1,0 +1,94 @@
+"""One optimizer step and one validation pass of the DeepSpeed engine (both collective).
+
+:func:`run_step` runs ``grad_accum`` micro steps on this rank's shard. After each micro
+step's forward, :func:`agree_finite` makes one all-reduce carry a per-rank non-finite
+flag and the cross-entropy, so when any rank sees a NaN/inf loss EVERY rank raises
+:class:`NonFiniteLossError` at the same point, before the backward (no rank is left
+waiting in a collective the others never reach).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from turnout.parallel.dist import all_reduce_sum
+from turnout.trainer.data import BatchSampler
+from turnout.trainer.metrics import StatsAccumulator
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite on some rank; every rank raises it together."""
+
+    def __init__(self, step: int, ranks: list[int], world: int) -> None:
+        super().__init__(
+            f"non-finite loss at step {step} on rank(s) {ranks}: stopped all {world} ranks "
+            "(lower train.lr or raise train.warmup_steps)"
+        )
+        self.step = step
+        self.ranks = ranks
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """Cross-entropy of the step (nats/token), averaged over micro steps and ranks."""
+    seconds: float
+    """Wall time of the step on this rank."""
+
+
+def agree_finite(loss: torch.Tensor, ce: torch.Tensor, step: int, rank: int, world: int) -> float:
+    """Collective: raise NonFiniteLossError on every rank if ``loss`` is non-finite on any;
+    otherwise return the cross-entropy ``ce`` averaged over the ranks."""
+    flags = torch.zeros(world + 1, dtype=torch.float64)
+    flags[rank] = 0.0 if bool(torch.isfinite(loss)) else 1.0
+    flags[world] = float(ce)
+    flags = all_reduce_sum(flags)
+    bad = [r for r in range(world) if flags[r] > 0]
+    if bad:
+        raise NonFiniteLossError(step, bad, world)
+    return float(flags[world]) / world
+
+
+def run_step(
+    engine: Any,
+    sampler: BatchSampler,
+    step: int,
+    grad_accum: int,
+    stats: StatsAccumulator,
+    rank: int,
+    world: int,
+) -> StepResult:
+    """Collective: optimizer step ``step`` (0-based) of ``grad_accum`` micro steps.
+
+    The engine steps the optimizer and the lr schedule at the last micro step; the
+    routing statistics of every micro step go into ``stats``.
+    """
+    t0 = time.perf_counter()
+    ce = 0.0
+    for micro in range(grad_accum):
+        tokens, targets = sampler.batch(step, micro)
+        out = engine(tokens.to(engine.device), targets.to(engine.device))
+        ce += agree_finite(out.loss, out.ce, step + 1, rank, world) / grad_accum
+        engine.backward(out.loss)
+        engine.step()
+        stats.add(out)
+    return StepResult(loss=ce, seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def evaluate(engine: Any, sampler: BatchSampler, batches: int, routing: str) -> float:
+    """Collective: mean validation cross-entropy over all ranks' fixed windows."""
+    engine.eval()
+    total = 0.0
+    for i in range(batches):
+        tokens, targets = sampler.eval_batch(i)
+        out = engine(tokens.to(engine.device), targets.to(engine.device), routing=routing)
+        total += float(out.ce)
+    engine.train()
+    mean = all_reduce_sum(torch.tensor([total / batches], dtype=torch.float64))
+    world = torch.distributed.get_world_size()
+    return float(mean[0]) / world
