@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from turnout.config.choices import Precision
 from turnout.config import TurnoutConfig
+from turnout.config.choices import Precision
 from turnout.parallel.expert_parallel import prepare_for_deepspeed, split_expert_param_groups
 from turnout.parallel.groups import ParallelGroups
 from turnout.trainer.schedule import build_scheduler
