@@ -13,7 +13,7 @@ PRESET ?= tiny
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: all setup train test lint format clean
+.PHONY: all setup train test lint typecheck format clean
 
 all: test
 
@@ -39,13 +39,21 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; \
 	exit $$rc
 
-lint: $(STAMP)
+lint: $(STAMP) typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy cannot follow setuptools' package-dir mapping (turnout.models -> models/), so it
+# reads the package through a tree of links laid out as the installed package.
+typecheck: $(STAMP)
+	@rm -rf .mypy_tree && mkdir -p .mypy_tree/turnout
+	@for f in turnout/*.py turnout/config; do ln -s "$$PWD/$$f" .mypy_tree/turnout/; done
+	@for d in models parallel trainer launch; do ln -s "$$PWD/$$d" .mypy_tree/turnout/$$d; done
+	MYPYPATH=.mypy_tree $(BIN)/mypy -p turnout
 
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf .turnout .turnout_cache .pytest_cache
+	rm -rf .turnout .turnout_cache .pytest_cache .mypy_tree .mypy_cache

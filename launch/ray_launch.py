@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from turnout.config import TurnoutConfig
 from turnout.errors import WorkerError, one_line
@@ -182,7 +182,7 @@ def _init_ray(cfg: TurnoutConfig) -> bool:
     import ray
 
     address = cfg.launch.address or os.environ.get("RAY_ADDRESS", "")
-    quiet = dict(
+    quiet: dict[str, Any] = dict(
         logging_level=logging.WARNING if _verbose() else logging.ERROR,
         log_to_driver=True,
         configure_logging=True,
@@ -214,10 +214,13 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
 
     from turnout.launch.ray_backend import RendezvousConfig
 
+    logging_config: Any = None
     try:
         from ray.train.v2.api.config import LoggingConfig
+
+        logging_config = LoggingConfig
     except ImportError:  # Ray Train v1
-        LoggingConfig = None  # noqa: N806
+        pass
 
     storage = Path(cfg.launch.storage_path)
     name = f"{cfg.tracking.run_name or 'turnout'}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -227,13 +230,14 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
         name=name,
         failure_config=FailureConfig(max_failures=0),
     )
-    if LoggingConfig is not None and not _verbose():
-        run_kw["logging_config"] = LoggingConfig(log_level="WARNING")
+    if logging_config is not None and not _verbose():
+        run_kw["logging_config"] = logging_config(log_level="WARNING")
 
     embedded = _init_ray(cfg)
     try:
         trainer = TorchTrainer(
-            _ray_train_fn,
+            # Ray types the loop as returning None; v2 hands rank 0's return value back.
+            cast(Any, _ray_train_fn),
             train_loop_config={
                 "cfg": cfg,
                 "data_path": str(data_path),

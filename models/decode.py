@@ -199,8 +199,10 @@ def extend(model: TransformerLM, tokens_BS: Tensor, state: DecodeState) -> Tenso
     for layer, layer_state in zip(model.layers, state.layers, strict=True):
         if isinstance(layer, MoDBlock):
             x_BSD = _mod_step(layer, x_BSD, pos_BS, layer_state)
-        else:
+        elif isinstance(layer, Block):
             x_BSD = _block_step(layer, x_BSD, pos_BS, layer_state)
+        else:
+            raise TypeError(f"cannot decode a {type(layer).__name__} layer")
     state.position += S
     state.steps.append(S)
     return model.head(model.norm(x_BSD))

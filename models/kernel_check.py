@@ -14,6 +14,7 @@ S positions, M chosen positions per sequence.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ def compare_plan(name: str, got: tuple[torch.Tensor, ...], plan: ref.RoutingPlan
     return [m for m in out if m]
 
 
-def mismatches(device: torch.device, ops: object | None = None) -> list[str]:
+def mismatches(device: torch.device, ops: Any = None) -> list[str]:
     """Run every fused op on ``device`` and list where it differs from the reference.
 
     ``ops`` defaults to ``torch.ops.turnout`` (tests pass a namespace with a broken op to

@@ -26,6 +26,9 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """RoPE applied at explicit positions, so compacted (MoD) tokens keep their real ones."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))

@@ -36,12 +36,12 @@ def _exchange(
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):  # type: ignore[override]
+    def forward(ctx, x, out_splits, in_splits, group):
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
         return _exchange(x, out_splits, in_splits, group)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         # Reverse exchange: what we received from s goes back to s.
         return _exchange(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
 

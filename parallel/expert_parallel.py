@@ -77,7 +77,8 @@ def split_expert_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[s
     for i, group in enumerate(param_groups):
         base = {k: v for k, v in group.items() if k != "params"}
         base.setdefault("name", f"dense_{i}")
-        dense, experts_by_name = [], {}
+        dense: list[Any] = []
+        experts_by_name: dict[str, list[Any]] = {}
         for p in group["params"]:
             if is_expert_param(p):
                 experts_by_name.setdefault(p.group_name, []).append(p)

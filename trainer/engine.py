@@ -49,11 +49,12 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     Every trainable parameter appears exactly once (tied weights are deduplicated).
     The groups carry a ``name`` key; empty groups are left out.
     """
-    no_decay_ids = set()
+    no_decay_ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, _NO_DECAY_MODULES):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():  # deduplicates tied parameters
         if not p.requires_grad:
             continue

@@ -75,7 +75,10 @@ class Tracker:
                 )
             except mlflow.exceptions.MlflowException:
                 # Created concurrently by another job: use theirs.
-                exp_id = client.get_experiment_by_name(t.experiment).experiment_id
+                theirs = client.get_experiment_by_name(t.experiment)
+                if theirs is None:
+                    raise
+                exp_id = theirs.experiment_id
         else:
             exp_id = exp.experiment_id
         tags = {
