@@ -10,15 +10,16 @@ For each batch size, each model prefills a prompt of ``context - new_tokens`` po
 through :func:`turnout.models.decode.extend` and then decodes ``new_tokens`` positions one
 by one (``TransformerLM.decode_step``); only the decode steps count towards tokens/s
 (prefill is reported on its own). Tokens/s = batch * new_tokens / decode seconds, the
-best of ``--repeats`` runs after a warm-up, each run decoding from a copy of the same
-prefilled caches. The fed tokens are a fixed stream of uniform random bytes, the same for
-both models and every run (a random-init model samples near-uniformly anyway; sampling
-itself is outside the model and not timed).
+best of ``--repeats`` runs after a warm-up (the median ratio is printed too), each run
+decoding from a copy of the same prefilled caches, dense and MoD alternating. The fed
+tokens are a fixed stream of uniform random bytes, the same for both models and every
+run (a random-init model samples near-uniformly anyway; sampling itself is outside the
+model and not timed).
 
 **The predictor is calibrated.** A random-init MoD predictor says "process" for about half
 of the tokens, not 12.5 %. Before each batch size is timed, the output bias of each routed
-block's causal predictor (the MLP's last layer) is set so that, on the last
-``new_tokens`` positions of that batch's prompt run through the causal forward block by
+block's causal predictor (the MLP's last layer) is set so that, on the last 256 positions
+(at least ``new_tokens``) of that batch's prompt, run through the causal forward block by
 block, exactly ``capacity`` of the tokens land above the decision threshold. (Random-init
 hidden states carry a large per-sequence component and drift with position, so a bias
 fitted on other sequences or on early positions misses the rate by 2-4x; fitting on the
@@ -44,8 +45,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -55,16 +56,6 @@ from turnout.models.lm import TransformerLM
 from turnout.models.mod import CHOOSE_ABOVE_LOGIT, MoDBlock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass
-class Timing:
-    prefill_s: float
-    decode_s: float
-    """Best decode wall time of the N new tokens."""
-    processed: int
-    skipped: int
-    """Routed-block token-blocks of the decode steps (prefill excluded)."""
 
 
 def build(args: argparse.Namespace, pattern: list[str]) -> TransformerLM:
@@ -119,32 +110,65 @@ def decode(model: TransformerLM, state: DecodeState, stream_BN: torch.Tensor) ->
 
 
 @torch.no_grad()
-def time_model(
-    model: TransformerLM, prompt_BP: torch.Tensor, stream_BN: torch.Tensor, repeats: int
-) -> Timing:
+def prefill(model: TransformerLM, prompt_BP: torch.Tensor, N: int) -> tuple[float, DecodeState]:
+    """Seconds of the prompt's prefill (after a short warm-up) and the prefilled state."""
     device = prompt_BP.device
-    P, N = prompt_BP.shape[1], stream_BN.shape[1]
-    # Warm-up: a short prefill and a few steps (allocator, kernels, thread pool).
     _, warm = model.prefill(prompt_BP[:, :16], max_len=16 + 4)
-    decode(model, warm, stream_BN[:, :4])
+    decode(model, warm, prompt_BP[:, 16:20])
     _sync(device)
     t0 = time.perf_counter()
-    _, prefilled = model.prefill(prompt_BP, max_len=P + N)
+    _, state = model.prefill(prompt_BP, max_len=prompt_BP.shape[1] + N)
     _sync(device)
-    prefill_s = time.perf_counter() - t0
-    base = prefilled.routed_work()
-    best = float("inf")
-    work = (0, 0)
+    return time.perf_counter() - t0, state
+
+
+@torch.no_grad()
+def routed_decode_work(
+    mod: TransformerLM, state: DecodeState, stream_BN: torch.Tensor
+) -> tuple[float, float]:
+    """Processed fraction of the routed-block decode work (``DecodeState.routed_work()``)
+    and the share of (decode step, routed block) pairs where no sequence chose the token.
+
+    An untimed decode from a copy of ``state``; it also warms up the decode path.
+    """
+    decisions: list[bool] = []
+
+    def record(_module: torch.nn.Module, _inputs: object, logits_BS1: torch.Tensor) -> None:
+        decisions.append(bool((logits_BS1 <= CHOOSE_ABOVE_LOGIT).all()))
+
+    hooks = [
+        layer.predictor.register_forward_hook(record)
+        for layer in mod.layers
+        if isinstance(layer, MoDBlock)
+    ]
+    done = copy.deepcopy(state)
+    try:
+        decode(mod, done, stream_BN)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    (p0, s0), (p1, s1) = state.routed_work(), done.routed_work()
+    processed, skipped = p1 - p0, s1 - s0
+    return processed / max(processed + skipped, 1), sum(decisions) / max(len(decisions), 1)
+
+
+@torch.no_grad()
+def time_decodes(
+    models: list[TransformerLM], states: list[DecodeState], stream_BN: torch.Tensor, repeats: int
+) -> list[list[float]]:
+    """Decode seconds per model and repeat; the models alternate within each repeat, so
+    both see the same machine load."""
+    device = stream_BN.device
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        state = copy.deepcopy(prefilled)
-        _sync(device)
-        t0 = time.perf_counter()
-        decode(model, state, stream_BN)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-        done = state.routed_work()
-        work = (done[0] - base[0], done[1] - base[1])
-    return Timing(prefill_s, best, *work)
+        for model, state, out in zip(models, states, times, strict=True):
+            fresh = copy.deepcopy(state)
+            _sync(device)
+            t0 = time.perf_counter()
+            decode(model, fresh, stream_BN)
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+    return times
 
 
 @torch.no_grad()
@@ -174,7 +198,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--capacity", type=float, default=0.125)
-    p.add_argument("--repeats", type=int, default=3, help="best of N decode runs")
+    p.add_argument("--repeats", type=int, default=5, help="best of N decode runs")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -212,20 +236,23 @@ def main(argv: list[str] | None = None) -> None:
         prompt_BP = torch.randint(args.vocab, (B, P), generator=gen).to(dev)
         stream_BN = torch.randint(args.vocab, (B, N), generator=gen).to(dev)
         calibrate(mod, prompt_BP, args.capacity, tail=min(P, max(N, 256)))
-        t_dense = time_model(dense, prompt_BP, stream_BN, args.repeats)
-        t_mod = time_model(mod, prompt_BP, stream_BN, args.repeats)
-        frac = t_mod.processed / max(t_mod.processed + t_mod.skipped, 1)
+        (pre_dense, st_dense), (pre_mod, st_mod) = (prefill(m, prompt_BP, N) for m in (dense, mod))
+        decode(dense, copy.deepcopy(st_dense), stream_BN)  # warm-up, untimed
+        frac, all_skip = routed_decode_work(mod, st_mod, stream_BN)  # warm-up too
+        t_dense, t_mod = time_decodes([dense, mod], [st_dense, st_mod], stream_BN, args.repeats)
         print(f"\n{header}")
-        for name, t, share in (("dense", t_dense, "-"), ("MoD", t_mod, f"{frac:.1%}")):
-            print(
-                f"{B:>5} {name:>6} {t.prefill_s * 1e3:>11.1f} {B * N / t.decode_s:>13.1f} "
-                f"{share:>10}"
-            )
+        for name, pre, t, share in (
+            ("dense", pre_dense, t_dense, "-"),
+            ("MoD", pre_mod, t_mod, f"{frac:.1%}"),
+        ):
+            print(f"{B:>5} {name:>6} {pre * 1e3:>11.1f} {B * N / min(t):>13.1f} {share:>10}")
+        med = statistics.median(t_dense) / statistics.median(t_mod)
         print(
             f"batch {B}: predictor calibrated to process {args.capacity:.1%} "
-            f"(measured {frac:.1%} of routed-block decode work); "
-            f"decode ratio MoD/dense {t_dense.decode_s / t_mod.decode_s:.2f}x, "
-            f"prefill ratio {t_dense.prefill_s / t_mod.prefill_s:.2f}x"
+            f"(measured {frac:.1%} of routed-block decode work; the whole batch skipped "
+            f"{all_skip:.0%} of routed-block steps)\n"
+            f"batch {B}: decode MoD/dense {min(t_dense) / min(t_mod):.2f}x (best), "
+            f"{med:.2f}x (median); prefill MoD/dense {pre_dense / pre_mod:.2f}x"
         )
     if args.rerun:
         prompt_1S = torch.randint(args.vocab, (1, args.context), generator=gen).to(dev)
