@@ -139,11 +139,11 @@ def compute_lines(cfg: TurnoutConfig, res: dict[str, Any]) -> list[str]:
     if _finite(fpt) and _finite(dense) and float(dense) > 0:
         frac = float(fpt) / float(dense)
         lines.append(
-            f"  FLOPs per token        {float(fpt) / 1e6:.2f} M (train, 3x forward): "
-            f"{frac:.2f} of the dense model of equal shape ({float(dense) / 1e6:.2f} M)"
+            f"  FLOPs per token        {float(fpt) / 1e6:.2f} M train (3x forward), "
+            f"{frac:.2f} of the equal-shape dense model's {float(dense) / 1e6:.2f} M"
         )
     if _finite(res.get("train_flops")):
-        lines.append(f"  training FLOPs         {float(res['train_flops']):.3g}")
+        lines.append(f"  training FLOPs         {float(res['train_flops']):.3e}")
     tflops, peak, util = res.get("tflops"), res.get("peak_tflops"), res.get("mfu")
     if _finite(tflops):
         world = cfg.launch.num_workers

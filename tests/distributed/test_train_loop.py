@@ -16,7 +16,7 @@ from turnout.trainer.data import prepare_corpus
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
-MOD_CAPACITY = 0.5  # configs/tiny.yaml model.mod.capacity: ceil(0.5 * 32) / 32 realised
+MOD_CAPACITY = 0.25  # configs/tiny.yaml model.mod.capacity: ceil(0.25 * 32) / 32 realised
 
 
 def _corpus(tmp_path: Path) -> Path:

@@ -47,6 +47,13 @@ def test_run_flops_is_three_forwards_on_the_run_micro_batch() -> None:
     assert plain.fraction_of_dense == pytest.approx(1.0)
 
 
+def test_the_default_job_saves_compute_against_dense() -> None:
+    """The tiny preset's shape is chosen so the summary shows MoD/MoE saving FLOPs."""
+    cfg = load_config("tiny")
+    assert cfg.model.max_seq_len >= 256  # long enough for the routed attention to matter
+    assert 0.5 < run_flops(cfg).fraction_of_dense < 0.7
+
+
 def test_probe_measures_a_positive_finite_peak_in_bounded_time() -> None:
     dev = torch.device("cpu")
     t0 = time.perf_counter()

@@ -75,8 +75,9 @@ def test_summary_shows_flops_mfu_and_memory() -> None:
         "memory_kind": "max RSS",
     }
     text = format_summary(cfg, res)
-    assert "FLOPs per token        3.00 M (train, 3x forward): 0.60 of the dense model" in text
-    assert "training FLOPs         1.23e+12" in text
+    assert "FLOPs per token        3.00 M train (3x forward), 0.60 of the equal-shape" in text
+    assert "dense model's 5.00 M" in text
+    assert "training FLOPs         1.234e+12" in text
     assert "achieved               0.12 TFLOP/s, MFU 60.0% of 2 x 0.1 TFLOP/s (measured)" in text
     assert "peak memory per rank   812, 790 MiB (max RSS)" in text
     # A result without the accounting (an older worker) prints none of those lines.
