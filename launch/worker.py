@@ -123,6 +123,45 @@ def ui_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def compute_lines(cfg: TurnoutConfig, res: dict[str, Any]) -> list[str]:
+    """The summary's compute lines: FLOPs per token against the equal-shape dense model,
+    total training FLOPs, achieved TFLOP/s and MFU, peak memory per rank (each line only
+    when the result carries it)."""
+    lines = []
+    fpt, dense = res.get("flops_per_token"), res.get("dense_flops_per_token")
+    if _finite(fpt) and _finite(dense) and float(dense) > 0:
+        frac = float(fpt) / float(dense)
+        lines.append(
+            f"  FLOPs per token        {float(fpt) / 1e6:.2f} M train (3x forward), "
+            f"{frac:.2f} of the equal-shape dense model's {float(dense) / 1e6:.2f} M"
+        )
+    if _finite(res.get("train_flops")):
+        lines.append(f"  training FLOPs         {float(res['train_flops']):.3e}")
+    tflops, peak, util = res.get("tflops"), res.get("peak_tflops"), res.get("mfu")
+    if _finite(tflops):
+        world = cfg.launch.num_workers
+        how = "measured" if res.get("peak_measured") else "train.peak_tflops"
+        mfu = (
+            f", MFU {100.0 * float(util):.1f}% of {world} x {float(peak):.3g} TFLOP/s ({how})"
+            if _finite(util) and _finite(peak)
+            else ""
+        )
+        lines.append(f"  achieved               {float(tflops):.3g} TFLOP/s{mfu}")
+    memory = res.get("peak_memory_mb") or []
+    if memory:
+        per_rank = ", ".join(f"{m:,.0f}" for m in memory)
+        kind = res.get("memory_kind") or "peak"
+        lines.append(f"  peak memory per rank   {per_rank} MiB ({kind})")
+    return lines
+
+
 def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
     """The end-of-run summary the user reads (printed by the launcher or torchrun rank 0)."""
     val, ent = res.get("final_val_loss"), res.get("unigram_entropy")
@@ -143,6 +182,7 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
         ),
         f"  corpus unigram entropy {_fmt(ent)} nats/byte",
         f"  throughput             {_fmt(res.get('tokens_per_s'), ',.0f')} tokens/s",
+        *compute_lines(cfg, res),
         f"  wall time              {_fmt(res.get('wall_s'), '.1f')} s",
     ]
     if res.get("checkpoint"):

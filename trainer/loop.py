@@ -6,13 +6,17 @@ once (``turnout.parallel.groups.build_groups``). It reads top-down:
 
 - :func:`setup` seeds, opens the data, builds ``TransformerLM(cfg.model)``, installs
   expert parallelism when ``groups.ep_size > 1``, builds the DeepSpeed engine and opens
-  the MLflow run;
+  the MLflow run, counts the training FLOPs per token (:mod:`turnout.trainer.compute`)
+  and measures the device's peak TFLOP/s unless ``train.peak_tflops`` gives it;
 - every optimizer step is :func:`turnout.trainer.step.run_step` (which stops every
   rank together on a non-finite loss);
 - :func:`turnout.trainer.meter.due` decides when to log (every ``log_every`` steps, MLflow
   on rank 0, a tqdm bar on rank 0), validate (every ``eval_every`` steps, loss averaged
   over all ranks) and checkpoint (every ``ckpt_every`` steps); all three also run after
-  the last step. Training resumes from ``train.resume``.
+  the last step. Training resumes from ``train.resume``;
+- the result carries the whole run's FLOP accounting (FLOPs per token and as a fraction
+  of the equal-shape dense model, total training FLOPs, achieved TFLOP/s, MFU) and each
+  rank's peak memory, also logged to MLflow.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import random
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +37,21 @@ import torch
 from turnout.config import TurnoutConfig
 from turnout.errors import RunError
 from turnout.models.lm import TransformerLM
-from turnout.parallel.dist import broadcast_object
+from turnout.parallel.dist import all_reduce_sum, broadcast_object, device
 from turnout.parallel.expert_parallel import install_expert_parallel
 from turnout.parallel.groups import ParallelGroups
 from turnout.trainer import checkpoint
+from turnout.trainer.compute import (
+    RunFlops,
+    memory_kind,
+    peak_memory_mb,
+    probe_dtype,
+    probe_peak_tflops,
+    run_flops,
+)
 from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens
-from turnout.trainer.engine import build_engine
-from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due
+from turnout.trainer.engine import build_engine, use_bf16
+from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due, mfu, model_tflops
 from turnout.trainer.metrics import StatsAccumulator
 from turnout.trainer.step import NonFiniteLossError, evaluate, run_step
 from turnout.trainer.tracking import Tracker
@@ -70,6 +82,24 @@ class TrainResult:
     """Folder of the final checkpoint."""
     final_val_loss_causal: float = float("nan")
     """Validation loss with causal MoD decisions (the predictor), as when sampling."""
+    flops_per_token: float = float("nan")
+    """Training FLOPs per token (3x forward, top-k routing) on the run's micro batches."""
+    dense_flops_per_token: float = float("nan")
+    """The same for the dense model of equal shape (every block dense)."""
+    train_flops: float = float("nan")
+    """Training FLOPs of this run's steps, all ranks (flops_per_token x tokens)."""
+    tflops: float = float("nan")
+    """Achieved model TFLOP/s over all ranks (flops_per_token x tokens_per_s / 1e12)."""
+    peak_tflops: float = float("nan")
+    """Peak TFLOP/s of one rank: train.peak_tflops, or the probe's (mean over ranks)."""
+    peak_measured: bool = False
+    """Whether peak_tflops was measured by the probe (train.peak_tflops = 0)."""
+    mfu: float = float("nan")
+    """Model FLOPs utilisation: tflops / (peak_tflops x ranks)."""
+    peak_memory_mb: list[float] = field(default_factory=list)
+    """Peak memory of each rank in MiB (CPU max RSS, or CUDA max allocated)."""
+    memory_kind: str = ""
+    """What peak_memory_mb measures."""
 
 
 def seed_everything(seed: int) -> None:
@@ -122,6 +152,11 @@ class Run:
     run_dir: Path
     """Checkpoint folder of this run (the same on every rank)."""
     unigram_entropy: float
+    flops: RunFlops
+    """Training FLOPs per token of the model and of its equal-shape dense twin."""
+    peak_tflops: float
+    """Peak TFLOP/s of one rank (given or measured, the same on every rank)."""
+    peak_measured: bool
 
     @property
     def rank(self) -> int:
@@ -157,7 +192,44 @@ def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> Run:
     tracker = _start_tracking(cfg, rank, world)
     log.debug("rank %d: tracking ready after %.1fs", rank, time.perf_counter() - t0)
     run_dir = Path(str(broadcast_object(str(_run_dir(cfg, tracker.run_id)) if rank == 0 else "")))
-    return Run(cfg, groups, engine, scheduler, sampler, tracker, run_dir, entropy)
+    peak, measured = _peak_tflops(cfg, world)
+    log.debug("rank %d: peak %.3f TFLOP/s after %.1fs", rank, peak, time.perf_counter() - t0)
+    flops = run_flops(cfg)
+    return Run(
+        cfg, groups, engine, scheduler, sampler, tracker, run_dir, entropy, flops, peak, measured
+    )
+
+
+def _peak_tflops(cfg: TurnoutConfig, world: int) -> tuple[float, bool]:
+    """Collective when measured: (peak TFLOP/s of one rank, measured?). Every rank probes
+    its own device at once (as they will train) and they agree on the mean."""
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops, False
+    dev = device()
+    own = probe_peak_tflops(dev, probe_dtype(dev, use_bf16(cfg.train.precision)))
+    total = all_reduce_sum(torch.tensor([own], dtype=torch.float64))
+    return float(total[0]) / world, True
+
+
+def _log_start(run: Run, step: int) -> None:
+    """Log what is fixed for the run: the baseline loss, FLOPs per token, the peak."""
+    metrics = {
+        "unigram_entropy": run.unigram_entropy,
+        "flops_per_token": run.flops.per_token,
+        "dense_flops_per_token": run.flops.dense_per_token,
+        "flop_fraction": run.flops.fraction_of_dense,
+        "peak_tflops": run.peak_tflops,
+    }
+    if run.peak_measured:
+        metrics["peak_tflops_measured"] = run.peak_tflops
+    run.tracker.log_metrics(metrics, step=step)
+
+
+def _peak_memory(run: Run) -> list[float]:
+    """Collective: every rank's peak memory in MiB, in rank order."""
+    slots = torch.zeros(run.world, dtype=torch.float64)
+    slots[run.rank] = peak_memory_mb(device())
+    return [float(v) for v in all_reduce_sum(slots)]
 
 
 def _log_interval(
@@ -165,7 +237,9 @@ def _log_interval(
 ) -> None:
     """Collective (the routing statistics are reduced): log one interval's metrics."""
     metrics = stats.reduce()
+    tflops = model_tflops(run.flops.per_token, interval.tokens_per_s)
     metrics.update(loss=interval.loss, lr=lr, tokens_per_s=interval.tokens_per_s)
+    metrics.update(tflops=tflops, mfu=mfu(tflops, run.peak_tflops, run.world))
     norm = run.engine.get_global_grad_norm()
     if norm is not None:
         metrics["grad_norm"] = float(norm)
@@ -216,7 +290,7 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
     bar, status = None, "FAILED"
     try:
         start = int(checkpoint.load(run.engine, t.resume, groups).get("step", 0)) if t.resume else 0
-        run.tracker.log_metrics({"unigram_entropy": run.unigram_entropy}, step=start)
+        _log_start(run, start)
         bar = _progress(run.rank, t.steps, start)
         for step in range(start, t.steps):
             done = step + 1
@@ -235,6 +309,9 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
                 val = _validate(run, done, bar)
             if due(done, t.ckpt_every, t.steps):
                 ckpt = _checkpoint(run, done)
+        memory = _peak_memory(run)
+        end = _end_metrics(run, whole, memory, t.steps - start)
+        run.tracker.log_metrics(end, step=t.steps)
         status = "FINISHED"
         log.debug("rank %d: loop done after %.1fs", run.rank, time.perf_counter() - t_start)
     finally:
@@ -251,4 +328,24 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
         run_id=run.tracker.run_id,
         checkpoint=ckpt,
         final_val_loss_causal=val.loss_causal,
+        flops_per_token=run.flops.per_token,
+        dense_flops_per_token=run.flops.dense_per_token,
+        train_flops=end["train_flops"],
+        tflops=end["run_tflops"],
+        peak_tflops=run.peak_tflops,
+        peak_measured=run.peak_measured,
+        mfu=end["run_mfu"],
+        peak_memory_mb=memory,
+        memory_kind=memory_kind(device()),
     )
+
+
+def _end_metrics(run: Run, whole: RunMeter, memory: list[float], steps: int) -> dict[str, float]:
+    """The whole run's FLOP accounting and peak memory (max over ranks), for MLflow."""
+    tflops = model_tflops(run.flops.per_token, whole.tokens_per_s())
+    return {
+        "train_flops": run.flops.per_token * run.tokens_per_step * steps,
+        "run_tflops": tflops,
+        "run_mfu": mfu(tflops, run.peak_tflops, run.world),
+        "peak_memory_mb": max(memory),
+    }

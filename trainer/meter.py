@@ -7,7 +7,9 @@ Pure arithmetic (no torch, no processes), so every rule here is unit-tested alon
 - :class:`IntervalMeter` accumulates the steps since the last log line (mean loss,
   tokens per second) and starts over when read;
 - :class:`RunMeter` accumulates the whole run's train-step time for the final
-  throughput, leaving out the run's first step (lazy imports, allocator warm-up).
+  throughput, leaving out the run's first step (lazy imports, allocator warm-up);
+- :func:`model_tflops` and :func:`mfu` turn tokens/s into achieved model FLOP/s and the
+  model FLOPs utilisation against a peak.
 """
 
 from __future__ import annotations
@@ -86,3 +88,16 @@ class RunMeter:
         if steps > 1:
             steps, seconds = steps - 1, seconds - self.first_seconds
         return self.tokens_per_step * steps / seconds if seconds > 0 else 0.0
+
+
+def model_tflops(flops_per_token: float, tokens_per_s: float) -> float:
+    """Achieved model TFLOP/s: training FLOPs per token x tokens/s (all ranks) / 1e12."""
+    return flops_per_token * tokens_per_s / 1e12
+
+
+def mfu(tflops: float, peak_tflops: float, world: int) -> float:
+    """Model FLOPs utilisation: achieved TFLOP/s over the peak of ``world`` ranks (nan
+    without a positive peak)."""
+    if peak_tflops <= 0 or world < 1:
+        return math.nan
+    return tflops / (peak_tflops * world)

@@ -3,7 +3,9 @@ and a non-finite loss that stops both ranks together."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +16,7 @@ from turnout.trainer.data import prepare_corpus
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
-MOD_CAPACITY = 0.5  # configs/tiny.yaml model.mod.capacity: ceil(0.5 * 32) / 32 realised
+MOD_CAPACITY = 0.25  # configs/tiny.yaml model.mod.capacity: ceil(0.25 * 32) / 32 realised
 
 
 def _corpus(tmp_path: Path) -> Path:
@@ -91,6 +93,9 @@ def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
         for value in (res.final_train_loss, res.final_val_loss, res.final_val_loss_causal):
             assert 0 < value < 10
         assert res.tokens_per_s > 0
+        assert res.flops_per_token > 0 and res.mfu > 0 and res.peak_measured
+        assert len(res.peak_memory_mb) == WORLD and min(res.peak_memory_mb) > 0
+        assert res.tflops == pytest.approx(res.flops_per_token * res.tokens_per_s / 1e12)
     # Learning happened: below the uniform-byte loss log(256) = 5.55.
     assert first.final_val_loss < 5.4
     # Val loss is averaged over ranks: both ranks report the same value.
@@ -141,6 +146,7 @@ def _check_mlflow(tmp_path: Path, run_id: str, resumed_id: str) -> None:
     assert metrics["layer1/mod_capacity"] == pytest.approx(MOD_CAPACITY, abs=1e-6)
     assert 0.0 <= metrics["layer1/mod_pred_acc"] <= 1.0
     assert 0.0 <= metrics["layer1/drop_fraction"] <= 1.0
+    _check_compute_metrics(client, run_id, tmp_path)
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert steps == [2, 4, 6]
     # The resumed run starts after step 3.
@@ -148,6 +154,33 @@ def _check_mlflow(tmp_path: Path, run_id: str, resumed_id: str) -> None:
     artifacts = [a.path for a in client.list_artifacts(run_id)]
     assert "config.yaml" in artifacts
     assert (tmp_path / "mlartifacts").is_dir()
+
+
+def _check_compute_metrics(client: Any, run_id: str, tmp_path: Path) -> None:
+    """FLOPs per token, TFLOP/s, MFU and memory in MLflow, consistent with each other."""
+    from turnout.models.flops import forward_flops
+
+    cfg = load_config("tiny", _overrides(tmp_path))
+    metrics = client.get_run(run_id).data.metrics
+    fwd = forward_flops(cfg.model, cfg.model.max_seq_len, cfg.train.micro_batch_size)
+    assert metrics["flops_per_token"] == pytest.approx(fwd.train_per_token, rel=1e-9)
+    assert 0 < metrics["flop_fraction"] < 1  # the MoDE block saves against dense
+    assert metrics["flop_fraction"] == pytest.approx(
+        metrics["flops_per_token"] / metrics["dense_flops_per_token"]
+    )
+    peak = metrics["peak_tflops_measured"]  # train.peak_tflops unset: probed
+    assert math.isfinite(peak) and peak > 0 and metrics["peak_tflops"] == peak
+    tflops = client.get_metric_history(run_id, "tflops")
+    mfus = {m.step: m.value for m in client.get_metric_history(run_id, "mfu")}
+    tps = {m.step: m.value for m in client.get_metric_history(run_id, "tokens_per_s")}
+    assert [m.step for m in tflops] == [2, 4, 6]
+    for m in tflops:
+        assert m.value == pytest.approx(metrics["flops_per_token"] * tps[m.step] / 1e12)
+        assert mfus[m.step] == pytest.approx(m.value / (peak * WORLD))
+    tokens = 6 * 2 * 2 * 32 * WORLD  # steps x micro batch x grad_accum x seq x ranks
+    assert metrics["train_flops"] == pytest.approx(metrics["flops_per_token"] * tokens)
+    assert metrics["run_mfu"] == pytest.approx(metrics["run_tflops"] / (peak * WORLD))
+    assert metrics["peak_memory_mb"] > 50  # a torch process holds more than that
 
 
 def _train_expect_nonfinite(rank: int, world: int, overrides: list[str], data: str) -> str:

@@ -120,8 +120,9 @@ def test_train_through_ray_logs_to_mlflow(tmp_path: Path) -> None:
         assert metrics[f"layer{i}/load_max"] == pytest.approx(max(loads), abs=1e-6)
         assert 0.0 <= metrics[f"layer{i}/drop_fraction"] <= 1.0
     for i in mod_layers:
-        # capacity 0.5 of 64 positions: exactly 32 chosen per sequence.
-        assert metrics[f"layer{i}/mod_capacity"] == pytest.approx(0.5, abs=1e-6)
+        # The preset's capacity (0.25) of 64 positions: exactly 16 chosen per sequence.
+        assert cfg.model.mod.capacity * 64 == int(cfg.model.mod.capacity * 64)
+        assert metrics[f"layer{i}/mod_capacity"] == pytest.approx(cfg.model.mod.capacity, abs=1e-6)
         assert 0.0 <= metrics[f"layer{i}/mod_pred_acc"] <= 1.0
 
     # The resolved config is an artifact, and it is the config that ran.

@@ -52,6 +52,8 @@ CASES = [
     ("layer-pattern-empty", ["tiny", "model.layer_pattern=[]"], "model.layer_pattern"),
     ("heads-not-dividing", ["tiny", "model.n_heads=3"], "model.n_heads"),
     ("zero-steps", ["tiny", "train.steps=0"], "train.steps"),
+    ("negative-peak", ["tiny", "train.peak_tflops=-1"], "train.peak_tflops"),
+    ("nan-peak", ["tiny", "train.peak_tflops=nan"], "train.peak_tflops"),
     ("nccl-without-gpu", ["tiny", "parallel.backend=nccl"], "parallel.backend"),
     ("zero-stage", ["tiny", "parallel.zero_stage=4"], "parallel.zero_stage"),
     ("override-without-equals", ["tiny", "train.steps"], "train.steps"),

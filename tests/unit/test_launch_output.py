@@ -57,3 +57,29 @@ def test_summary_names_losses_entropy_and_the_ui() -> None:
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in text
     assert "causal" not in text  # NaN: no MoD line
     assert result_to_dict(None) == {}
+
+
+def test_summary_shows_flops_mfu_and_memory() -> None:
+    cfg = load_config("tiny")
+    res = {
+        "final_val_loss": 2.4,
+        "unigram_entropy": 3.2,
+        "flops_per_token": 3.0e6,
+        "dense_flops_per_token": 5.0e6,
+        "train_flops": 1.234e12,
+        "tflops": 0.12,
+        "peak_tflops": 0.1,
+        "peak_measured": True,
+        "mfu": 0.6,
+        "peak_memory_mb": [812.4, 790.0],
+        "memory_kind": "max RSS",
+    }
+    text = format_summary(cfg, res)
+    assert "FLOPs per token        3.00 M train (3x forward), 0.60 of the equal-shape" in text
+    assert "dense model's 5.00 M" in text
+    assert "training FLOPs         1.234e+12" in text
+    assert "achieved               0.12 TFLOP/s, MFU 60.0% of 2 x 0.1 TFLOP/s (measured)" in text
+    assert "peak memory per rank   812, 790 MiB (max RSS)" in text
+    # A result without the accounting (an older worker) prints none of those lines.
+    bare = format_summary(cfg, {"final_val_loss": 2.4, "unigram_entropy": 3.2})
+    assert "FLOPs" not in bare and "MFU" not in bare and "memory" not in bare

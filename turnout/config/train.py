@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from turnout.config.choices import Precision
@@ -59,6 +60,9 @@ class TrainConfig:
     """Checkpoint folder to resume from ('' = start fresh)."""
     seed: int = 1234
     """Seed for weights and data order."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one rank's device, the denominator of the MFU (0 = measure it once
+    at start with a short matmul probe on each rank's device)."""
 
 
 @dataclass
@@ -97,6 +101,8 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError("train.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
         raise ConfigError("train.betas", f"must be two numbers in [0, 1), got {list(cfg.betas)}")
+    if not (0 <= cfg.peak_tflops < math.inf):  # also rejects nan
+        raise ConfigError("train.peak_tflops", f"must be >= 0, got {cfg.peak_tflops}")
     if cfg.grad_clip < 0:
         raise ConfigError("train.grad_clip", f"must be >= 0, got {cfg.grad_clip}")
     if cfg.precision not in Precision.values():
