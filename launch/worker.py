@@ -123,11 +123,13 @@ def ui_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def _finite(value: Any) -> bool:
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, else None (absent, NaN, not a number)."""
     try:
-        return math.isfinite(float(value))
+        f = float(value)
     except (TypeError, ValueError):
-        return False
+        return None
+    return f if math.isfinite(f) else None
 
 
 def compute_lines(cfg: TurnoutConfig, res: dict[str, Any]) -> list[str]:
@@ -135,25 +137,25 @@ def compute_lines(cfg: TurnoutConfig, res: dict[str, Any]) -> list[str]:
     total training FLOPs, achieved TFLOP/s and MFU, peak memory per rank (each line only
     when the result carries it)."""
     lines = []
-    fpt, dense = res.get("flops_per_token"), res.get("dense_flops_per_token")
-    if _finite(fpt) and _finite(dense) and float(dense) > 0:
-        frac = float(fpt) / float(dense)
+    fpt, dense = _number(res.get("flops_per_token")), _number(res.get("dense_flops_per_token"))
+    if fpt is not None and dense is not None and dense > 0:
         lines.append(
-            f"  FLOPs per token        {float(fpt) / 1e6:.2f} M train (3x forward), "
-            f"{frac:.2f} of the equal-shape dense model's {float(dense) / 1e6:.2f} M"
+            f"  FLOPs per token        {fpt / 1e6:.2f} M train (3x forward), "
+            f"{fpt / dense:.2f} of the equal-shape dense model's {dense / 1e6:.2f} M"
         )
-    if _finite(res.get("train_flops")):
-        lines.append(f"  training FLOPs         {float(res['train_flops']):.3e}")
-    tflops, peak, util = res.get("tflops"), res.get("peak_tflops"), res.get("mfu")
-    if _finite(tflops):
+    total = _number(res.get("train_flops"))
+    if total is not None:
+        lines.append(f"  training FLOPs         {total:.3e}")
+    tflops, peak, util = (_number(res.get(k)) for k in ("tflops", "peak_tflops", "mfu"))
+    if tflops is not None:
         world = cfg.launch.num_workers
         how = "measured" if res.get("peak_measured") else "train.peak_tflops"
         mfu = (
-            f", MFU {100.0 * float(util):.1f}% of {world} x {float(peak):.3g} TFLOP/s ({how})"
-            if _finite(util) and _finite(peak)
+            f", MFU {100.0 * util:.1f}% of {world} x {peak:.3g} TFLOP/s ({how})"
+            if util is not None and peak is not None
             else ""
         )
-        lines.append(f"  achieved               {float(tflops):.3g} TFLOP/s{mfu}")
+        lines.append(f"  achieved               {tflops:.3g} TFLOP/s{mfu}")
     memory = res.get("peak_memory_mb") or []
     if memory:
         per_rank = ", ".join(f"{m:,.0f}" for m in memory)
