@@ -5,8 +5,9 @@ Shape legend: B batch, S sequence.
 - :func:`sample_text`: the byte tokenizer (the prompt's UTF-8 bytes are its tokens),
   :func:`turnout.models.decode.generate` through the KV caches, and what the decode
   steps cost: their tokens/s and the fraction of routed-block work the predictor
-  skipped. The prompt's prefill is measured once more on its own (same tokens, same
-  decisions) and subtracted, so both figures cover the decode steps only.
+  skipped. The prompt's prefill is run once more on its own (same tokens, same
+  decisions) and its work and time subtracted, so both figures cover the decode steps
+  only.
 - :func:`evaluate_model`: validation cross-entropy on the held-out tail of a corpus, with
   top-k and with causal MoD routing, over the windows the training run validated on
   (``train.eval_batches`` batches of ``micro_batch_size x num_workers`` windows, spread
@@ -40,6 +41,8 @@ class Sample:
     skipped_fraction: float
     """Of the routed blocks' token-blocks in the decode steps, the fraction skipped
     (nan without MoD-routed blocks)."""
+    decode_routed: tuple[int, int]
+    """(processed, skipped) token-blocks of the routed blocks in the decode steps."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -75,17 +78,20 @@ def sample_text(
     new = max(0, min(max_new_tokens, limit - prompt_1S.shape[1]))
     generator = torch.Generator(device=device).manual_seed(seed)
 
-    # The prefill alone: its time and routed work are taken out of the totals below.
-    t0 = time.perf_counter()
+    # The prefill alone, on fresh caches: its routed work (the same decisions generate
+    # makes on the prompt), then, warm, its time; both come out of the totals below.
     prefill = decode.new_state(model, 1, prompt_1S.shape[1])
     decode.extend(model, prompt_1S, prefill)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     out = decode.generate(model, prompt_1S, new, temperature, generator)
     _sync(device)
     total_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    decode.extend(model, prompt_1S, decode.new_state(model, 1, prompt_1S.shape[1]))
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
 
     processed, skipped = out.state.routed_work()
     if new > 0:  # generate fed the prompt and then new - 1 sampled tokens
@@ -98,7 +104,7 @@ def sample_text(
     if not model.cfg.uses_mod():
         fraction = math.nan
     text = bytes(out.tokens_BS[0].tolist()).decode("utf-8", errors="replace")
-    return Sample(text, new, max(total_s - prefill_s, 0.0), fraction)
+    return Sample(text, new, max(total_s - prefill_s, 0.0), fraction, (processed, skipped))
 
 
 def _sync(device: torch.device) -> None:

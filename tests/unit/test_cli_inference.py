@@ -86,3 +86,22 @@ def test_bad_generate_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
         _one_error_line(capsys, "--device", "CUDA")
     with pytest.raises(ConfigError, match="checkpoint"):
         load_for_inference(tmp_path / "missing")
+
+
+def test_sample_text_counts_the_decode_steps_only() -> None:
+    from turnout.models.lm import TransformerLM
+    from turnout.trainer.inference import sample_text
+
+    cfg = load_config("tiny", ["model.layer_pattern=[dense,mod]", "model.max_seq_len=32"]).model
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).eval()
+    prompt = "héllo"  # 6 bytes
+    out = sample_text(model, prompt, max_new_tokens=40, temperature=1.0, seed=1)
+    # Cut to the context: 32 - 6 new tokens, of which all but the last were fed back.
+    assert out.new_tokens == 26
+    routed = sum(1 for kind in cfg.blocks() if kind.mod_routed)
+    assert sum(out.decode_routed) == (out.new_tokens - 1) * routed
+    assert out.skipped_fraction == out.decode_routed[1] / sum(out.decode_routed)
+    assert out.text.startswith(prompt)
+    assert len(out.text.encode("utf-8", errors="replace")) >= 6
+    assert sample_text(model, prompt, 40, 1.0, seed=1).text == out.text
