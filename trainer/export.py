@@ -102,9 +102,13 @@ def _module_state(folder: Path) -> tuple[dict[str, torch.Tensor], int]:
     if not isinstance(module, dict):
         raise CheckpointError(f"{path} holds no module state dict", KEY)
     state = {k: v for k, v in module.items() if not k.startswith(f"{MARKER_NAME}.")}
+    return state, int(saved.get("step", _tag_step(folder)))
+
+
+def _tag_step(folder: Path) -> int:
+    """The step a ``step<N>`` folder name says (-1 for another name)."""
     match = re.fullmatch(r"step(\d+)", folder.name)
-    step = int(saved.get("step", match.group(1) if match else -1))
-    return state, step
+    return int(match.group(1)) if match else -1
 
 
 def _zero3_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +142,7 @@ def load_for_inference(
     cfg = checkpoint_config(folder)
     ep_size, stage = cfg.parallel.ep_size, cfg.parallel.zero_stage
     if stage == 3:
-        state, step = _zero3_state(folder), int(folder.name.removeprefix("step") or -1)
+        state, step = _zero3_state(folder), _tag_step(folder)
     else:
         state, step = _module_state(folder)
         if ep_size > 1 and cfg.model.uses_moe():

@@ -1,4 +1,5 @@
-"""Checkpoints load into one process without DeepSpeed: ZeRO 0, 1 and 2 with ep_size 2.
+"""Checkpoints load into one process without DeepSpeed: ZeRO 0, 1, 2 with ep_size 2, and
+ZeRO-3 (which turnout allows only without expert parallelism).
 
 Two gloo ranks train a tiny MoDE model through the real engine, save with
 ``checkpoint.save``, and compute reference logits and validation losses with the live
@@ -29,18 +30,20 @@ STAGES = (0, 1, 2)
 STEPS = 2
 
 
-def _train_save_reference(rank: int, world: int, base: list[str], data: str) -> dict:
+def _train_save_reference(
+    rank: int, world: int, base: list[str], data: str, ep: int, stages: tuple[int, ...]
+) -> dict:
     from turnout.parallel.groups import build_groups
     from turnout.trainer import checkpoint
     from turnout.trainer.loop import setup
     from turnout.trainer.metrics import StatsAccumulator
     from turnout.trainer.step import evaluate, run_step
 
-    groups = build_groups(2)
+    groups = build_groups(ep)
     tokens_BS = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(7))
     out = {}
-    for stage in STAGES:
-        cfg = load_config("tiny", [*base, f"parallel.zero_stage={stage}"])
+    for stage in stages:
+        cfg = load_config("tiny", [*base, f"parallel.zero_stage={stage}", f"parallel.ep_size={ep}"])
         run = setup(cfg, Path(data), groups)
         for step in range(STEPS):
             run_step(
@@ -57,12 +60,27 @@ def _train_save_reference(rank: int, world: int, base: list[str], data: str) -> 
     return dict(tokens=tokens_BS, stages=out)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("export")
+def _train(tmp: Path, ep: int, stages: tuple[int, ...]) -> dict:
     base = [*_overrides(tmp, steps=STEPS), "tracking.enabled=false", "train.eval_batches=2"]
     data = prepare_corpus(load_config("tiny", base).data)
-    return run_ranks(_train_save_reference, WORLD, base, str(data))[0]
+    return run_ranks(_train_save_reference, WORLD, base, str(data), ep, stages)[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """ZeRO 0, 1, 2 with the 4 experts split over the 2 ranks."""
+    return _train(tmp_path_factory.mktemp("export"), 2, STAGES)
+
+
+def test_zero3_checkpoint_is_gathered(tmp_path: Path) -> None:
+    trained = _train(tmp_path, 1, (3,))
+    ref = trained["stages"][3]
+    model, _, info = load_for_inference(ref["folder"])
+    assert (info.step, info.zero_stage, info.ep_size) == (STEPS, 3, 1)
+    with torch.no_grad():
+        for routing, expected in ref["logits"].items():
+            got = model(trained["tokens"], routing=routing).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -107,3 +125,10 @@ def test_generate_and_eval_commands(trained: dict, capsys: pytest.CaptureFixture
     val = float(out.split("val_loss ")[1].split()[0])
     assert val == pytest.approx(trained["stages"][2]["val"], abs=6e-5)
     assert "val_loss_causal" in out and "unigram_entropy" in out
+
+    other = Path(folder).parent / "other.txt"
+    other.write_text("".join(f"line {i} of another corpus\n" for i in range(300)))
+    assert main(["eval", folder, "--corpus", str(other), "--batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"corpus           {other} (4 held-out windows" in out
+    assert 0 < float(out.split("val_loss ")[1].split()[0]) < 10
