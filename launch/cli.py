@@ -5,6 +5,9 @@
     turnout show [PRESET|file.yaml] [key=value ...]
     turnout keys [--markdown]
     turnout plan [PRESET|file.yaml] [key=value ...] [--gpus N] [--gpu h100|h200|a100]
+    turnout generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T]
+                     [--seed S] [--device cpu|cuda]
+    turnout eval CHECKPOINT [--corpus PATH] [--batches N] [--device cpu|cuda]
 
 Everything that can be wrong with a config is found here, on the launcher, before a
 worker starts: one line ``turnout: error: <key>: <message>`` on stderr, exit code 2.
@@ -30,9 +33,11 @@ from turnout.config.load import (
 )
 from turnout.errors import (
     EXIT_CONFIG,
+    EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     ConfigError,
+    RunError,
     WorkerError,
     error_line,
 )
@@ -100,6 +105,71 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = _load(args.items)
     print(format_plan(plan(cfg, gpus=args.gpus, gpu=args.gpu)))
+    return EXIT_OK
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{name} requested, but CUDA is not available here")
+    return name
+
+
+def _load_checkpoint(args: argparse.Namespace) -> tuple:
+    from turnout.trainer.export import load_for_inference
+
+    model, cfg, info = load_for_inference(args.checkpoint, _device(args.device))
+    print(
+        f"turnout: {info.folder} (step {info.step}, {info.num_params:,} parameters, "
+        f"ZeRO-{info.zero_stage}, ep {info.ep_size}, saved in {str(info.saved_dtype)[6:]}) "
+        f"on {args.device}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return model, cfg
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from turnout.trainer.inference import encode, sample_text
+
+    if args.max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens", f"must be >= 0, got {args.max_new_tokens}")
+    from turnout.trainer.export import checkpoint_config, step_folder
+
+    # A prompt that cannot fit fails before the weights are read.
+    encode(args.prompt, checkpoint_config(step_folder(args.checkpoint)).model.max_seq_len)
+    model, cfg = _load_checkpoint(args)
+    out = sample_text(model, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    print(out.text, flush=True)
+    skipped = (
+        f"{out.skipped_fraction:.1%} of routed-block work skipped"
+        if out.skipped_fraction == out.skipped_fraction
+        else "no MoD-routed blocks"
+    )
+    cut = (
+        f" (cut to fit max_seq_len {cfg.model.max_seq_len})"
+        if out.new_tokens < args.max_new_tokens
+        else ""
+    )
+    print(
+        f"turnout: {out.new_tokens} new tokens{cut}, {out.tokens_per_s:.1f} decode tokens/s, "
+        f"{skipped}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from turnout.trainer.inference import evaluate_model
+
+    model, cfg = _load_checkpoint(args)
+    ev = evaluate_model(model, cfg, args.corpus, args.batches)
+    print(f"corpus           {ev.corpus} ({ev.windows} held-out windows of {ev.seq_len} tokens)")
+    print(f"val_loss         {ev.loss:.4f}  (top-k routing, nats/token)")
+    if ev.loss_causal == ev.loss_causal:
+        print(f"val_loss_causal  {ev.loss_causal:.4f}  (causal routing, as when sampling)")
+    print(f"unigram_entropy  {ev.unigram_entropy:.4f}  (byte unigram baseline)")
     return EXIT_OK
 
 
@@ -203,6 +273,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu", default="h100", help="device whose peak and link bandwidth bound the step time"
     )
     p.set_defaults(func=cmd_plan)
+
+    ckpt_help = "a checkpoint run folder (its latest step) or one step<N> folder"
+    device_help = "cpu (default) or cuda[:i]: one process, one device"
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached decoding)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help=ckpt_help)
+    p.add_argument("--prompt", required=True, help="text to continue (its UTF-8 bytes are tokens)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="<= 0: greedy (0.8)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    p.add_argument("--device", default="cpu", help=device_help)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="validation loss of a checkpoint (top-k and causal routing)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help=ckpt_help)
+    p.add_argument(
+        "--corpus", default=None, help="text file or folder (default: the run's data.corpus)"
+    )
+    p.add_argument(
+        "--batches", type=int, default=None, help="validation batches (default train.eval_batches)"
+    )
+    p.add_argument("--device", default="cpu", help=device_help)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -220,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(error_line(str(e)), file=sys.stderr)
         return EXIT_CONFIG
+    except RunError as e:
+        print(error_line(str(e)), file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("turnout: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

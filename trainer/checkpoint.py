@@ -6,6 +6,10 @@ renames the folder to ``step<N>`` and then rewrites ``latest`` atomically (temp 
 os.replace). A run killed mid-save leaves only a hidden temporary folder, never a
 ``step<N>`` folder or a ``latest`` pointing at a half checkpoint.
 
+Each step folder also holds ``config.yaml``, the run's resolved config (written by rank 0
+into the temporary tag, so it appears with the rest or not at all): with it a checkpoint
+loads without knowing how it was trained (:mod:`turnout.trainer.export`).
+
 Resuming accepts a run folder (its ``latest`` tag is used) or one ``step<N>`` folder.
 The client state carries the next optimizer step, which is also the data position
 (``BatchSampler`` windows are a pure function of the step).
@@ -31,12 +35,15 @@ from typing import Any
 
 import torch
 
+from turnout.config import TurnoutConfig
+from turnout.config.load import to_yaml
 from turnout.errors import CheckpointError, ConfigError
 from turnout.parallel.dist import barrier
 from turnout.parallel.expert_parallel import expert_params
 from turnout.parallel.groups import ParallelGroups
 
 LATEST = "latest"
+CONFIG_FILE = "config.yaml"
 
 
 def tag_for(step: int) -> str:
@@ -69,8 +76,19 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: Any, run_dir: Path, step: int, client_state: dict, groups: ParallelGroups) -> Path:
-    """Collective: write checkpoint ``step<step>`` atomically; return its folder."""
+def save(
+    engine: Any,
+    run_dir: Path,
+    step: int,
+    client_state: dict,
+    groups: ParallelGroups,
+    cfg: TurnoutConfig | None = None,
+) -> Path:
+    """Collective: write checkpoint ``step<step>`` atomically; return its folder.
+
+    ``cfg`` (the run's resolved config) is written as ``config.yaml`` beside the weights;
+    without it the checkpoint can only be resumed by a run that knows its config.
+    """
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
     rank = groups.rank
@@ -80,6 +98,8 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict, groups: Para
     barrier()
     engine.save_checkpoint(str(run_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
     _save_expert_slice(engine, run_dir / tmp_tag, groups)
+    if rank == 0 and cfg is not None:
+        (run_dir / tmp_tag / CONFIG_FILE).write_text(to_yaml(cfg))
     barrier()
     final = run_dir / tag
     if rank == 0:

@@ -274,7 +274,7 @@ def _checkpoint(run: Run, done: int) -> str:
     """Collective: save the state after step ``done``; return the checkpoint folder."""
     state = {"step": done, "seed": run.cfg.train.seed, "world_size": run.world}
     t0 = time.perf_counter()
-    folder = checkpoint.save(run.engine, run.run_dir, done, state, run.groups)
+    folder = checkpoint.save(run.engine, run.run_dir, done, state, run.groups, run.cfg)
     log.debug("rank %d: checkpoint %.1fs", run.rank, time.perf_counter() - t0)
     return str(folder)
 

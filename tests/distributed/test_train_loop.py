@@ -113,6 +113,8 @@ def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
         assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(WORLD)} <= names
         # ep 2: each expert-parallel rank's slice of the experts is saved beside them.
         assert {"experts_ep0.pt", "experts_ep1.pt"} <= names
+        # The resolved config rides along, so the checkpoint loads without it.
+        assert load_config(str(run_dir / tag / "config.yaml")) == load_config("tiny", overrides)
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
     # The resumed run restored weights, optimizer, schedule and data position:
     # it ends exactly where the uninterrupted run ended, in a new run folder.

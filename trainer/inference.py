@@ -1,0 +1,158 @@
+"""What ``turnout generate`` and ``turnout eval`` compute on a loaded model (one process).
+
+Shape legend: B batch, S sequence.
+
+- :func:`sample_text`: the byte tokenizer (the prompt's UTF-8 bytes are its tokens),
+  :func:`turnout.models.decode.generate` through the KV caches, and what the decode
+  steps cost: their tokens/s and the fraction of routed-block work the predictor
+  skipped. The prompt's prefill is run once more on its own (same tokens, same
+  decisions) and its work and time subtracted, so both figures cover the decode steps
+  only.
+- :func:`evaluate_model`: validation cross-entropy on the held-out tail of a corpus, with
+  top-k and with causal MoD routing, over the windows the training run validated on
+  (``train.eval_batches`` batches of ``micro_batch_size x num_workers`` windows, spread
+  evenly over the validation split), and the corpus's byte-unigram entropy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from turnout.config import TurnoutConfig
+from turnout.config.choices import Routing
+from turnout.errors import ConfigError
+from turnout.models import decode
+from turnout.models.lm import TransformerLM
+from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens, prepare_corpus
+
+
+@dataclass(frozen=True)
+class Sample:
+    text: str
+    """Prompt followed by the generated text (invalid UTF-8 bytes replaced)."""
+    new_tokens: int
+    decode_s: float
+    """Seconds of the decode steps (prefill left out)."""
+    skipped_fraction: float
+    """Of the routed blocks' token-blocks in the decode steps, the fraction skipped
+    (nan without MoD-routed blocks)."""
+    decode_routed: tuple[int, int]
+    """(processed, skipped) token-blocks of the routed blocks in the decode steps."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else math.nan
+
+
+def encode(text: str, max_seq_len: int) -> torch.Tensor:
+    """``tokens_1S`` of a prompt (byte tokenizer); ConfigError('--prompt') if it cannot fit."""
+    data = text.encode("utf-8")
+    if not data:
+        raise ConfigError("--prompt", "must not be empty")
+    if len(data) > max_seq_len:
+        raise ConfigError(
+            "--prompt",
+            f"{len(data)} bytes (tokens) is longer than the model's context "
+            f"model.max_seq_len={max_seq_len}",
+        )
+    return torch.tensor([list(data)], dtype=torch.long)
+
+
+@torch.no_grad()
+def sample_text(
+    model: TransformerLM,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> Sample:
+    """Sample a continuation of ``prompt``; ``max_new_tokens`` is cut to fit the context."""
+    limit = model.cfg.max_seq_len
+    device = model.embed.weight.device
+    prompt_1S = encode(prompt, limit).to(device)
+    new = max(0, min(max_new_tokens, limit - prompt_1S.shape[1]))
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    # The prefill alone, on fresh caches: its routed work (the same decisions generate
+    # makes on the prompt), then, warm, its time; both come out of the totals below.
+    prefill = decode.new_state(model, 1, prompt_1S.shape[1])
+    decode.extend(model, prompt_1S, prefill)
+
+    t0 = time.perf_counter()
+    out = decode.generate(model, prompt_1S, new, temperature, generator)
+    _sync(device)
+    total_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    decode.extend(model, prompt_1S, decode.new_state(model, 1, prompt_1S.shape[1]))
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+
+    processed, skipped = out.state.routed_work()
+    if new > 0:  # generate fed the prompt and then new - 1 sampled tokens
+        pre_processed, pre_skipped = prefill.routed_work()
+        processed, skipped = processed - pre_processed, skipped - pre_skipped
+    else:
+        processed = skipped = 0
+    routed = processed + skipped
+    fraction = skipped / routed if routed else math.nan
+    if not model.cfg.uses_mod():
+        fraction = math.nan
+    text = bytes(out.tokens_BS[0].tolist()).decode("utf-8", errors="replace")
+    return Sample(text, new, max(total_s - prefill_s, 0.0), fraction, (processed, skipped))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    """Validation cross-entropy, top-k routing (nats/token)."""
+    loss_causal: float
+    """The same with causal MoD decisions (nan without MoD blocks)."""
+    unigram_entropy: float
+    """Byte-unigram entropy of the corpus's training split (nats/token)."""
+    windows: int
+    seq_len: int
+    corpus: str
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: TransformerLM, cfg: TurnoutConfig, corpus: str | None = None, batches: int | None = None
+) -> Evaluation:
+    """Validation loss of ``model`` on ``corpus`` (default: the one it was trained on)."""
+    data_cfg = cfg.data if corpus is None else replace(cfg.data, corpus=corpus)
+    n_batches = cfg.train.eval_batches if batches is None else batches
+    if n_batches < 1:
+        raise ConfigError("--batches", f"must be >= 1, got {n_batches}")
+    data = open_tokens(prepare_corpus(data_cfg), data_cfg.val_fraction)
+    seq_len = cfg.model.max_seq_len
+    per_batch = cfg.train.micro_batch_size * cfg.launch.num_workers
+    sampler = BatchSampler(data, seq_len, per_batch, 0, 1, cfg.train.seed, n_batches)
+    device = model.embed.weight.device
+    routings = [Routing.TOPK, Routing.CAUSAL] if cfg.model.uses_mod() else [Routing.TOPK]
+    losses = {}
+    for routing in routings:
+        total = 0.0
+        for i in range(n_batches):
+            tokens_BS, targets_BS = sampler.eval_batch(i)
+            out = model(tokens_BS.to(device), targets_BS.to(device), routing=routing)
+            total += float(out.ce)
+        losses[routing] = total / n_batches
+    return Evaluation(
+        loss=losses[Routing.TOPK],
+        loss_causal=losses.get(Routing.CAUSAL, math.nan),
+        unigram_entropy=byte_unigram_entropy(data.train, data.vocab_size),
+        windows=n_batches * per_batch,
+        seq_len=seq_len,
+        corpus=str(Path(data_cfg.corpus)) if data_cfg.corpus != "stdlib" else "stdlib",
+    )
