@@ -26,8 +26,9 @@ class Block(nn.Module):
         if kind.ffn == FFN_DENSE:
             self.ffn: nn.Module = SwiGLU(cfg.d_model, cfg.ffn_dim)
         elif kind.ffn == FFN_MOE:
-            noop = cfg.moe.num_noop_experts if kind.noop_experts else 0
-            self.ffn = MoELayer(cfg.d_model, cfg.expert_hidden(), cfg.moe, cfg.init_std, noop)
+            self.ffn = MoELayer(
+                cfg.d_model, cfg.expert_hidden(), cfg.moe, cfg.init_std, cfg.noop_choices(kind)
+            )
         else:
             raise ValueError(f"unknown ffn kind {kind.ffn!r}")
 

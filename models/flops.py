@@ -34,7 +34,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from turnout.config.choices import Predictor, RouterInput
-from turnout.config.model import BLOCK_KINDS, ModelConfig
+from turnout.config.model import BLOCK_KINDS, BlockKind, ModelConfig
 from turnout.models.routing import expert_capacity, mod_capacity
 
 #: Backward costs about twice the forward, so one training step is ~3x forward FLOPs.
@@ -104,11 +104,16 @@ def moe_rows(cfg: ModelConfig, tokens: int, noop: int) -> float:
     return float(E * capacity)
 
 
+def block_rows(cfg: ModelConfig, kind: BlockKind, seq_len: int) -> int:
+    """Positions of a sequence a block of ``kind`` runs on (top-k MoD routing)."""
+    return mod_capacity(seq_len, cfg.mod.capacity) if kind.mod_routed else seq_len
+
+
 def block_flops(cfg: ModelConfig, kind: str, seq_len: int, batch: int = 1) -> BlockFlops:
     """Forward FLOPs per token of one block of ``kind`` (top-k MoD routing)."""
     D = cfg.d_model
     spec = BLOCK_KINDS[kind]
-    rows = mod_capacity(seq_len, cfg.mod.capacity) if spec.mod_routed else seq_len
+    rows = block_rows(cfg, spec, seq_len)
     per_seq_routing = 0.0
     if spec.mod_routed:
         per_seq_routing += seq_len * 2 * D  # MoD router: one score per position
@@ -116,7 +121,7 @@ def block_flops(cfg: ModelConfig, kind: str, seq_len: int, batch: int = 1) -> Bl
             h = cfg.mod.predictor_hidden
             per_seq_routing += seq_len * (2 * D * h + 2 * h)
     if spec.has_moe:
-        noop = cfg.moe.num_noop_experts if spec.noop_experts else 0
+        noop = cfg.noop_choices(spec)
         # A router reading the block input scores every position, not only the chosen.
         block_input = spec.mod_routed and cfg.moe.router_input == RouterInput.BLOCK
         router_rows = seq_len if block_input else rows

@@ -107,7 +107,7 @@ def block_params(cfg: ModelConfig, kind: str) -> BlockParams:
             routing += D * h + h + h + 1  # Linear(D, h) and Linear(h, 1), with biases
     ffn = experts = per_expert = active = 0
     if spec.has_moe:
-        noop = cfg.moe.num_noop_experts if spec.noop_experts else 0
+        noop = cfg.noop_choices(spec)
         E = cfg.moe.num_experts
         routing += D * (E + noop)
         per_expert = SWIGLU_MATMULS * D * cfg.expert_hidden()

@@ -50,6 +50,11 @@ def tag_for(step: int) -> str:
     return f"step{step}"
 
 
+def expert_slice_file(folder: Path, ep_rank: int) -> Path:
+    """The file holding expert-parallel rank ``ep_rank``'s expert slice in a step folder."""
+    return folder / f"experts_ep{ep_rank}.pt"
+
+
 def _is_tag_dir(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*model_states.pt"))
 
@@ -141,11 +146,11 @@ def _save_expert_slice(engine: Any, folder: Path, groups: ParallelGroups) -> Non
     if not _saves_expert_slices(engine, groups) or groups.layout.edp_rank(groups.rank) != 0:
         return
     state = {n: p.detach().cpu().clone() for n, p in expert_params(engine.module).items()}
-    torch.save(state, folder / f"experts_ep{groups.ep_rank}.pt")
+    torch.save(state, expert_slice_file(folder, groups.ep_rank))
 
 
 def _load_expert_slice(engine: Any, folder: Path, groups: ParallelGroups) -> None:
-    path = folder / f"experts_ep{groups.ep_rank}.pt"
+    path = expert_slice_file(folder, groups.ep_rank)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing (saved with another ep_size?)")
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -39,7 +39,7 @@ from turnout.config.load import load_config
 from turnout.errors import CheckpointError, ConfigError
 from turnout.models.lm import TransformerLM
 from turnout.parallel.expert_parallel import MARKER_NAME
-from turnout.trainer.checkpoint import CONFIG_FILE, resolve_resume
+from turnout.trainer.checkpoint import CONFIG_FILE, expert_slice_file, resolve_resume
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 KEY = "checkpoint"
@@ -123,12 +123,13 @@ def _zero3_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def _expert_state(folder: Path, ep_size: int) -> dict[str, torch.Tensor]:
     """The full expert weights: every ep rank's slice, concatenated by global expert index."""
-    slices = [_torch_load(folder / f"experts_ep{j}.pt") for j in range(ep_size)]
+    files = [expert_slice_file(folder, j) for j in range(ep_size)]
+    slices = [_torch_load(f) for f in files]
     names = set(slices[0])
-    for j, part in enumerate(slices[1:], start=1):
+    for f, part in zip(files[1:], slices[1:], strict=True):
         if set(part) != names:
             raise CheckpointError(
-                f"{folder / f'experts_ep{j}.pt'} holds other expert weights than experts_ep0.pt",
+                f"{f} holds other expert weights than {files[0].name}",
                 KEY,
             )
     return {n: torch.cat([part[n] for part in slices], dim=0) for n in sorted(names)}

@@ -47,9 +47,14 @@ from turnout.config.choices import Precision, Predictor
 from turnout.config.model import BLOCK_KINDS, ModelConfig
 from turnout.config.root import TurnoutConfig
 from turnout.errors import ConfigError
-from turnout.models.flops import FlopCount, dense_counterpart, forward_flops, moe_rows
+from turnout.models.flops import (
+    FlopCount,
+    block_rows,
+    dense_counterpart,
+    forward_flops,
+    moe_rows,
+)
 from turnout.models.params import ParamCount, count_params
-from turnout.models.routing import mod_capacity
 
 GIB = 2**30
 
@@ -183,11 +188,11 @@ def _block_values(cfg: ModelConfig, kind: str, seq_len: int, batch: int) -> tupl
     """Saved activation values of one block per micro batch: (routed rows, all tokens)."""
     D = cfg.d_model
     spec = BLOCK_KINDS[kind]
-    rows = batch * (mod_capacity(seq_len, cfg.mod.capacity) if spec.mod_routed else seq_len)
+    rows = batch * block_rows(cfg, spec, seq_len)
     kv_dim = cfg.kv_heads() * (D // cfg.n_heads)
     attention = rows * (5 * D + 2 * kv_dim)
     if spec.has_moe:
-        noop = cfg.moe.num_noop_experts if spec.noop_experts else 0
+        noop = cfg.noop_choices(spec)
         expert_rows = moe_rows(cfg, rows, noop)
         ffn = expert_rows * (2 * D + 4 * cfg.expert_hidden()) + rows * (cfg.moe.num_experts + noop)
     else:
@@ -236,9 +241,7 @@ def a2a_bytes(cfg: TurnoutConfig, precision: str) -> float:
     for spec in m.blocks():
         if not spec.has_moe:
             continue
-        tokens = B * (mod_capacity(S, m.mod.capacity) if spec.mod_routed else S)
-        noop = m.moe.num_noop_experts if spec.noop_experts else 0
-        values += moe_rows(m, tokens, noop) * m.d_model
+        values += moe_rows(m, B * block_rows(m, spec, S), m.noop_choices(spec)) * m.d_model
     return A2A_PER_LAYER * values * ACT_BYTES[precision] * cfg.train.grad_accum
 
 

@@ -139,6 +139,10 @@ class ModelConfig:
         """The effective number of key/value heads (0 resolved to n_heads)."""
         return self.n_kv_heads or self.n_heads
 
+    def noop_choices(self, kind: BlockKind) -> int:
+        """No-op router columns a block of ``kind`` offers (integrated MoDE), else 0."""
+        return self.moe.num_noop_experts if kind.noop_experts else 0
+
     def expert_hidden(self) -> int:
         return self.moe.expert_ffn_dim or self.ffn_dim
 
