@@ -135,19 +135,29 @@ def _expert_state(folder: Path, ep_size: int) -> dict[str, torch.Tensor]:
     return {n: torch.cat([part[n] for part in slices], dim=0) for n in sorted(names)}
 
 
+def consolidated_state(
+    path: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], TurnoutConfig, int]:
+    """The whole model's state dict of a checkpoint (every expert, in the saved dtype),
+    the config it was trained with, and its step: whatever layout wrote it."""
+    folder = step_folder(path)
+    cfg = checkpoint_config(folder)
+    ep_size, stage = cfg.parallel.ep_size, cfg.parallel.zero_stage
+    if stage == 3:
+        return _zero3_state(folder), cfg, _tag_step(folder)
+    state, step = _module_state(folder)
+    if ep_size > 1 and cfg.model.uses_moe():
+        state.update(_expert_state(folder, ep_size))
+    return state, cfg, step
+
+
 def load_for_inference(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[TransformerLM, TurnoutConfig, CheckpointInfo]:
     """Rebuild the trained model from a checkpoint, on ``device`` in ``dtype``, in eval mode."""
     folder = step_folder(path)
-    cfg = checkpoint_config(folder)
+    state, cfg, step = consolidated_state(folder)
     ep_size, stage = cfg.parallel.ep_size, cfg.parallel.zero_stage
-    if stage == 3:
-        state, step = _zero3_state(folder), _tag_step(folder)
-    else:
-        state, step = _module_state(folder)
-        if ep_size > 1 and cfg.model.uses_moe():
-            state.update(_expert_state(folder, ep_size))
     saved_dtype = next((v.dtype for v in state.values() if v.is_floating_point()), dtype)
     model = TransformerLM(cfg.model)
     expected = model.state_dict()
