@@ -1,8 +1,9 @@
 """Incremental decoding with a KV cache per block, where MoD-routed blocks skip for real.
 
-Shape legend: B batch, S new positions of one call (the prompt when prefilling, 1 when
-decoding), M processed positions per sequence in one call (padded to the batch's
-largest), N processed rows in all, D width, E router columns, V vocabulary.
+Shape legend: B batch, b the sequences of the batch that run a routed block, S new
+positions of one call (the prompt when prefilling, 1 when decoding), M processed
+positions per sequence in one call (padded to the batch's largest), N processed rows in
+all, D width, E router columns, V vocabulary.
 
 It reproduces the causal-routing forward ``model(tokens, routing="causal")`` token by
 token (fp32: logits within float noise):
@@ -21,13 +22,13 @@ token (fp32: logits within float noise):
   step. Decoding therefore equals the causal forward of the same weights with
   ``capacity_factor = null``; with a capacity factor the two differ exactly where the
   full forward drops an assignment. Prefill follows the same rule.
-- Batch > 1: a routed block is skipped entirely (no work) when no sequence of the call
-  chose any token. Otherwise its norms, Q/K/V projections and attention run on the
-  compacted ``[B, M]`` rows, padded where a sequence chose fewer than M (the padded rows
-  are computed and discarded, never cached), and the FFN / MoE (and a block-input
-  router) run on exactly the N chosen rows. So in batched decoding the FFN work skipped
-  is real; the attention of a step is skipped only when the whole batch skips. At batch
-  1 every skip is real.
+- Batch > 1: a routed block runs only on the sequences that chose at least one of the
+  call's positions; the others do no work in it (no projections, no attention, no
+  FFN). Among those sequences its norms, Q/K/V projections and attention run on the
+  compacted ``[b, M]`` rows, padded where a sequence chose fewer than M (the padded
+  rows are computed and discarded, never cached; in one-token decode steps M = 1, so
+  there is no padding), and the FFN / MoE (and a block-input router) run on exactly
+  the N chosen rows.
 - The sequence may not outgrow its cache (``max_len``, at most ``model.max_seq_len``,
   the RoPE table and the trained context): no sliding window, since sliding would change
   which earlier tokens a block processed. :func:`generate` refuses such requests.
@@ -125,15 +126,17 @@ def _increment(
     valid_BM: Tensor | None,
     cache: KVCache,
     router_x_ND: Tensor | None = None,
+    rows: list[int] | None = None,
 ) -> Tensor:
     """The block's residual increment for new rows, attending over (and filling) ``cache``.
 
     ``valid_BM`` marks the real rows (None: all are); only they reach the FFN.
     ``router_x_ND`` is what a block-input MoE router reads (None: the FFN input).
+    ``rows``: the cache's sequences these B rows are (None: all of them, in order).
     """
     attn = block.attn
     q_BHMd, k_BGMd, v_BGMd = attn.heads(block.norm_attn(x_BMD), pos_BM)
-    keys_BGLd, values_BGLd, mask_BML = cache.append(k_BGMd, v_BGMd, counts)
+    keys_BGLd, values_BGLd, mask_BML = cache.append(k_BGMd, v_BGMd, counts, rows)
     a_BMD = attn.attend(q_BHMd, keys_BGLd, values_BGLd, mask_BML)
     h_BMD = block.norm_ffn(x_BMD + a_BMD)
     h_ND = h_BMD.reshape(-1, h_BMD.shape[-1]) if valid_BM is None else h_BMD[valid_BM]
@@ -155,34 +158,64 @@ def _block_step(block: Block, x_BSD: Tensor, pos_BS: Tensor, layer: LayerState) 
 
 
 def _mod_step(mod: MoDBlock, x_BSD: Tensor, pos_BS: Tensor, layer: LayerState) -> Tensor:
-    B, S, D = x_BSD.shape
+    B, S, _ = x_BSD.shape
     score_BS = mod.scores(x_BSD)
     chosen_BS = mod.causal_logits(x_BSD, score_BS) > CHOOSE_ABOVE_LOGIT
-    counts_B = chosen_BS.sum(1)
-    counts = counts_B.tolist()  # one host sync: the shapes (and the skip) depend on it
-    M = max(counts)
+    counts = chosen_BS.sum(1).tolist()  # one host sync: the shapes (and the skip) depend on it
     layer.processed += sum(counts)
     layer.skipped += B * S - sum(counts)
-    if M == 0:
+    rows = [i for i, c in enumerate(counts) if c > 0]
+    if not rows:
         return x_BSD
+    if len(rows) == B:
+        return _mod_rows(mod, x_BSD, pos_BS, score_BS, chosen_BS, counts, None, layer.cache)
+    # Only the sequences that chose a position run the block: the others do no work.
+    rows_b = torch.tensor(rows, dtype=torch.long, device=x_BSD.device)
+    new_bSD = _mod_rows(
+        mod,
+        x_BSD.index_select(0, rows_b),
+        pos_BS.index_select(0, rows_b),
+        score_BS.index_select(0, rows_b),
+        chosen_BS.index_select(0, rows_b),
+        [counts[i] for i in rows],
+        rows,
+        layer.cache,
+    )
+    return x_BSD.index_copy(0, rows_b, new_bSD)
+
+
+def _mod_rows(
+    mod: MoDBlock,
+    x_bSD: Tensor,
+    pos_bS: Tensor,
+    score_bS: Tensor,
+    chosen_bS: Tensor,
+    counts: list[int],
+    rows: list[int] | None,
+    cache: KVCache,
+) -> Tensor:
+    """The routed block on sequences ``rows`` (None: all), each of which chose a position."""
+    b, _, D = x_bSD.shape
+    M = max(counts)
     # The chosen positions first, in position order (a stable sort of "not chosen").
-    idx_BM = torch.sort((~chosen_BS).to(torch.uint8), dim=1, stable=True).indices[:, :M]
-    valid_BM = None
+    idx_bM = torch.sort((~chosen_bS).to(torch.uint8), dim=1, stable=True).indices[:, :M]
+    valid_bM = None
     if min(counts) < M:
-        valid_BM = torch.arange(M, device=x_BSD.device).unsqueeze(0) < counts_B.unsqueeze(1)
-    idx_BMD = idx_BM.unsqueeze(-1).expand(B, M, D)
-    x_BMD = x_BSD.gather(1, idx_BMD)
+        counts_b = torch.tensor(counts, device=x_bSD.device)
+        valid_bM = torch.arange(M, device=x_bSD.device).unsqueeze(0) < counts_b.unsqueeze(1)
+    idx_bMD = idx_bM.unsqueeze(-1).expand(b, M, D)
+    x_bMD = x_bSD.gather(1, idx_bMD)
     router_x_ND = None
     if mod.routes_from_block_input:
-        router_x_ND = x_BMD.reshape(B * M, D) if valid_BM is None else x_BMD[valid_BM]
-    delta_BMD = _increment(
-        mod.block, x_BMD, pos_BS.gather(1, idx_BM), counts, valid_BM, layer.cache, router_x_ND
+        router_x_ND = x_bMD.reshape(b * M, D) if valid_bM is None else x_bMD[valid_bM]
+    delta_bMD = _increment(
+        mod.block, x_bMD, pos_bS.gather(1, idx_bM), counts, valid_bM, cache, router_x_ND, rows
     )
-    g_BM1 = mod.gate(score_BS.gather(1, idx_BM)).unsqueeze(-1).to(x_BSD.dtype)
-    new_BMD = x_BMD + g_BM1 * delta_BMD
-    if valid_BM is not None:
-        new_BMD = torch.where(valid_BM.unsqueeze(-1), new_BMD, x_BMD)
-    return x_BSD.scatter(1, idx_BMD, new_BMD)
+    g_bM1 = mod.gate(score_bS.gather(1, idx_bM)).unsqueeze(-1).to(x_bSD.dtype)
+    new_bMD = x_bMD + g_bM1 * delta_bMD
+    if valid_bM is not None:
+        new_bMD = torch.where(valid_bM.unsqueeze(-1), new_bMD, x_bMD)
+    return x_bSD.scatter(1, idx_bMD, new_bMD)
 
 
 @torch.no_grad()

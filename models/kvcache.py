@@ -1,7 +1,8 @@
 """A key/value cache for one attention layer, with a length per sequence.
 
-Shape legend: B batch, G key/value heads, Hd head dim, L cache slots, M new rows per
-sequence in one append (padded: sequence b brings ``counts[b] <= M`` real rows).
+Shape legend: B batch, b the sequences of one append (all B, or a subset ``rows``), G
+key/value heads, Hd head dim, L cache slots, M new rows per sequence in one append
+(padded: sequence i brings ``counts[i] <= M`` real rows).
 
 Sequences of a batch may hold different numbers of cached tokens (a Mixture-of-Depths
 block caches only the tokens it processed), so the buffer is padded to ``L`` slots and
@@ -46,41 +47,67 @@ class KVCache:
         return self.k_BGLd[b, :, :n], self.v_BGLd[b, :, :n]
 
     def append(
-        self, k_BGMd: Tensor, v_BGMd: Tensor, counts: list[int]
+        self,
+        k_bGMd: Tensor,
+        v_bGMd: Tensor,
+        counts: list[int],
+        rows: list[int] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Write the first ``counts[b]`` rows of sequence b after its cached ones.
+        """Write the first ``counts[i]`` rows of sequence ``rows[i]`` after its cached ones.
 
-        Returns the keys and values to attend over, ``[B, G, L', Hd]`` with ``L'`` the
-        longest new length, and the mask ``[B, M, L']`` (True = may attend): new row j
-        of sequence b sees its sequence's earlier cache and new rows ``0..j``. Padded
-        rows (``j >= counts[b]``) see at least slot 0, so they stay finite. The mask is
-        None when every row may see every returned slot.
+        ``rows`` are the batch indices of the sequences in this append (None: all B, in
+        order); the other sequences' caches are untouched. Returns the keys and values
+        to attend over, ``[b, G, L', Hd]`` with ``L'`` the longest new length among
+        ``rows``, and the mask ``[b, M, L']`` (True = may attend): new row j of sequence
+        i sees that sequence's earlier cache and new rows ``0..j``. Padded rows
+        (``j >= counts[i]``) see at least slot 0, so they stay finite. The mask is None
+        when every row may see every returned slot.
         """
-        B, _, M, _ = k_BGMd.shape
-        new = [n + c for n, c in zip(self.lengths, counts, strict=True)]
+        b, _, M, _ = k_bGMd.shape
+        device = self.lengths_B.device
+        every = rows is None
+        idx = list(range(len(self.lengths))) if rows is None else rows
+        if len(idx) != b or len(counts) != b:
+            raise ValueError(f"{b} sequences of keys for {len(idx)} rows and {len(counts)} counts")
+        old = [self.lengths[r] for r in idx]
+        new = [n + c for n, c in zip(old, counts, strict=True)]
         if max(new) > self.slots:
             raise ValueError(f"KV cache overflow: {max(new)} tokens for {self.slots} slots")
-        old_B = self.lengths_B
-        counts_B = torch.tensor(counts, dtype=torch.long, device=old_B.device)
-        uniform = len(set(self.lengths)) == 1 and all(c == M for c in counts)
+        rows_b = None if every else torch.tensor(idx, dtype=torch.long, device=device)
+        old_b = self.lengths_B if rows_b is None else self.lengths_B[rows_b]
+        counts_b = torch.tensor(counts, dtype=torch.long, device=device)
+        uniform = len(set(old)) == 1 and all(c == M for c in counts)
         if uniform:
-            start = self.lengths[0]
-            self.k_BGLd[:, :, start : start + M] = k_BGMd
-            self.v_BGLd[:, :, start : start + M] = v_BGMd
+            at = slice(old[0], old[0] + M)
+            if rows_b is None:
+                self.k_BGLd[:, :, at] = k_bGMd
+                self.v_BGLd[:, :, at] = v_bGMd
+            else:
+                self.k_BGLd[rows_b, :, at] = k_bGMd
+                self.v_BGLd[rows_b, :, at] = v_bGMd
         else:
-            j_M = torch.arange(M, device=old_B.device)
-            b_N, j_N = (j_M.unsqueeze(0) < counts_B.unsqueeze(1)).nonzero(as_tuple=True)
-            slot_N = old_B[b_N] + j_N
-            self.k_BGLd[b_N, :, slot_N] = k_BGMd[b_N, :, j_N]
-            self.v_BGLd[b_N, :, slot_N] = v_BGMd[b_N, :, j_N]
-        self.lengths = new
-        self.lengths_B = old_B + counts_B
+            j_M = torch.arange(M, device=device)
+            i_N, j_N = (j_M.unsqueeze(0) < counts_b.unsqueeze(1)).nonzero(as_tuple=True)
+            seq_N = i_N if rows_b is None else rows_b[i_N]
+            slot_N = old_b[i_N] + j_N
+            self.k_BGLd[seq_N, :, slot_N] = k_bGMd[i_N, :, j_N]
+            self.v_BGLd[seq_N, :, slot_N] = v_bGMd[i_N, :, j_N]
+        for r, n in zip(idx, new, strict=True):
+            self.lengths[r] = n
+        if rows_b is None:
+            self.lengths_B = old_b + counts_b
+        else:
+            self.lengths_B = self.lengths_B.index_add(0, rows_b, counts_b)
         L = max(new)
-        keys_BGLd, values_BGLd = self.k_BGLd[:, :, :L], self.v_BGLd[:, :, :L]
+        if rows_b is None:
+            keys_bGLd, values_bGLd = self.k_BGLd[:, :, :L], self.v_BGLd[:, :, :L]
+        else:
+            keys_bGLd = self.k_BGLd[rows_b, :, :L]
+            values_bGLd = self.v_BGLd[rows_b, :, :L]
         if uniform and M == 1:
-            return keys_BGLd, values_BGLd, None
-        j_M = torch.arange(M, device=old_B.device)
-        visible_BM = old_B.unsqueeze(1) + j_M.unsqueeze(0) + 1
-        slot_L = torch.arange(L, device=old_B.device)
-        mask_BML = slot_L.view(1, 1, L) < visible_BM.unsqueeze(-1)
-        return keys_BGLd, values_BGLd, mask_BML
+            return keys_bGLd, values_bGLd, None
+        j_M = torch.arange(M, device=device)
+        visible_bM = old_b.unsqueeze(1) + j_M.unsqueeze(0) + 1
+        slot_L = torch.arange(L, device=device)
+        mask_bML = slot_L.view(1, 1, L) < visible_bM.unsqueeze(-1)
+        return keys_bGLd, values_bGLd, mask_bML

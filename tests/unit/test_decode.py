@@ -124,13 +124,15 @@ def test_a_skipped_token_leaves_the_cache_unchanged(case: str) -> None:
     tokens_BS = _tokens(batch)
     _, chosen = _causal(model, tokens_BS)
     _, state = model.prefill(tokens_BS[:, :prompt])
-    seen = {"skip": 0, "run": 0}
+    seen = {"skip": 0, "run": 0, "mixed": 0}
     for t in range(prompt, S):
         before = [(la.cache.k_BGLd.clone(), list(la.cache.lengths)) for la in state.layers]
         model.decode_step(tokens_BS[:, t : t + 1], state)
         for i, c_BS in chosen.items():
             cache = state.layers[i].cache
             k_before, len_before = before[i]
+            # Some sequences run the block and some skip it: only the runners do work.
+            seen["mixed"] += int(0 < int(c_BS[:, t].sum()) < batch)
             for b in range(batch):
                 n = len_before[b]
                 if c_BS[b, t]:
@@ -141,7 +143,7 @@ def test_a_skipped_token_leaves_the_cache_unchanged(case: str) -> None:
                     seen["skip"] += 1
                     assert cache.lengths[b] == n
                     assert torch.equal(cache.k_BGLd[b], k_before[b])  # not one slot written
-    assert seen["skip"] > 0 and seen["run"] > 0
+    assert seen["skip"] > 0 and seen["run"] > 0 and seen["mixed"] > 0
 
 
 def test_a_batch_that_skips_everything_does_no_routed_work() -> None:
@@ -239,3 +241,25 @@ def test_kv_cache_appends_ragged_rows_and_masks_them() -> None:
     assert mask[2, 0].tolist() == [True, True, True, False]  # its one new row sees itself
     with pytest.raises(ValueError, match="overflow"):
         cache.append(k2, k2, [2, 0, 0])
+
+
+def test_kv_cache_appends_to_a_subset_of_sequences() -> None:
+    G, Hd = 1, 2
+    cache = KVCache(3, G, Hd, slots=4, device=torch.device("cpu"), dtype=torch.float32)
+    k0 = torch.randn(3, G, 1, Hd)
+    cache.append(k0, k0, [1, 1, 1])
+    k1 = torch.randn(2, G, 1, Hd)
+    keys, values, mask = cache.append(k1, -k1, [1, 1], rows=[0, 2])  # uniform subset
+    assert cache.lengths == [2, 1, 2] and cache.lengths_B.tolist() == [2, 1, 2]
+    assert mask is None and keys.shape == (2, G, 2, Hd)
+    torch.testing.assert_close(keys[1], torch.cat([k0[2], k1[1]], dim=1))
+    torch.testing.assert_close(values[0, :, 1:], -k1[0])
+    assert not cache.k_BGLd[1, :, 1:].any()  # sequence 1 untouched
+    k2 = torch.randn(2, G, 1, Hd)
+    keys, _, mask = cache.append(k2, k2, [1, 1], rows=[1, 2])  # ragged lengths 1 and 2
+    assert cache.lengths == [2, 2, 3] and keys.shape == (2, G, 3, Hd)
+    assert mask is not None and mask[:, 0].tolist() == [[True, True, False], [True] * 3]
+    torch.testing.assert_close(cache.keys(1)[0], torch.cat([k0[1], k2[0]], dim=1))
+    torch.testing.assert_close(cache.keys(2)[0], torch.cat([k0[2], k1[1], k2[1]], dim=1))
+    with pytest.raises(ValueError, match="rows"):
+        cache.append(k2, k2, [1, 1], rows=[0])
