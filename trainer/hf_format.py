@@ -172,8 +172,8 @@ def hf_state(m: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def write_hf(
     out: Path, cfg: TurnoutConfig, state: dict[str, torch.Tensor], allow_dropless: bool = False
-) -> str:
-    """Write ``config.json`` and ``model.safetensors`` into ``out``; return the architecture."""
+) -> tuple[str, int]:
+    """Write ``config.json`` and ``model.safetensors`` into ``out``: (architecture, tensors)."""
     from safetensors.torch import save_file
 
     arch = check_hf(cfg, state, allow_dropless)
