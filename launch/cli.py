@@ -8,6 +8,7 @@
     turnout generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T]
                      [--seed S] [--device cpu|cuda]
     turnout eval CHECKPOINT [--corpus PATH] [--batches N] [--device cpu|cuda]
+    turnout export CHECKPOINT OUT [--format turnout|hf] [--allow-dropless]
 
 Everything that can be wrong with a config is found here, on the launcher, before a
 worker starts: one line ``turnout: error: <key>: <message>`` on stderr, exit code 2.
@@ -173,6 +174,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from turnout.trainer.export_files import export
+
+    done = export(args.checkpoint, args.out, args.format, args.allow_dropless)
+    print(
+        f"turnout: exported step {done.step} ({done.kind}, {done.num_tensors} tensors, "
+        f"{str(done.dtype).removeprefix('torch.')}) to {done.folder}"
+    )
+    return EXIT_OK
+
+
 def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
     """Run the same worker entry under torchrun on this machine (no Ray)."""
     cmd = [
@@ -295,6 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help=device_help)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "export", help="write a checkpoint's whole model as safetensors + config (or HF)"
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help=ckpt_help)
+    p.add_argument("out", metavar="OUT", help="a new or empty folder to write into")
+    p.add_argument(
+        "--format",
+        choices=("turnout", "hf"),
+        default="turnout",
+        help="turnout (default): for TransformerLM.from_pretrained and train.init_from; "
+        "hf: a Hugging Face Llama (dense) or Mixtral (MoE) folder",
+    )
+    p.add_argument(
+        "--allow-dropless",
+        action="store_true",
+        help="--format hf of a capacity-mode MoE: accept HF's dropless routing",
+    )
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -31,5 +31,6 @@ def resolve_paths(cfg: TurnoutConfig, cwd: Path | None = None) -> TurnoutConfig:
     out.data.cache_dir = _abs(out.data.cache_dir, base)
     out.train.ckpt_dir = _abs(out.train.ckpt_dir, base)
     out.train.resume = _abs(out.train.resume, base)
+    out.train.init_from = _abs(out.train.init_from, base)
     out.launch.storage_path = _abs(out.launch.storage_path or ".turnout/ray", base)
     return out

@@ -207,9 +207,10 @@ def _env_int(name: str, default: int) -> int:
 def preflight(cfg: TurnoutConfig) -> Path:
     """The checks that read the disk, made once before any worker trains.
 
-    The tracking store's kind, the ``train.resume`` checkpoint, then the corpus
-    (:func:`prepare_data`). Raises ConfigError naming tracking.uri, train.resume or
-    data.*; returns the token cache.
+    The tracking store's kind, the ``train.resume`` checkpoint (else the
+    ``train.init_from`` source's config against this model), then the corpus
+    (:func:`prepare_data`). Raises ConfigError naming tracking.uri, train.resume,
+    train.init_from / the model key it cannot map, or data.*; returns the token cache.
     """
     from turnout.trainer.tracking_uri import check_tracking_uri
 
@@ -219,6 +220,10 @@ def preflight(cfg: TurnoutConfig) -> Path:
         from turnout.trainer.checkpoint import resolve_resume
 
         resolve_resume(cfg.train.resume)
+    elif cfg.train.init_from:
+        from turnout.trainer.upcycle import check_init_from
+
+        check_init_from(cfg)
     return prepare_data(cfg)
 
 

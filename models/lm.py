@@ -9,6 +9,7 @@ weights, from ``models.terms.TERMS``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,18 @@ class TransformerLM(nn.Module):
             out.loss = ce + aux_loss
             out.ce = ce.detach()
         return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> TransformerLM:
+        """Load a ``turnout export`` folder (see :mod:`turnout.models.pretrained`)."""
+        from turnout.models.pretrained import from_pretrained
+
+        return from_pretrained(path, device, dtype)
 
     def new_decode_state(self, batch: int, max_len: int | None = None) -> DecodeState:
         """Empty KV caches for incremental decoding (see :mod:`turnout.models.decode`)."""

@@ -4,7 +4,8 @@
 created (``turnout.parallel.dist.init_distributed``), with the parallel groups it built
 once (``turnout.parallel.groups.build_groups``). It reads top-down:
 
-- :func:`setup` seeds, opens the data, builds ``TransformerLM(cfg.model)``, installs
+- :func:`setup` seeds, opens the data, builds ``TransformerLM(cfg.model)``, loads
+  the weights from ``train.init_from`` (:mod:`turnout.trainer.upcycle`), installs
   expert parallelism when ``groups.ep_size > 1``, builds the DeepSpeed engine and opens
   the MLflow run, counts the training FLOPs per token (:mod:`turnout.trainer.compute`)
   and measures the device's peak TFLOP/s unless ``train.peak_tflops`` gives it;
@@ -55,6 +56,7 @@ from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due, mfu, m
 from turnout.trainer.metrics import StatsAccumulator
 from turnout.trainer.step import NonFiniteLossError, evaluate, run_step
 from turnout.trainer.tracking import Tracker
+from turnout.trainer.upcycle import init_from
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
@@ -185,6 +187,8 @@ def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> Run:
     )
     entropy = byte_unigram_entropy(data.train, data.vocab_size)
     model = TransformerLM(cfg.model)
+    if t.init_from and not t.resume:  # a resumed run has its own weights
+        init_from(model, cfg)
     install_expert_parallel(model, groups)  # a no-op at ep_size 1
     log.debug("rank %d: data and model ready after %.1fs", rank, time.perf_counter() - t0)
     engine, scheduler = build_engine(model, cfg, groups)

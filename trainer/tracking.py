@@ -87,6 +87,8 @@ class Tracker:
             "zero_stage": str(cfg.parallel.zero_stage),
             "git_commit": git_commit(),
         }
+        if cfg.train.init_from:  # the run this one's weights came from
+            tags["turnout.parent"] = cfg.train.init_from
         run = client.create_run(exp_id, run_name=t.run_name or None, tags=tags)
         self.run_id = run.info.run_id
         self._client = client

@@ -58,6 +58,17 @@ class TrainConfig:
     """Where checkpoints are written (one folder per run)."""
     resume: str = ""
     """Checkpoint folder to resume from ('' = start fresh)."""
+    init_from: str = ""
+    """Initialise the model weights (not the optimizer) from a checkpoint (run or step
+    folder) or a `turnout export` folder: equal shapes copy, a dense FFN becomes every
+    expert of a MoE layer, E experts become m*E copies ('' = random init; ignored when
+    resuming)."""
+    upcycle_noise: float = 0.0
+    """Std of the multiplicative noise w * (1 + N(0, std^2)) put on every upcycled expert
+    weight (0 = exact copies)."""
+    upcycle_reinit: float = 0.0
+    """Drop-Upcycling: fraction of each upcycled expert's hidden units whose weights are
+    re-drawn from a normal with the source weight's mean and std (0 = none)."""
     seed: int = 1234
     """Seed for weights and data order."""
     peak_tflops: float = 0.0
@@ -103,6 +114,10 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError("train.betas", f"must be two numbers in [0, 1), got {list(cfg.betas)}")
     if not (0 <= cfg.peak_tflops < math.inf):  # also rejects nan
         raise ConfigError("train.peak_tflops", f"must be >= 0, got {cfg.peak_tflops}")
+    if not (0 <= cfg.upcycle_noise < math.inf):
+        raise ConfigError("train.upcycle_noise", f"must be >= 0, got {cfg.upcycle_noise}")
+    if not (0 <= cfg.upcycle_reinit <= 1):
+        raise ConfigError("train.upcycle_reinit", f"must be in [0, 1], got {cfg.upcycle_reinit}")
     if cfg.grad_clip < 0:
         raise ConfigError("train.grad_clip", f"must be >= 0, got {cfg.grad_clip}")
     if cfg.precision not in Precision.values():
