@@ -63,6 +63,8 @@ class TermSpec:
         """The loss weight from the config (0 for a statistic)."""
         if self.coef is None:
             return 0.0
+        if self.term is Term.MOE_LB and not cfg.moe.uses_aux_loss():
+            return 0.0  # model.moe.balance=bias: the loss is logged but weighs nothing
         section, name = self.coef.split(".")
         return float(getattr(getattr(cfg, section), name))
 

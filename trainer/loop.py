@@ -41,6 +41,7 @@ from turnout.parallel.dist import all_reduce_sum, broadcast_object, device
 from turnout.parallel.expert_parallel import install_expert_parallel
 from turnout.parallel.groups import ParallelGroups
 from turnout.trainer import checkpoint
+from turnout.trainer.balance import BiasBalancer
 from turnout.trainer.compute import (
     RunFlops,
     memory_kind,
@@ -285,6 +286,7 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
     run = setup(cfg, data_path, groups)
     t = cfg.train
     stats = StatsAccumulator()
+    balancer = BiasBalancer(run.engine.module)
     interval, whole = IntervalMeter(run.tokens_per_step), RunMeter(run.tokens_per_step)
     final_train, val, ckpt = math.nan, Validation(), ""
     bar, status = None, "FAILED"
@@ -295,7 +297,9 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
         for step in range(start, t.steps):
             done = step + 1
             lr = float(run.scheduler.get_last_lr()[0])
-            res = run_step(run.engine, run.sampler, step, t.grad_accum, stats, run.rank, run.world)
+            res = run_step(
+                run.engine, run.sampler, step, t.grad_accum, stats, run.rank, run.world, balancer
+            )
             interval.add(res.loss, res.seconds)
             whole.add(res.seconds)
             if bar is not None:
