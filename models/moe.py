@@ -19,6 +19,7 @@ the whole data-parallel world (the trainer sums them; this module does no collec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +91,7 @@ class MoELayer(nn.Module):
         bias_R = torch.zeros(cfg.num_experts) if cfg.uses_bias() else None
         self.register_buffer("expert_bias", bias_R, persistent=True)
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoELayer:
         """Keep ``expert_bias`` fp32 through ``.bfloat16()``/``.half()``/``.to(dtype)`` (a
         bf16 DeepSpeed engine casts every buffer): bf16 cannot hold a bias that moves by
         1e-3 steps. Device moves still apply; the fp32 value is kept exactly."""
@@ -187,7 +188,7 @@ def moe_by_layer(model: nn.Module) -> dict[int, MoELayer]:
     """The MoE layer of each block of a ``TransformerLM`` by block index (the index of
     ``LMOutput.stats``); blocks without one are absent."""
     out: dict[int, MoELayer] = {}
-    for i, block in enumerate(model.get_submodule("layers")):
+    for i, block in enumerate(model.get_submodule("layers").children()):
         for m in block.modules():
             if isinstance(m, MoELayer):
                 out[i] = m
