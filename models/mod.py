@@ -122,6 +122,7 @@ class MoDBlock(nn.Module):
             moe.capacity(B * k),
             moe.cfg.gates_normalized(),
             moe.num_experts,
+            moe.selection_bias(),
         )
         return idx_BM, topk_BS, Routed(logits_NE[chosen_rows(idx_BM, S)], plan)
 

@@ -1,14 +1,25 @@
 """Token-choice top-k Mixture-of-Experts FFN with an fp32 router.
 
-Shape legend: T tokens, D width, E router columns (real + no-op experts), K top-k.
+Shape legend: T tokens, D width, E router columns (real + no-op experts), K top-k,
+R real experts (``num_experts``).
 The layer computes a routing plan and hands it to ``self.dispatcher``; aux losses and
 counters come back as return values (``MoEAux``), never as module state. A caller that
 already has the router logits (and maybe the plan) of these tokens passes them as
 :class:`Routed`: a 'mode' block whose router reads the block input does that.
+
+Aux-loss-free balancing (``model.moe.balance: bias | both``): the layer holds a
+persistent fp32 buffer ``expert_bias`` (one value per real expert, replicated on every
+rank) that :func:`routing.moe_plan` adds to the logits for the top-k choice only; the
+gates stay the unbiased probabilities. No-op columns (integrated MoDE) get no bias: how
+many tokens skip the FFN is a compute/quality trade-off the router learns, not a load
+to even out, and a bias there would change the layer's compute behind the loss's back.
+:meth:`MoELayer.update_bias` moves the bias once per optimizer step from the loads of
+the whole data-parallel world (the trainer sums them; this module does no collective).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +64,9 @@ class Routed:
 
 
 class MoELayer(nn.Module):
+    expert_bias: torch.Tensor | None
+    """Aux-loss-free selection bias ``[R]`` (fp32, persistent); None under balance 'aux'."""
+
     def __init__(
         self,
         d_model: int,
@@ -72,6 +86,46 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.router_DE, std=init_std)
         self.experts = ExpertBank(cfg.num_experts, d_model, hidden, init_std)
         self.dispatcher: Dispatcher = LocalDispatcher()
+        # A None buffer (balance 'aux') is absent from the state dict: checkpoints of such
+        # runs stay as they were.
+        bias_R = torch.zeros(cfg.num_experts) if cfg.uses_bias() else None
+        self.register_buffer("expert_bias", bias_R, persistent=True)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoELayer:
+        """Keep ``expert_bias`` fp32 through ``.bfloat16()``/``.half()``/``.to(dtype)`` (a
+        bf16 DeepSpeed engine casts every buffer): bf16 cannot hold a bias that moves by
+        1e-3 steps. Device moves still apply; the fp32 value is kept exactly."""
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias is not None:
+            moved = self.expert_bias
+            if moved.dtype != torch.float32:
+                self._buffers["expert_bias"] = bias.to(moved.device)
+        return self
+
+    def selection_bias(self) -> torch.Tensor | None:
+        """The bias the top-k choice adds to the real-expert logits (None: no bias)."""
+        return self.expert_bias
+
+    @torch.no_grad()
+    def update_bias(self, counts_R: torch.Tensor) -> None:
+        """One aux-loss-free step from ``counts_R``, this layer's assignments per real
+        expert summed over every rank and micro step since the last update. Pure and
+        deterministic: equal counts on every rank keep the replicas equal."""
+        if self.expert_bias is None:
+            return
+        self.expert_bias.copy_(bias_step(self.expert_bias, counts_R, self.cfg.bias_rate))
+
+    def plan(self, logits_TE: torch.Tensor, capacity: int | None) -> RoutingPlan:
+        """The routing plan of these logits (with the selection bias when there is one)."""
+        return ops.moe_plan(
+            logits_TE,
+            self.top_k,
+            capacity,
+            self.cfg.gates_normalized(),
+            self.num_experts,
+            self.selection_bias(),
+        )
 
     def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return x_TD.float() @ self.router_DE.float()
@@ -96,13 +150,7 @@ class MoELayer(nn.Module):
         if logits_TE.shape[0] != T:
             raise ValueError(f"routed logits have {logits_TE.shape[0]} rows for {T} tokens")
         if plan is None:
-            plan = ops.moe_plan(
-                logits_TE,
-                self.top_k,
-                self.capacity(T),
-                self.cfg.gates_normalized(),
-                self.num_experts,
-            )
+            plan = self.plan(logits_TE, self.capacity(T))
         y_TD = self.dispatcher(x_TD, plan, self.experts)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         noop = (
@@ -120,6 +168,36 @@ class MoELayer(nn.Module):
         return y_TD, aux
 
 
+def bias_step(bias_R: torch.Tensor, counts_R: torch.Tensor, rate: float) -> torch.Tensor:
+    """The next selection bias: each expert's bias moves by ``rate`` toward the mean load
+    (up when under-loaded, down when over-loaded, not at all when exactly at the mean),
+    then the mean bias is subtracted. A common shift changes no choice among real
+    experts, so centring changes nothing there; it stops the biases drifting together
+    against the unbiased no-op columns. fp32 on the bias's device."""
+    load_R = counts_R.to(bias_R.device, torch.float64)
+    new_R = bias_R.double() + rate * torch.sign(load_R.mean() - load_R)
+    return (new_R - new_R.mean()).to(torch.float32)
+
+
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every MoE layer of ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def moe_by_layer(model: nn.Module) -> dict[int, MoELayer]:
+    """The MoE layer of each block of a ``TransformerLM`` by block index (the index of
+    ``LMOutput.stats``); blocks without one are absent."""
+    out: dict[int, MoELayer] = {}
+    for i, block in enumerate(model.get_submodule("layers").children()):
+        for m in block.modules():
+            if isinstance(m, MoELayer):
+                out[i] = m
+    return out
+
+
+def update_expert_bias(model: nn.Module, counts: dict[int, torch.Tensor]) -> None:
+    """One bias step for every biased MoE layer; ``counts[i]``: block i's global
+    assignments per real expert (blocks missing from ``counts`` are left alone)."""
+    for i, moe in moe_by_layer(model).items():
+        if i in counts:
+            moe.update_bias(counts[i])

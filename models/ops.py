@@ -42,16 +42,28 @@ def moe_plan(
     capacity: int | None,
     normalize_gates: bool,
     num_experts: int | None = None,
+    selection_bias: Tensor | None = None,
 ) -> RoutingPlan:
-    """Token-choice top-k plan; same contract as :func:`routing.moe_plan`."""
+    """Token-choice top-k plan; same contract as :func:`routing.moe_plan`.
+
+    With a ``selection_bias`` the kernel plans from the (detached) biased logits and the
+    gates are then taken from the unbiased probabilities, as the reference does.
+    """
     E = logits_TE.shape[1]
     if not _fused(logits_TE, E):
-        return _ref.moe_plan(logits_TE, top_k, capacity, normalize_gates, num_experts)
+        return _ref.moe_plan(
+            logits_TE, top_k, capacity, normalize_gates, num_experts, selection_bias
+        )
     n_real = E if num_experts is None else num_experts
     cap_arg = -1 if capacity is None else int(capacity)
+    select_TE = logits_TE.float()
+    if selection_bias is not None:
+        select_TE = _ref.selection_logits(logits_TE, selection_bias).detach()
     expert_TK, gate_TK, slot_TK, keep_TK, counts_E = torch.ops.turnout.moe_plan(
-        logits_TE.float(), top_k, cap_arg, normalize_gates, n_real
+        select_TE, top_k, cap_arg, normalize_gates, n_real
     )
+    if selection_bias is not None:
+        gate_TK = _ref.gates_of(torch.softmax(logits_TE.float(), -1), expert_TK, normalize_gates)
     cap = _ref.dropless_capacity(counts_E) if capacity is None else int(capacity)
     return RoutingPlan(expert_TK, gate_TK, slot_TK, keep_TK, counts_E, cap, n_real)
 
@@ -71,6 +83,7 @@ def mode_plan(
     capacity: int | None,
     normalize_gates: bool,
     num_experts: int | None = None,
+    selection_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, RoutingPlan]:
     """Fused MoDE plan: the MoD choice and the expert plan of the chosen tokens only.
 
@@ -78,18 +91,28 @@ def mode_plan(
     are the chosen positions in (batch, position) order, ``T = B * k``. Equal to
     ``mod_select`` followed by ``moe_plan`` on the chosen rows. No-op columns beyond
     ``num_experts`` make it integrated MoDE. ``capacity`` is for the ``B * k`` tokens.
+    ``selection_bias`` as in :func:`moe_plan`.
     """
     E = logits_NE.shape[1]
     n_real = E if num_experts is None else num_experts
     if not _fused(logits_NE, E):
         idx_BM, chosen_BS = _ref.mod_select(scores_BS, k)
         rows_T = _ref.chosen_rows(idx_BM, scores_BS.shape[1])
-        plan = _ref.moe_plan(logits_NE[rows_T], top_k, capacity, normalize_gates, num_experts)
+        plan = _ref.moe_plan(
+            logits_NE[rows_T], top_k, capacity, normalize_gates, num_experts, selection_bias
+        )
         return idx_BM, chosen_BS, plan
     cap_arg = -1 if capacity is None else int(capacity)
+    select_NE = logits_NE.float()
+    if selection_bias is not None:
+        select_NE = _ref.selection_logits(logits_NE, selection_bias).detach()
     idx_BM, chosen_BS, expert_TK, gate_TK, slot_TK, keep_TK, counts_E = torch.ops.turnout.mode_plan(
-        scores_BS.float(), k, logits_NE.float(), top_k, cap_arg, normalize_gates, n_real
+        scores_BS.float(), k, select_NE, top_k, cap_arg, normalize_gates, n_real
     )
+    if selection_bias is not None:
+        rows_T = _ref.chosen_rows(idx_BM, scores_BS.shape[1])
+        probs_TE = torch.softmax(logits_NE[rows_T].float(), -1)
+        gate_TK = _ref.gates_of(probs_TE, expert_TK, normalize_gates)
     cap = _ref.dropless_capacity(counts_E) if capacity is None else int(capacity)
     plan = RoutingPlan(expert_TK, gate_TK, slot_TK, keep_TK, counts_E, cap, n_real)
     return idx_BM, chosen_BS, plan

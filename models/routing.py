@@ -92,26 +92,51 @@ def dropless_capacity(counts_E: Tensor) -> int:
     return int(counts_E.max().item()) if counts_E.numel() else 0
 
 
+def selection_logits(logits_TE: Tensor, bias_E: Tensor) -> Tensor:
+    """The logits the top-k choice reads: ``bias_E`` added to the first ``len(bias_E)``
+    (real-expert) columns; any further (no-op) columns are left as they are."""
+    n = bias_E.shape[0]
+    pad_E = F.pad(bias_E.to(logits_TE.device, torch.float32), (0, logits_TE.shape[1] - n))
+    return logits_TE.float() + pad_E
+
+
+def gates_of(probs_TE: Tensor, expert_TK: Tensor, normalize_gates: bool) -> Tensor:
+    """The gates of the chosen columns: their probabilities (renormalised to sum 1)."""
+    gate_TK = probs_TE.gather(1, expert_TK)
+    if normalize_gates:
+        gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
+    return gate_TK
+
+
 def moe_plan(
     logits_TE: Tensor,
     top_k: int,
     capacity: int | None,
     normalize_gates: bool,
     num_experts: int | None = None,
+    selection_bias: Tensor | None = None,
 ) -> RoutingPlan:
     """Token-choice top-k routing plan (reference).
 
     ``logits_TE`` has E router columns; the first ``num_experts`` are real experts and
     any further columns are no-op experts (integrated MoDE), which are never dispatched.
     ``capacity=None`` is dropless: the bucket size becomes the largest expert count.
+    ``selection_bias`` (one value per real expert, aux-loss-free balancing) is added to
+    the logits for the top-k choice only: the choice is the top-k of
+    ``softmax(selection_logits)`` while the gates stay the unbiased probabilities.
     """
     logits_TE = logits_TE.float()
     E_total = logits_TE.shape[1]
     n_real = E_total if num_experts is None else num_experts
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    gate_TK, expert_TK = topk_stable(probs_TE, top_k)
-    if normalize_gates:
-        gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
+    if selection_bias is None:
+        gate_TK, expert_TK = topk_stable(probs_TE, top_k)
+        if normalize_gates:
+            gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
+    else:
+        biased_TE = torch.softmax(selection_logits(logits_TE, selection_bias), dim=-1)
+        _, expert_TK = topk_stable(biased_TE, top_k)
+        gate_TK = gates_of(probs_TE, expert_TK, normalize_gates)
     slot_TK, counts_all = gshard_slots(expert_TK, E_total)
     counts_E = counts_all[:n_real]
     real_TK = expert_TK < n_real

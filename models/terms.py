@@ -7,7 +7,9 @@ losses), the metrics (which metric names) and the README's metric list (kept equ
 a test) all read this table; a name missing from it raises instead of vanishing.
 
 Metric names: ``layer<i>/...`` per layer ``i``; ``aux/<name>`` for a loss summed over
-layers. The MoE counts become per-expert loads: ``expert<e>`` stands for each expert.
+layers. The MoE counts become per-expert loads: ``expert<e>`` stands for each expert
+(logged only while the experts of all MoE layers number at most
+``tracking.expert_series_max``) and the load summaries of ``trainer/load_stats.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ Aux = dict[Term, torch.Tensor]
 EXPERT_LOAD = "expert<e>_load"
 LOAD_MAX = "load_max"
 LOAD_MAX_OVER_MEAN = "load_max_over_mean"
+LOAD_MIN_OVER_MEAN = "load_min_over_mean"
+LOAD_CV = "load_cv"
+LOAD_ENTROPY = "load_entropy"
+DEAD_EXPERTS = "dead_experts"
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ class TermSpec:
         """The loss weight from the config (0 for a statistic)."""
         if self.coef is None:
             return 0.0
+        if self.term is Term.MOE_LB and not cfg.moe.uses_aux_loss():
+            return 0.0  # model.moe.balance=bias: the loss is logged but weighs nothing
         section, name = self.coef.split(".")
         return float(getattr(getattr(cfg, section), name))
 
@@ -89,9 +97,19 @@ TERMS: dict[Term, TermSpec] = {
         TermSpec(
             Term.MOE_COUNTS,
             None,
-            (EXPERT_LOAD, LOAD_MAX, LOAD_MAX_OVER_MEAN),
-            "fraction of the assignments routed to each expert (before drops), its max, "
-            "and max over mean",
+            (
+                EXPERT_LOAD,
+                LOAD_MAX,
+                LOAD_MAX_OVER_MEAN,
+                LOAD_MIN_OVER_MEAN,
+                LOAD_CV,
+                LOAD_ENTROPY,
+                DEAD_EXPERTS,
+            ),
+            "fraction of the assignments routed to each expert over the log interval and "
+            "all ranks (before drops; per expert only when tracking.expert_series_max "
+            "allows), its max, max and min over the mean, coefficient of variation, "
+            "entropy over log E, and how many experts got no token",
         ),
         TermSpec(
             Term.MOE_DROP,

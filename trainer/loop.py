@@ -42,6 +42,7 @@ from turnout.parallel.dist import all_reduce_sum, broadcast_object, device
 from turnout.parallel.expert_parallel import install_expert_parallel
 from turnout.parallel.groups import ParallelGroups
 from turnout.trainer import checkpoint
+from turnout.trainer.balance import BiasBalancer
 from turnout.trainer.compute import (
     RunFlops,
     memory_kind,
@@ -52,6 +53,7 @@ from turnout.trainer.compute import (
 )
 from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens
 from turnout.trainer.engine import build_engine, use_bf16
+from turnout.trainer.load_view import LoadMonitor
 from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due, mfu, model_tflops
 from turnout.trainer.metrics import StatsAccumulator
 from turnout.trainer.step import NonFiniteLossError, evaluate, run_step
@@ -237,10 +239,18 @@ def _peak_memory(run: Run) -> list[float]:
 
 
 def _log_interval(
-    run: Run, stats: StatsAccumulator, interval: Interval, lr: float, done: int
+    run: Run,
+    stats: StatsAccumulator,
+    interval: Interval,
+    lr: float,
+    done: int,
+    loads: LoadMonitor | None = None,
 ) -> None:
-    """Collective (the routing statistics are reduced): log one interval's metrics."""
+    """Collective (the routing statistics are reduced): log one interval's metrics; the
+    summed expert counts also go to ``loads`` (dead-expert warnings, the heatmap)."""
     metrics = stats.reduce()
+    if loads is not None:
+        loads.observe(stats.last_loads, done)
     tflops = model_tflops(run.flops.per_token, interval.tokens_per_s)
     metrics.update(loss=interval.loss, lr=lr, tokens_per_s=interval.tokens_per_s)
     metrics.update(tflops=tflops, mfu=mfu(tflops, run.peak_tflops, run.world))
@@ -288,18 +298,22 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
     t_start = time.perf_counter()
     run = setup(cfg, data_path, groups)
     t = cfg.train
-    stats = StatsAccumulator()
+    stats = StatsAccumulator(cfg.tracking.expert_series_max)
+    balancer = BiasBalancer(run.engine.module)
     interval, whole = IntervalMeter(run.tokens_per_step), RunMeter(run.tokens_per_step)
     final_train, val, ckpt = math.nan, Validation(), ""
     bar, status = None, "FAILED"
     try:
         start = int(checkpoint.load(run.engine, t.resume, groups).get("step", 0)) if t.resume else 0
         _log_start(run, start)
+        loads = LoadMonitor(cfg, run.tracker, run.rank, start)
         bar = _progress(run.rank, t.steps, start)
         for step in range(start, t.steps):
             done = step + 1
             lr = float(run.scheduler.get_last_lr()[0])
-            res = run_step(run.engine, run.sampler, step, t.grad_accum, stats, run.rank, run.world)
+            res = run_step(
+                run.engine, run.sampler, step, t.grad_accum, stats, run.rank, run.world, balancer
+            )
             interval.add(res.loss, res.seconds)
             whole.add(res.seconds)
             if bar is not None:
@@ -308,7 +322,7 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
             if due(done, t.log_every, t.steps):
                 summary = interval.flush()
                 final_train = summary.loss
-                _log_interval(run, stats, summary, lr, done)
+                _log_interval(run, stats, summary, lr, done, loads)
             if due(done, t.eval_every, t.steps):
                 val = _validate(run, done, bar)
             if due(done, t.ckpt_every, t.steps):

@@ -2,12 +2,15 @@
 
 ``LMOutput.stats[i]`` holds layer i's aux terms and statistics by ``Term``; what each
 becomes in MLflow is the table ``turnout.models.terms.TERMS``: the expert counts are
-summed over ALL ranks and normalised into load fractions (``layer<i>/expert<e>_load``,
-``load_max``, ``load_max_over_mean``); every other per-layer value is averaged over
-ranks and micro steps under its table metric name; the losses summed over layers also
-go to ``aux/<name>``. ``StatsAccumulator`` sums over the micro steps of a log interval;
-``reduce`` is a collective (every rank must call it). A name missing from the table
-raises.
+summed over ALL ranks and micro steps, then summarised per layer by
+:func:`turnout.trainer.load_stats.load_stats` (max, max and min over mean, CV, entropy,
+dead experts) and, while the experts of all layers number at most
+``expert_series_max``, normalised into per-expert loads (``layer<i>/expert<e>_load``;
+beyond that the heatmap of ``trainer/load_view.py`` shows them); every other per-layer
+value is averaged over ranks and micro steps under its table metric name; the losses
+summed over layers also go to ``aux/<name>``. ``StatsAccumulator`` sums over the micro
+steps of a log interval; ``reduce`` is a collective (every rank must call it). A name
+missing from the table raises.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from __future__ import annotations
 import torch
 
 from turnout.models.lm import LMOutput
-from turnout.models.terms import EXPERT_LOAD, LOAD_MAX, LOAD_MAX_OVER_MEAN, spec
+from turnout.models.terms import EXPERT_LOAD, spec
 from turnout.parallel.dist import all_reduce_sum
+from turnout.trainer.load_stats import load_stats
+
+#: Default of ``tracking.expert_series_max`` for callers without a config.
+EXPERT_SERIES_MAX = 64
 
 
 def layer_metric(layer: int, metric: str) -> str:
@@ -27,7 +34,11 @@ def layer_metric(layer: int, metric: str) -> str:
 class StatsAccumulator:
     """Sums of the model's stats and aux terms over the micro steps since the last reset."""
 
-    def __init__(self) -> None:
+    def __init__(self, expert_series_max: int = EXPERT_SERIES_MAX) -> None:
+        self.expert_series_max = expert_series_max
+        """Per-expert load series only while the MoE layers' experts total at most this."""
+        self.last_loads: dict[int, torch.Tensor] = {}
+        """The global counts per layer of the last ``reduce`` (float64; kept after it)."""
         self.reset()
 
     def reset(self) -> None:
@@ -68,15 +79,19 @@ class StatsAccumulator:
         total = all_reduce_sum(torch.cat(parts))
         out: dict[str, float] = {}
         offset = 0
+        series = sum(self.counts[i].numel() for i in layers) <= self.expert_series_max
+        self.last_loads = {}
         for layer in layers:
             n_e = self.counts[layer].numel()
             c = total[offset : offset + n_e]
             offset += n_e
-            frac = c / c.sum().clamp_min(1.0)
-            for e in range(n_e):
-                out[layer_metric(layer, EXPERT_LOAD.replace("<e>", str(e)))] = float(frac[e])
-            out[layer_metric(layer, LOAD_MAX)] = float(frac.max())
-            out[layer_metric(layer, LOAD_MAX_OVER_MEAN)] = float(frac.max() * n_e)
+            self.last_loads[layer] = c.clone()
+            if series:
+                frac = c / c.sum().clamp_min(1.0)
+                for e in range(n_e):
+                    out[layer_metric(layer, EXPERT_LOAD.replace("<e>", str(e)))] = float(frac[e])
+            for name, value in load_stats(c).items():
+                out[layer_metric(layer, name)] = value
         n = float(total[-1]) or 1.0
         for i, k in enumerate(scalar_keys):
             out[k] = float(total[offset + i]) / n

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from turnout.parallel.dist import all_reduce_sum
+from turnout.trainer.balance import BiasBalancer
 from turnout.trainer.data import BatchSampler
 from turnout.trainer.metrics import StatsAccumulator
 
@@ -61,11 +62,14 @@ def run_step(
     stats: StatsAccumulator,
     rank: int,
     world: int,
+    balancer: BiasBalancer | None = None,
 ) -> StepResult:
     """Collective: optimizer step ``step`` (0-based) of ``grad_accum`` micro steps.
 
     The engine steps the optimizer and the lr schedule at the last micro step; the
-    routing statistics of every micro step go into ``stats``.
+    routing statistics of every micro step go into ``stats``. With a ``balancer`` (model
+    .moe.balance 'bias' or 'both') the experts' selection bias then moves once, from the
+    loads of this step summed over every micro step and rank.
     """
     t0 = time.perf_counter()
     ce = 0.0
@@ -76,6 +80,10 @@ def run_step(
         engine.backward(out.loss)
         engine.step()
         stats.add(out)
+        if balancer is not None:
+            balancer.add(out)
+    if balancer is not None:
+        balancer.step()
     return StepResult(loss=ce, seconds=time.perf_counter() - t0)
 
 

@@ -112,6 +112,12 @@ class Tracker:
         for i in range(0, len(batch), 900):
             self._client.log_batch(self.run_id, metrics=batch[i : i + 900])
 
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """A step-indexed image (an RGB ``uint8`` array): MLflow shows one per step."""
+        if not self.active:
+            return
+        self._client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+
     def finish(self, status: str = "FINISHED") -> None:
         if not self.active:
             return

@@ -47,6 +47,18 @@ class RouterInput(Choice):
     """The block input, so the MoD choice and the expert plan come from one fused op."""
 
 
+class Balance(Choice):
+    """model.moe.balance: how the MoE load is balanced."""
+
+    AUX = "aux"
+    """The load-balance loss, weighted by model.moe.aux_loss_coef."""
+    BIAS = "bias"
+    """The aux-loss-free per-expert selection bias, updated every optimizer step; the
+    load-balance loss is still computed and logged but weighs nothing."""
+    BOTH = "both"
+    """The bias and the weighted loss together."""
+
+
 class Routing(Choice):
     """The MoD routing mode of a forward pass."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from turnout.config.choices import Predictor, RouterGate, RouterInput
+from turnout.config.choices import Balance, Predictor, RouterGate, RouterInput
 from turnout.errors import ConfigError
 
 #: The FFN of a block: a dense SwiGLU or a Mixture-of-Experts layer.
@@ -73,6 +73,21 @@ class MoEConfig:
     block) or 'block' (the block input, next to the MoD router: the MoD choice and the
     chosen tokens' expert plan then come from one fused op). 'block' needs every MoE
     block of the pattern to be 'mode'."""
+    balance: str = Balance.AUX.value
+    """'aux' (the load-balance loss), 'bias' (a per-expert bias on the router logits for
+    the top-k choice only, moved by bias_rate each optimizer step toward equal load; the
+    loss then weighs nothing whatever aux_loss_coef says) or 'both'."""
+    bias_rate: float = 1e-3
+    """Per-step size of the expert-bias update (router-logit units): each expert's bias
+    moves by +-bias_rate toward the mean load of its layer (balance 'bias' or 'both')."""
+
+    def uses_bias(self) -> bool:
+        """Whether the routers carry the aux-loss-free selection bias."""
+        return self.balance in (Balance.BIAS, Balance.BOTH)
+
+    def uses_aux_loss(self) -> bool:
+        """Whether the load-balance loss enters the training loss (at aux_loss_coef)."""
+        return self.balance in (Balance.AUX, Balance.BOTH)
 
     def gates_normalized(self) -> bool:
         """The effective gate normalisation (the null default resolved from top_k)."""
@@ -223,6 +238,10 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
         raise ConfigError(
             f"{m}.router_input", f"must be {RouterInput.spelled()}, got {moe.router_input!r}"
         )
+    if moe.balance not in Balance.values():
+        raise ConfigError(f"{m}.balance", f"must be {Balance.spelled()}, got {moe.balance!r}")
+    if not (0 < moe.bias_rate < math.inf):  # also rejects nan
+        raise ConfigError(f"{m}.bias_rate", f"must be > 0, got {moe.bias_rate}")
     if moe.router_input == RouterInput.BLOCK:
         others = sorted({k.name for k in kinds if k.has_moe and not k.mod_routed})
         if others or not any(k.has_moe and k.mod_routed for k in kinds):

@@ -86,6 +86,18 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: str = ""
     """MLflow run name ('' = generated)."""
+    load_image_every: int = 100
+    """Log the expert-load heatmap (MoE layer x expert, load over mean) as an MLflow image
+    at the first log step at or after every N steps, and at the last step (0 = never)."""
+    expert_series_max: int = 64
+    """Log one load series per expert (layer<i>/expert<e>_load) only while the MoE layers'
+    experts number at most this in total (0 = never); the summaries are always logged."""
+
+
+def validate_tracking(cfg: TrackingConfig) -> None:
+    for name in ("load_image_every", "expert_series_max"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"tracking.{name}", f"must be >= 0, got {getattr(cfg, name)}")
 
 
 def validate_data(cfg: DataConfig) -> None:
