@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     prompt_1P = sampler.eval_batch(0)[0][:1, : args.prompt]
     n_new = min(args.new_tokens, S - args.prompt)
     static = forward_flops(cfg.model, S).per_token
-    print(f"depth_decode: {args.checkpoint} ({kind}), static forward {static / 1e6:.2f} MFLOP/token")
+    print(
+        f"depth_decode: {args.checkpoint} ({kind}), static forward {static / 1e6:.2f} MFLOP/token"
+    )
     print(
         "| threshold | val loss (decode rule) | mean blocks | fwd MFLOP/token | "
         "decode tokens/s | greedy = full depth |"
