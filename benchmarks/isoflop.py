@@ -16,7 +16,14 @@ The models (all d_model 128, 4 layers, S 256 unless named otherwise):
 dense-s / dense-m / dense-l (d_model 96 / 128 / 192), moe (E=8, top-2, every block),
 mod-12 and mod-50 (capacity 12.5% and 50%, every other block), mode (staged MoDE:
 MoD 50% around an E=8 top-2 MoE, every other block) and imode (integrated MoDE: E=8
-top-2 plus 8 no-op experts, every other block).
+top-2 plus 8 no-op experts, every other block), exit (dense-m with early exits after
+blocks 1-3, each exit's loss weighted 0.25) and ponder (3 layers, the last a ponder block
+of up to 3 steps: up to 5 block applications). The exit and ponder rows' FLOPs are their
+static training forward (every exit head, all ponder steps); their validation loss is
+the static one (final exit; PonderNet's expected loss), and the child runs also log
+``val_loss_causal`` and ``val_depth_mean`` (the decode rule's, see trainer/depth_eval.py).
+
+    python benchmarks/isoflop.py --quick --models exit ponder   # just these rows, tiny budget
 """
 
 from __future__ import annotations
@@ -92,6 +99,20 @@ MODELS: dict[str, list[str]] = {
         "model.moe.num_noop_experts=8",
         "model.layer_pattern=[dense,imode]",
     ],
+    "exit": [
+        "model.d_model=128",
+        "model.ffn_dim=384",
+        "model.layer_pattern=[dense]",
+        "model.exit.layers=[1,2,3]",
+        "model.exit.loss_weights=[0.25,0.25,0.25]",
+    ],
+    "ponder": [
+        "model.d_model=128",
+        "model.ffn_dim=384",
+        "model.n_layers=3",
+        "model.layer_pattern=[dense,dense,ponder]",
+        "model.ponder.max_steps=3",
+    ],
 }
 
 
@@ -106,6 +127,10 @@ class Result:
     val_loss: float
     wall_s: float
     run_id: str
+    depth: float = math.nan
+    """Exit / ponder models: blocks per validation token under the decode rule."""
+    val_causal: float = math.nan
+    """Validation loss of the causal pass (MoD predictor; exit / halting rule)."""
 
 
 def steps_for(overrides: list[str], budget: float) -> tuple[int, float, float]:
@@ -161,6 +186,8 @@ def run_one(name: str, seed: int, budget: float, uri: str, parent: str, workdir:
         float(run.data.metrics["val_loss"]),
         wall,
         run.info.run_id,
+        float(run.data.metrics.get("val_depth_mean", math.nan)),
+        float(run.data.metrics.get("val_loss_causal", math.nan)),
     )
 
 
@@ -220,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget", type=float, default=1.0e13, help="training FLOPs per model")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="*", default=None, choices=list(MODELS))
     p.add_argument("--quick", action="store_true", help="2 models, 1 seed, tiny budget")
     p.add_argument("--uri", default=f"sqlite:///{ROOT / 'mlflow.db'}")
     p.add_argument("--out", default=str(ROOT / "docs" / "isoflop"), help="PATH.md and PATH.png")
     args = p.parse_args(argv)
     if args.quick:
-        args.budget, args.seeds, args.models = 2.0e11, 1, ["dense-m", "mod-12"]
+        args.budget, args.seeds = 2.0e11, 1
+        args.models = args.models or ["dense-m", "mod-12"]
+    args.models = args.models or list(MODELS)
     import mlflow
 
     client = mlflow.MlflowClient(args.uri)
@@ -248,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(
                 f"  {name:8s} seed {seed}: {r.steps} steps, val {r.val_loss:.4f}, {r.wall_s:.0f} s"
+                + (
+                    f", causal val {r.val_causal:.4f} at mean depth {r.depth:.2f} blocks"
+                    if math.isfinite(r.depth)
+                    else ""
+                )
             )
     text = table(results, args.budget)
     print(text)

@@ -6,7 +6,7 @@
     turnout keys [--markdown]
     turnout plan [PRESET|file.yaml] [key=value ...] [--gpus N] [--gpu h100|h200|a100]
     turnout generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T]
-                     [--seed S] [--device cpu|cuda]
+                     [--seed S] [--device cpu|cuda] [--exit-threshold P] [--halt-threshold P]
     turnout eval CHECKPOINT [--corpus PATH] [--batches N] [--device cpu|cuda]
     turnout export CHECKPOINT OUT [--format turnout|hf] [--allow-dropless]
 
@@ -140,8 +140,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # A prompt that cannot fit fails before the weights are read.
     encode(args.prompt, checkpoint_config(step_folder(args.checkpoint)).model.max_seq_len)
+    ckpt_cfg = checkpoint_config(step_folder(args.checkpoint))
+    threshold = _threshold(args, ckpt_cfg.model.depth_kind())
     model, cfg = _load_checkpoint(args)
-    out = sample_text(model, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    out = sample_text(
+        model, args.prompt, args.max_new_tokens, args.temperature, args.seed, threshold
+    )
     print(out.text, flush=True)
     skipped = (
         f"{out.skipped_fraction:.1%} of routed-block work skipped"
@@ -153,12 +157,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if out.new_tokens < args.max_new_tokens
         else ""
     )
+    depth = ""
+    if out.mean_depth == out.mean_depth:
+        what = "exit layer" if cfg.model.uses_exit() else "depth (ponder)"
+        depth = f", mean {what} {out.mean_depth:.2f} of {_full_depth(cfg)} blocks"
     print(
         f"turnout: {out.new_tokens} new tokens{cut}, {out.tokens_per_s:.1f} decode tokens/s, "
-        f"{skipped}",
+        f"{skipped}{depth}",
         file=sys.stderr,
     )
     return EXIT_OK
+
+
+def _full_depth(cfg: TurnoutConfig) -> int:
+    """Block applications of a token that never exits / halts."""
+    extra = cfg.model.ponder.max_steps - 1 if cfg.model.uses_ponder() else 0
+    return cfg.model.n_layers + extra
+
+
+def _threshold(args: argparse.Namespace, kind: str | None) -> float | None:
+    """The --exit-threshold / --halt-threshold given (checked against the model kind)."""
+    for flag, value, wants in (
+        ("--exit-threshold", args.exit_threshold, "exit"),
+        ("--halt-threshold", args.halt_threshold, "ponder"),
+    ):
+        if value is None:
+            continue
+        if kind != wants:
+            what = "early exits (model.exit.layers)" if wants == "exit" else "'ponder' block"
+            raise ConfigError(flag, f"the checkpoint's model has no {what}")
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(flag, f"must be in [0, 1], got {value}")
+        return float(value)
+    return None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -170,6 +201,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"val_loss         {ev.loss:.4f}  (top-k routing, nats/token)")
     if ev.loss_causal == ev.loss_causal:
         print(f"val_loss_causal  {ev.loss_causal:.4f}  (causal routing, as when sampling)")
+    if ev.depth_mean == ev.depth_mean:
+        print(f"depth_mean       {ev.depth_mean:.2f}  (blocks per token, decode rule)")
     print(f"unigram_entropy  {ev.unigram_entropy:.4f}  (byte unigram baseline)")
     return EXIT_OK
 
@@ -295,6 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="<= 0: greedy (0.8)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     p.add_argument("--device", default="cpu", help=device_help)
+    p.add_argument(
+        "--exit-threshold",
+        type=float,
+        default=None,
+        help="early-exit models: exit when the max softmax probability is above this "
+        "(default model.exit.threshold; 1 never exits)",
+    )
+    p.add_argument(
+        "--halt-threshold",
+        type=float,
+        default=None,
+        help="ponder models: halt when the cumulative halting probability is above this "
+        "(default model.ponder.threshold; 1 never halts early)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="validation loss of a checkpoint (top-k and causal routing)")

@@ -168,6 +168,7 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
     """The end-of-run summary the user reads (printed by the launcher or torchrun rank 0)."""
     val, ent = res.get("final_val_loss"), res.get("unigram_entropy")
     causal = res.get("final_val_loss_causal")
+    depth = res.get("final_depth_mean")
     rel = ""
     if val is not None and ent:
         rel = f"  ({100.0 * float(val) / float(ent):.0f}% of the unigram entropy)"
@@ -180,6 +181,11 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
         *(
             [f"  val loss, causal MoD   {_fmt(causal)} nats/byte  (predictor decisions)"]
             if causal is not None and math.isfinite(float(causal))
+            else []
+        ),
+        *(
+            [f"  average depth used     {_fmt(depth, '.2f')} blocks per token  (exit / halt rule)"]
+            if depth is not None and math.isfinite(float(depth))
             else []
         ),
         f"  corpus unigram entropy {_fmt(ent)} nats/byte",

@@ -21,6 +21,17 @@ Conventions (also in docs/design.md, "FLOP accounting"):
   one micro batch reaching the layer; dropless mode counts the ``k`` real rows per
   token (assignments to no-op experts cost nothing: the share ``E / (E + noop)`` of
   the ``k`` choices under balanced routing).
+- Early exit (training, static shapes): every exit runs the shared head on every
+  token, ``2 D V`` per exit (the final norm is not counted).
+- A ponder block (training, static shapes) runs its block ``N = ponder.max_steps`` times
+  and its halting head (``2 D``) after the first ``N - 1``; the N step states continue
+  as N copies of the batch, so every later block and the head cost ``N x``.
+- :func:`expected_flops`: the forward FLOPs per token when each token uses only the
+  blocks of a measured depth distribution (the decode rules): an exited token runs the
+  blocks up to its exit, the K/V projection of each later block (CALM state
+  propagation, ``2 D x 2 G Hd``) and the head of every exit it reached; a halted token
+  runs the ponder block's steps it took. Attention scores stay at the full-sequence
+  convention above (an approximation: a skipped step also shortens later caches).
 - Per-token numbers are averages over the ``batch * S`` tokens of a micro batch.
 - Training FLOPs are ``3 x`` forward (backward ~ 2 x forward), the standard estimate.
 
@@ -66,14 +77,16 @@ class FlopCount:
 
     blocks: tuple[BlockFlops, ...]
     head: float
-    """The output projection ``2 D V``."""
+    """The output projection ``2 D V`` (times the steps of a ponder block before it)."""
     seq_len: int
     batch: int
+    exits: float = 0.0
+    """The early exits' head projections, ``2 D V`` each."""
 
     @property
     def per_token(self) -> float:
         """Forward FLOPs per token."""
-        return self.head + sum(b.total for b in self.blocks)
+        return self.head + self.exits + sum(b.total for b in self.blocks)
 
     @property
     def train_per_token(self) -> float:
@@ -130,12 +143,19 @@ def block_flops(cfg: ModelConfig, kind: str, seq_len: int, batch: int = 1) -> Bl
         per_seq_ffn = expert_rows * SWIGLU_MATMULS * 2 * D * cfg.expert_hidden()
     else:
         per_seq_ffn = rows * SWIGLU_MATMULS * 2 * D * cfg.ffn_dim
+    steps = cfg.ponder.max_steps if spec.ponder else 1
+    if spec.ponder:
+        per_seq_routing += seq_len * (steps - 1) * 2 * D  # the halting head
     return BlockFlops(
         kind=kind,
-        attention=_attention(cfg, seq_len, rows) / seq_len,
-        ffn=per_seq_ffn / seq_len,
+        attention=steps * _attention(cfg, seq_len, rows) / seq_len,
+        ffn=steps * per_seq_ffn / seq_len,
         routing=per_seq_routing / seq_len,
     )
+
+
+def _times(b: BlockFlops, n: float) -> BlockFlops:
+    return dataclasses.replace(b, attention=n * b.attention, ffn=n * b.ffn, routing=n * b.routing)
 
 
 def forward_flops(cfg: ModelConfig, seq_len: int | None = None, batch: int = 1) -> FlopCount:
@@ -147,8 +167,58 @@ def forward_flops(cfg: ModelConfig, seq_len: int | None = None, batch: int = 1) 
     S = cfg.max_seq_len if seq_len is None else seq_len
     if S < 1 or batch < 1:
         raise ValueError(f"seq_len and batch must be >= 1, got {S} and {batch}")
-    blocks = tuple(block_flops(cfg, kind, S, batch) for kind in cfg.block_kinds())
-    return FlopCount(blocks=blocks, head=2 * cfg.d_model * cfg.vocab_size, seq_len=S, batch=batch)
+    blocks = []
+    copies = 1  # after a ponder block, its N step states run on as N copies of the batch
+    for spec in cfg.blocks():
+        blocks.append(_times(block_flops(cfg, spec.name, S, batch * copies), copies))
+        if spec.ponder:
+            copies = cfg.ponder.max_steps
+    head = 2 * cfg.d_model * cfg.vocab_size
+    return FlopCount(
+        blocks=tuple(blocks),
+        head=copies * head,
+        seq_len=S,
+        batch=batch,
+        exits=len(cfg.exit.layers) * head,
+    )
+
+
+def expected_flops(
+    cfg: ModelConfig, depth: dict[int, float], seq_len: int | None = None, batch: int = 1
+) -> float:
+    """Forward FLOPs per token when tokens use ``depth`` blocks (see the module docstring).
+
+    ``depth``: blocks used -> share (or count) of tokens, as in ``LMOutput.depth`` and
+    ``DecodeState.depth`` (exit models: the exit depth; ponder models: ``n_layers - 1``
+    plus the steps taken). A model without exits or ponder blocks ignores it.
+    """
+    S = cfg.max_seq_len if seq_len is None else seq_len
+    D, L = cfg.d_model, cfg.n_layers
+    head = 2 * D * cfg.vocab_size
+    single = [block_flops(cfg, spec.name, S, batch) for spec in cfg.blocks()]
+    total = sum(depth.values())
+    if not total or cfg.depth_kind() is None:
+        return head + sum(b.total for b in single)
+    kv_dim = cfg.kv_heads() * (D // cfg.n_heads)
+    propagate = 2 * D * 2 * kv_dim  # K and V projections of an exited token
+    out = 0.0
+    for used, share in depth.items():
+        if cfg.uses_exit():
+            run = sum(b.total for b in single[:used]) + (L - used) * propagate
+            heads = sum(1 for d in cfg.exit.layers if d <= used) + (used == L)
+            cost = run + heads * head
+        else:
+            steps = used - (L - 1)
+            cost = head
+            for spec, b in zip(cfg.blocks(), single, strict=True):
+                if spec.ponder:  # block_flops counted all N steps; take ``steps`` of them
+                    n = cfg.ponder.max_steps
+                    per_step = (b.attention + b.ffn) / n
+                    cost += steps * per_step + min(steps, n - 1) * 2 * D
+                else:
+                    cost += b.total
+        out += share * cost
+    return out / total
 
 
 def dense_counterpart(cfg: ModelConfig) -> ModelConfig:

@@ -1,10 +1,14 @@
-"""Decoder-only language model with per-layer block kinds (dense, moe, mod, mode, imode).
+"""Decoder-only language model with per-layer block kinds (dense, moe, mod, mode, imode,
+ponder) and optional early exits.
 
-Shape legend: B batch, S sequence, D width, V vocabulary.
+Shape legend: B batch, S sequence, D width, V vocabulary, N ponder steps.
 ``forward`` returns an :class:`LMOutput`: the logits, the total loss (cross-entropy
 plus the weighted aux losses) when targets are given, and per-layer statistics. What a
 block kind builds comes from ``BLOCK_KINDS``; which aux terms are losses, and their
-weights, from ``models.terms.TERMS``.
+weights, from ``models.terms.TERMS``. Early exit (:mod:`turnout.models.exit`) and the
+ponder block (:mod:`turnout.models.ponder`) train with static shapes under
+``routing="topk"``; ``routing="causal"`` applies their decode-time rules (exit or halt on a
+threshold) in one full-sequence pass, which is what incremental decoding reproduces.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from turnout.config.model import ModelConfig
 from turnout.models import decode
 from turnout.models.block import Block
 from turnout.models.decode import DecodeState
+from turnout.models.exit import dropout_keep, exit_weights, exits_now
 from turnout.models.layers import RMSNorm, Rotary
 from turnout.models.mod import MoDBlock
+from turnout.models.ponder import PonderBlock
 from turnout.models.terms import TERMS, Aux, Term, spec
 
 
@@ -41,6 +47,28 @@ class LMOutput:
     stats: list[Aux] = field(default_factory=list)
     """``stats[i]``: layer i's aux terms and statistics by :class:`Term` (detached);
     empty for a dense block."""
+    exit_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Exit depth d -> ``[B, S, V]`` logits of the early exit after d blocks."""
+    halting: torch.Tensor | None = None
+    """``[N, B, S]`` halting distribution of the ponder block (sums to 1 per token)."""
+    depth: Depth | None = None
+    """Blocks each token used under the decode-time rule (exit / ponder models)."""
+
+
+@dataclass
+class Depth:
+    """How deep each token went: the decode rule's choice (causal) or what it would pick."""
+
+    kind: str
+    """'exit' or 'ponder'."""
+    blocks_BS: torch.Tensor
+    """Block applications per token (exit: its exit depth; ponder: n_layers - 1 + steps)."""
+    levels: tuple[int, ...]
+    """The values ``blocks_BS`` can take (the histogram's bins)."""
+
+    def histogram(self) -> dict[int, int]:
+        """Tokens per level."""
+        return {v: int((self.blocks_BS == v).sum()) for v in self.levels}
 
 
 class TransformerLM(nn.Module):
@@ -53,13 +81,37 @@ class TransformerLM(nn.Module):
         self.kinds = cfg.block_kinds()
         for kind in cfg.blocks():
             block = Block(cfg, rotary, kind)
-            self.layers.append(MoDBlock(cfg, block) if kind.mod_routed else block)
+            if kind.mod_routed:
+                self.layers.append(MoDBlock(cfg, block))
+            elif kind.ponder:
+                self.layers.append(PonderBlock(cfg, block))
+            else:
+                self.layers.append(block)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.coefs = {t: s.coefficient(cfg) for t, s in TERMS.items() if s.is_loss}
+        self.exit_w = exit_weights(cfg)
+        # PonderBlock.__init__ sets its halting bias after self.apply(self._init) would not
+        # reach it: re-run it (the normal init above zeroed the bias).
+        for layer in self.layers:
+            if isinstance(layer, PonderBlock):
+                layer.reset_halting()
+
+    def threshold(self, value: float | None = None) -> float:
+        """The decode-rule threshold: ``value``, else the config's (exit or ponder)."""
+        if value is not None:
+            return value
+        return self.cfg.exit.threshold if self.cfg.uses_exit() else self.cfg.ponder.threshold
+
+    def depth_levels(self) -> tuple[int, ...]:
+        """The block counts a token can use (exit depths or ponder step counts)."""
+        L = self.cfg.n_layers
+        if self.cfg.uses_exit():
+            return (*self.cfg.exit.layers, L)
+        return tuple(L - 1 + n for n in range(1, self.cfg.ponder.max_steps + 1))
 
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -72,29 +124,96 @@ class TransformerLM(nn.Module):
         tokens_BS: torch.Tensor,
         targets_BS: torch.Tensor | None = None,
         routing: str = Routing.TOPK,
+        threshold: float | None = None,
     ) -> LMOutput:
+        """Logits (and the loss with targets). ``threshold`` overrides the exit / halting
+        threshold of the causal (decode-rule) pass and of the depth statistics."""
         B, S = tokens_BS.shape
+        cfg = self.cfg
+        causal = routing == Routing.CAUSAL
+        thr = self.threshold(threshold)
         pos_BS = torch.arange(S, device=tokens_BS.device).unsqueeze(0).expand(B, S)
         x_BSD = self.embed(tokens_BS)
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
         terms: dict[Term, torch.Tensor] = {}
         stats: list[Aux] = []
-        for layer in self.layers:
-            if isinstance(layer, MoDBlock):
+        exit_logits: dict[int, torch.Tensor] = {}
+        exited_BS = torch.zeros(B, S, dtype=torch.bool, device=tokens_BS.device)
+        depth_BS: torch.Tensor | None = None
+        p_NBS = None
+        drop = self.training and not causal and cfg.exit.layer_dropout > 0
+        for i, layer in enumerate(self.layers):
+            x_in = x_BSD
+            if isinstance(layer, PonderBlock):
+                if causal:
+                    x_BSD, steps_BS, p_NBS, aux = layer.causal(x_BSD, pos_BS, thr)
+                    depth_BS = steps_BS + (cfg.n_layers - 1)
+                else:
+                    h_NBSD, p_NBS, aux = layer.unroll(x_BSD, pos_BS)
+                    x_BSD = h_NBSD.flatten(0, 1)  # the N steps along the batch
+                    pos_BS = pos_BS.repeat(layer.max_steps, 1)
+            elif isinstance(layer, MoDBlock):
                 x_BSD, aux = layer(x_BSD, pos_BS, routing=routing)
             else:
                 x_BSD, aux = layer(x_BSD, pos_BS)
+            if causal and self.exit_w:  # an exited token keeps its exit state (CALM)
+                x_BSD = torch.where(exited_BS.unsqueeze(-1), x_in, x_BSD)
+            if drop and x_BSD.shape == x_in.shape:
+                keep = dropout_keep(
+                    i, cfg.n_layers, cfg.exit.layer_dropout, x_BSD.shape[0], x_BSD.device
+                )
+                if keep is not None:
+                    x_BSD = torch.where(keep, x_BSD, x_in)
             for name, value in aux.items():
                 if spec(name).is_loss:
                     aux_loss = aux_loss + self.coefs[name] * value.float()
                     terms[name] = terms.get(name, 0) + value.detach().float()
             stats.append({name: value.detach() for name, value in aux.items()})
+            if i + 1 in self.exit_w:
+                exit_logits[i + 1] = self.head(self.norm(x_BSD))
+                if causal:
+                    now_BS = exits_now(exit_logits[i + 1], thr) & ~exited_BS
+                    exited_BS = exited_BS | now_BS
+                    if depth_BS is None:
+                        depth_BS = torch.full_like(pos_BS, cfg.n_layers)
+                    depth_BS = torch.where(now_BS, i + 1, depth_BS)
         logits_BSV = self.head(self.norm(x_BSD))
-        out = LMOutput(logits=logits_BSV, aux_loss=aux_loss, terms=terms, stats=stats)
-        if targets_BS is not None:
+        ponder_steps = None if p_NBS is None or causal else p_NBS.shape[0]
+        if ponder_steps is not None:  # the static unroll: logits of every step
+            logits_NBSV = logits_BSV.view(ponder_steps, B, S, -1)
+            logits_BSV = logits_NBSV[-1]
+        out = LMOutput(
+            logits=logits_BSV,
+            aux_loss=aux_loss,
+            terms=terms,
+            stats=stats,
+            exit_logits=exit_logits,
+            halting=p_NBS,
+        )
+        out.depth = self._depth(out, depth_BS, thr)
+        if targets_BS is None:
+            return out
+        if ponder_steps is not None and p_NBS is not None:
+            # PonderNet: the expected cross-entropy under the halting distribution.
+            ce_NBS = F.cross_entropy(
+                logits_NBSV.float().reshape(-1, logits_NBSV.shape[-1]),
+                targets_BS.repeat(ponder_steps, 1).reshape(-1),
+                reduction="none",
+            ).view(ponder_steps, B, S)
+            ce = (p_NBS * ce_NBS).sum(0).mean()
+        else:
             ce = F.cross_entropy(logits_BSV.float().reshape(B * S, -1), targets_BS.reshape(-1))
-            out.loss = ce + aux_loss
-            out.ce = ce.detach()
+        if exit_logits:
+            exit_loss = aux_loss.new_zeros(())
+            for d, logits in exit_logits.items():
+                ce_d = F.cross_entropy(logits.float().reshape(B * S, -1), targets_BS.reshape(-1))
+                exit_loss = exit_loss + self.exit_w[d] * ce_d
+                stats[d - 1][Term.EXIT_CE] = ce_d.detach()
+            aux_loss = aux_loss + self.coefs[Term.EXIT_LOSS] * exit_loss
+            terms[Term.EXIT_LOSS] = exit_loss.detach()
+            out.aux_loss = aux_loss
+        out.loss = ce + aux_loss
+        out.ce = ce.detach()
         return out
 
     @classmethod
@@ -109,15 +228,37 @@ class TransformerLM(nn.Module):
 
         return from_pretrained(path, device, dtype)
 
-    def new_decode_state(self, batch: int, max_len: int | None = None) -> DecodeState:
-        """Empty KV caches for incremental decoding (see :mod:`turnout.models.decode`)."""
-        return decode.new_state(self, batch, max_len)
+    def _depth(self, out: LMOutput, causal_BS: torch.Tensor | None, thr: float) -> Depth | None:
+        """The blocks each token used (causal pass) or would use (static pass)."""
+        kind = self.cfg.depth_kind()
+        if kind is None:
+            return None
+        L = self.cfg.n_layers
+        if causal_BS is not None:
+            blocks_BS = causal_BS
+        elif kind == "exit":
+            blocks_BS = torch.full(out.logits.shape[:2], L, device=out.logits.device)
+            for d in sorted(out.exit_logits, reverse=True):  # the first exit wins
+                blocks_BS = torch.where(exits_now(out.exit_logits[d], thr), d, blocks_BS)
+        else:
+            assert out.halting is not None
+            over_NBS = out.halting.detach().cumsum(0) > thr
+            over_NBS[-1] = True
+            blocks_BS = over_NBS.float().argmax(0) + L
+        return Depth(kind, blocks_BS.detach(), self.depth_levels())
+
+    def new_decode_state(
+        self, batch: int, max_len: int | None = None, threshold: float | None = None
+    ) -> DecodeState:
+        """Empty KV caches for incremental decoding (see :mod:`turnout.models.decode`);
+        ``threshold``: the exit / halting threshold (default the config's)."""
+        return decode.new_state(self, batch, max_len, threshold)
 
     def prefill(
-        self, prompt_BS: torch.Tensor, max_len: int | None = None
+        self, prompt_BS: torch.Tensor, max_len: int | None = None, threshold: float | None = None
     ) -> tuple[torch.Tensor, DecodeState]:
         """Run the prompt through fresh caches: its ``logits_BSV`` and the decode state."""
-        state = self.new_decode_state(prompt_BS.shape[0], max_len)
+        state = self.new_decode_state(prompt_BS.shape[0], max_len, threshold)
         return decode.extend(self, prompt_BS, state), state
 
     def decode_step(self, tokens_B1: torch.Tensor, state: DecodeState) -> torch.Tensor:
@@ -132,10 +273,12 @@ class TransformerLM(nn.Module):
         max_new_tokens: int,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        threshold: float | None = None,
     ) -> torch.Tensor:
         """Sample with causal MoD decisions through the KV caches (skipped tokens do no work).
 
         Prompt + new tokens must fit in ``max_seq_len``; :func:`decode.generate` also
         returns the caches and the skip counters.
         """
-        return decode.generate(self, prompt_BS, max_new_tokens, temperature, generator).tokens_BS
+        out = decode.generate(self, prompt_BS, max_new_tokens, temperature, generator, threshold)
+        return out.tokens_BS

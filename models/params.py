@@ -105,6 +105,8 @@ def block_params(cfg: ModelConfig, kind: str) -> BlockParams:
         if cfg.mod.predictor == Predictor.MLP:
             h = cfg.mod.predictor_hidden
             routing += D * h + h + h + 1  # Linear(D, h) and Linear(h, 1), with biases
+    if spec.ponder:
+        routing += D + 1  # the halting head Linear(D, 1) with its bias
     ffn = experts = per_expert = active = 0
     if spec.has_moe:
         noop = cfg.noop_choices(spec)

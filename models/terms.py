@@ -33,6 +33,10 @@ class Term(str, Enum):
     MOD_PRED_LOSS = "mod_pred_loss"
     MOD_CAPACITY = "mod_capacity"
     MOD_PRED_ACC = "mod_pred_acc"
+    EXIT_CE = "exit_ce"
+    EXIT_LOSS = "exit_loss"
+    PONDER_KL = "ponder_kl"
+    PONDER_STEPS = "ponder_steps"
 
 
 Aux = dict[Term, torch.Tensor]
@@ -140,6 +144,30 @@ TERMS: dict[Term, TermSpec] = {
             None,
             ("mod_pred_acc",),
             "how often the causal predictor agrees with the top-k choice",
+        ),
+        TermSpec(
+            Term.EXIT_CE,
+            None,
+            ("exit_ce",),
+            "cross-entropy of the early exit after this layer (shared norm and head)",
+        ),
+        TermSpec(
+            Term.EXIT_LOSS,
+            "exit.loss_coef",
+            (),
+            "the exits' cross-entropies weighted by model.exit.loss_weights, summed",
+        ),
+        TermSpec(
+            Term.PONDER_KL,
+            "ponder.kl_coef",
+            ("ponder_kl",),
+            "KL of the halting distribution to the truncated geometric prior (unweighted)",
+        ),
+        TermSpec(
+            Term.PONDER_STEPS,
+            None,
+            ("ponder_steps",),
+            "expected applications of the ponder block under its halting distribution",
         ),
     )
 }

@@ -7,7 +7,9 @@ Shape legend: B batch, S sequence.
   steps cost: their tokens/s and the fraction of routed-block work the predictor
   skipped. The prompt's prefill is run once more on its own (same tokens, same
   decisions) and its work and time subtracted, so both figures cover the decode steps
-  only.
+  only. Early-exit and ponder models decode with a threshold (``model.exit.threshold`` /
+  ``model.ponder.threshold`` unless given) and report the mean number of blocks the
+  decoded tokens used (the mean exit layer).
 - :func:`evaluate_model`: validation cross-entropy on the held-out tail of a corpus, with
   top-k and with causal MoD routing, over the windows the training run validated on
   (``train.eval_batches`` batches of ``micro_batch_size x num_workers`` windows, spread
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +45,14 @@ class Sample:
     (nan without MoD-routed blocks)."""
     decode_routed: tuple[int, int]
     """(processed, skipped) token-blocks of the routed blocks in the decode steps."""
+    depth: dict[int, int] = field(default_factory=dict)
+    """Early-exit / ponder models: blocks used -> decoded tokens that used that many."""
+
+    @property
+    def mean_depth(self) -> float:
+        """Mean blocks used per decoded token (the mean exit layer); nan when not tracked."""
+        n = sum(self.depth.values())
+        return sum(k * v for k, v in self.depth.items()) / n if n else math.nan
 
     @property
     def tokens_per_s(self) -> float:
@@ -70,8 +80,11 @@ def sample_text(
     max_new_tokens: int,
     temperature: float = 1.0,
     seed: int = 0,
+    threshold: float | None = None,
 ) -> Sample:
-    """Sample a continuation of ``prompt``; ``max_new_tokens`` is cut to fit the context."""
+    """Sample a continuation of ``prompt``; ``max_new_tokens`` is cut to fit the context.
+
+    ``threshold``: the exit / halting threshold (default the config's)."""
     limit = model.cfg.max_seq_len
     device = model.embed.weight.device
     prompt_1S = encode(prompt, limit).to(device)
@@ -80,16 +93,16 @@ def sample_text(
 
     # The prefill alone, on fresh caches: its routed work (the same decisions generate
     # makes on the prompt), then, warm, its time; both come out of the totals below.
-    prefill = decode.new_state(model, 1, prompt_1S.shape[1])
+    prefill = decode.new_state(model, 1, prompt_1S.shape[1], threshold)
     decode.extend(model, prompt_1S, prefill)
 
     t0 = time.perf_counter()
-    out = decode.generate(model, prompt_1S, new, temperature, generator)
+    out = decode.generate(model, prompt_1S, new, temperature, generator, threshold)
     _sync(device)
     total_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    decode.extend(model, prompt_1S, decode.new_state(model, 1, prompt_1S.shape[1]))
+    decode.extend(model, prompt_1S, decode.new_state(model, 1, prompt_1S.shape[1], threshold))
     _sync(device)
     prefill_s = time.perf_counter() - t0
 
@@ -103,8 +116,15 @@ def sample_text(
     fraction = skipped / routed if routed else math.nan
     if not model.cfg.uses_mod():
         fraction = math.nan
+    depth = dict(out.state.depth)
+    if new > 0:
+        for k, v in prefill.depth.items():
+            depth[k] -= v
+    else:
+        depth = {}
+    depth = {k: v for k, v in sorted(depth.items()) if v}
     text = bytes(out.tokens_BS[0].tolist()).decode("utf-8", errors="replace")
-    return Sample(text, new, max(total_s - prefill_s, 0.0), fraction, (processed, skipped))
+    return Sample(text, new, max(total_s - prefill_s, 0.0), fraction, (processed, skipped), depth)
 
 
 def _sync(device: torch.device) -> None:
@@ -117,12 +137,15 @@ class Evaluation:
     loss: float
     """Validation cross-entropy, top-k routing (nats/token)."""
     loss_causal: float
-    """The same with causal MoD decisions (nan without MoD blocks)."""
+    """The same with causal MoD decisions and the exit / halting rule of decoding (nan
+    without MoD, exit or ponder blocks)."""
     unigram_entropy: float
     """Byte-unigram entropy of the corpus's training split (nats/token)."""
     windows: int
     seq_len: int
     corpus: str
+    depth_mean: float = math.nan
+    """Early-exit / ponder models: mean blocks used per token under the decode rule."""
 
 
 @torch.no_grad()
@@ -139,14 +162,19 @@ def evaluate_model(
     per_batch = cfg.train.micro_batch_size * cfg.launch.num_workers
     sampler = BatchSampler(data, seq_len, per_batch, 0, 1, cfg.train.seed, n_batches)
     device = model.embed.weight.device
-    routings = [Routing.TOPK, Routing.CAUSAL] if cfg.model.uses_mod() else [Routing.TOPK]
+    causal = cfg.model.uses_mod() or cfg.model.depth_kind() is not None
+    routings = [Routing.TOPK, Routing.CAUSAL] if causal else [Routing.TOPK]
     losses = {}
+    used, tokens = 0.0, 0
     for routing in routings:
         total = 0.0
         for i in range(n_batches):
             tokens_BS, targets_BS = sampler.eval_batch(i)
             out = model(tokens_BS.to(device), targets_BS.to(device), routing=routing)
             total += float(out.ce)
+            if routing == Routing.CAUSAL and out.depth is not None:
+                used += float(out.depth.blocks_BS.float().sum())
+                tokens += out.depth.blocks_BS.numel()
         losses[routing] = total / n_batches
     return Evaluation(
         loss=losses[Routing.TOPK],
@@ -155,4 +183,5 @@ def evaluate_model(
         windows=n_batches * per_batch,
         seq_len=seq_len,
         corpus=str(Path(data_cfg.corpus)) if data_cfg.corpus != "stdlib" else "stdlib",
+        depth_mean=used / tokens if tokens else math.nan,
     )

@@ -52,6 +52,7 @@ from turnout.trainer.compute import (
     run_flops,
 )
 from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens
+from turnout.trainer.depth_eval import depth_eval
 from turnout.trainer.engine import build_engine, use_bf16
 from turnout.trainer.load_view import LoadMonitor
 from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due, mfu, model_tflops
@@ -86,6 +87,8 @@ class TrainResult:
     """Folder of the final checkpoint."""
     final_val_loss_causal: float = float("nan")
     """Validation loss with causal MoD decisions (the predictor), as when sampling."""
+    final_depth_mean: float = float("nan")
+    """Early-exit / ponder models: blocks per validation token under the decode rule."""
     flops_per_token: float = float("nan")
     """Training FLOPs per token (3x forward, top-k routing) on the run's micro batches."""
     dense_flops_per_token: float = float("nan")
@@ -266,6 +269,8 @@ class Validation:
     """Validation cross-entropy with MoD top-k routing, averaged over ranks."""
     loss_causal: float = math.nan
     """The same with causal MoD decisions (the predictor); nan without MoD blocks."""
+    depth_mean: float = math.nan
+    """Early-exit / ponder models: blocks per token under the decode rule."""
 
 
 def _validate(run: Run, done: int, bar: Any) -> Validation:
@@ -273,7 +278,11 @@ def _validate(run: Run, done: int, bar: Any) -> Validation:
     batches = run.cfg.train.eval_batches
     val = Validation(loss=evaluate(run.engine, run.sampler, batches, "topk"))
     metrics = {"val_loss": val.loss}
-    if run.cfg.model.uses_mod():
+    if run.cfg.model.depth_kind() is not None:  # exits / halting: the decode rule's depth
+        causal, depth = depth_eval(run.engine, run.sampler, batches, run.cfg.model)
+        val = Validation(val.loss, causal, depth["val_depth_mean"])
+        metrics.update(depth, val_loss_causal=causal)
+    elif run.cfg.model.uses_mod():
         val = Validation(val.loss, evaluate(run.engine, run.sampler, batches, "causal"))
         metrics["val_loss_causal"] = val.loss_causal
     run.tracker.log_metrics(metrics, step=done)
@@ -346,6 +355,7 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
         run_id=run.tracker.run_id,
         checkpoint=ckpt,
         final_val_loss_causal=val.loss_causal,
+        final_depth_mean=val.depth_mean,
         flops_per_token=run.flops.per_token,
         dense_flops_per_token=run.flops.dense_per_token,
         train_flops=end["train_flops"],

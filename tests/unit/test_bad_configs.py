@@ -25,6 +25,17 @@ CASES = [
     ("wrong-type-int", ["tiny", "model.d_model=abc"], "model.d_model"),
     ("wrong-type-bool", ["tiny", "tracking.enabled=maybe"], "tracking.enabled"),
     ("top-k-above-experts", ["tiny", "model.moe.top_k=5"], "model.moe.top_k"),
+    ("exit-beyond-the-stack", ["tiny", "model.exit.layers=[9]"], "model.exit.layers"),
+    (
+        "ponder-without-steps",
+        [
+            "tiny",
+            "model.layer_pattern=[dense,ponder]",
+            "model.n_layers=2",
+            "model.ponder.max_steps=0",
+        ],
+        "model.ponder.max_steps",
+    ),
     (
         "experts-not-divisible-by-ep",
         ["tiny", "model.moe.num_experts=6", "parallel.ep_size=4", "launch.num_workers=4"],

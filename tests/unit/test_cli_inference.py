@@ -105,3 +105,49 @@ def test_sample_text_counts_the_decode_steps_only() -> None:
     assert out.text.startswith(prompt)
     assert len(out.text.encode("utf-8", errors="replace")) >= 6
     assert sample_text(model, prompt, 40, 1.0, seed=1).text == out.text
+
+
+def _depth_checkpoint(tmp_path: Path, overrides: list[str]) -> Path:
+    from turnout.models.lm import TransformerLM
+
+    cfg = load_config("tiny", ["parallel.ep_size=1", "model.layer_pattern=[dense]", *overrides])
+    torch.manual_seed(0)
+    state = TransformerLM(cfg.model).state_dict()
+    folder = tmp_path / "run" / "step4"
+    folder.mkdir(parents=True)
+    torch.save({"module": state}, folder / "mp_rank_00_model_states.pt")
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    (tmp_path / "run" / "latest").write_text("step4")
+    return folder
+
+
+def test_generate_reports_the_mean_exit_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = _depth_checkpoint(tmp_path, ["model.exit.layers=[1,2]"])
+    args = ["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "6"]
+    assert main([*args, "--exit-threshold", "0", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "6 new tokens" in err and "mean exit layer 1.00 of 4 blocks" in err, err
+    assert main([*args, "--exit-threshold", "1"]) == 0
+    assert "mean exit layer 4.00 of 4 blocks" in capsys.readouterr().err
+    assert main([*args, "--halt-threshold", "0.5"]) == 2
+    _one_error_line(capsys, "--halt-threshold", "ponder")
+    assert main([*args, "--exit-threshold", "1.5"]) == 2
+    _one_error_line(capsys, "--exit-threshold")
+
+
+def test_generate_reports_the_ponder_depth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    overrides = [
+        "model.n_layers=2",
+        "model.layer_pattern=[dense,ponder]",
+        "model.ponder.max_steps=3",
+    ]
+    folder = _depth_checkpoint(tmp_path, overrides)
+    args = ["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "4"]
+    assert main([*args, "--halt-threshold", "0"]) == 0
+    assert "mean depth (ponder) 2.00 of 4 blocks" in capsys.readouterr().err
+    assert main([*args, "--halt-threshold", "1"]) == 0
+    assert "mean depth (ponder) 4.00 of 4 blocks" in capsys.readouterr().err
+    assert main([*args, "--exit-threshold", "0.5"]) == 2
+    _one_error_line(capsys, "--exit-threshold", "early exits")

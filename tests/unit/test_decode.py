@@ -30,6 +30,7 @@ CASES = {
     "mod-router": (["mod", "dense"], {}, {"predictor": "router"}),
     "mod-mqa": (["dense", "mod"], {}, {"n_kv_heads": 1}),
     "moe": (["moe"], {}, {}),
+    "moe-bias": (["moe"], {"balance": "bias"}, {}),
     "mode-ffn": (["dense", "mode"], {}, {}),
     "mode-block": (["dense", "mode"], {"router_input": "block"}, {}),
     "imode": (["dense", "imode"], {"num_noop_experts": 2}, {}),
@@ -56,7 +57,11 @@ def _cfg(pattern: list[str], moe: dict, extra: dict) -> ModelConfig:
 def _model(case: str, seed: int = 0) -> TransformerLM:
     pattern, moe, extra = CASES[case]
     torch.manual_seed(seed)
-    return TransformerLM(_cfg(pattern, moe, extra)).eval()
+    model = TransformerLM(_cfg(pattern, moe, extra)).eval()
+    for layer in moe_layers(model):  # a selection bias strong enough to change choices
+        if layer.expert_bias is not None:
+            layer.expert_bias.copy_(torch.linspace(-2.0, 2.0, layer.expert_bias.numel()))
+    return model
 
 
 def _tokens(batch: int, length: int = S, seed: int = 1) -> torch.Tensor:

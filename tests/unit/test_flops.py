@@ -9,9 +9,17 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
-from turnout.models.flops import dense_counterpart, forward_flops
+from turnout.config.model import (
+    ExitConfig,
+    MoDConfig,
+    ModelConfig,
+    MoEConfig,
+    PonderConfig,
+    validate_model,
+)
+from turnout.models.flops import dense_counterpart, expected_flops, forward_flops
 from turnout.models.lm import TransformerLM
+from turnout.models.params import count_params
 
 pytestmark = pytest.mark.unit
 
@@ -119,3 +127,57 @@ def test_grouped_query_attention_agrees_with_torch_flop_counter(
     assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=0.005)
     mha = forward_flops(dataclasses.replace(cfg, n_kv_heads=0), batch=B).per_token
     assert forward_flops(cfg, batch=B).per_token < mha
+
+
+def _depth_cfg(pattern: list[str], exits: list[int]) -> ModelConfig:
+    cfg = dataclasses.replace(_cfg(pattern), n_layers=len(pattern))
+    return dataclasses.replace(
+        cfg,
+        exit=ExitConfig(layers=exits),
+        ponder=PonderConfig(max_steps=3),
+    )
+
+
+@pytest.mark.parametrize(
+    "pattern,exits",
+    [
+        (["dense", "dense", "mod"], [1, 2]),
+        (["dense", "moe", "dense"], [2]),
+        (["dense", "ponder"], []),
+        (["ponder", "dense", "mod"], []),
+        (["dense", "ponder", "moe"], []),
+    ],
+)
+def test_exit_and_ponder_full_depth_agree_with_torch_flop_counter(
+    pattern: list[str], exits: list[int]
+) -> None:
+    cfg = _depth_cfg(pattern, exits)
+    validate_model(cfg)
+    B = 2
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (B, cfg.max_seq_len))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(tokens)
+    counted = fc.get_total_flops() / (B * cfg.max_seq_len)
+    assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=0.005)
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+
+
+def test_expected_flops_of_a_depth_distribution() -> None:
+    cfg = _depth_cfg(["dense"] * 4, [1, 2])
+    full = forward_flops(cfg)
+    D, V, L = 32, 64, 4
+    block = full.blocks[0].total
+    # Every token to full depth: all blocks, both exit heads and the final head.
+    assert expected_flops(cfg, {L: 1.0}) == pytest.approx(full.per_token)
+    # Exit after block 1: one block, K/V projections of three, one head.
+    at_one = block + 3 * 2 * D * 2 * D + 2 * D * V
+    assert expected_flops(cfg, {1: 5}) == pytest.approx(at_one)
+    assert expected_flops(cfg, {1: 1, L: 1}) == pytest.approx((at_one + full.per_token) / 2)
+    ponder = _depth_cfg(["dense", "ponder"], [])
+    static = forward_flops(ponder)
+    # Three steps is the static count without the head copies of steps 1 and 2.
+    assert expected_flops(ponder, {4: 1.0}) == pytest.approx(static.per_token - 2 * 2 * D * V)
+    one_step = expected_flops(ponder, {2: 1.0})
+    assert one_step == pytest.approx(2 * static.blocks[0].total + 2 * D + 2 * D * V)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
+from turnout.config.model import ExitConfig, MoDConfig, ModelConfig, MoEConfig, PonderConfig
 from turnout.models.lm import LMOutput, TransformerLM
 from turnout.models.terms import TERMS, Term, mlflow_metrics, spec
 from turnout.trainer.metrics import StatsAccumulator
@@ -34,10 +35,19 @@ def test_readme_metric_list_equals_the_table() -> None:
 def test_every_term_has_one_row_and_losses_name_a_real_coefficient() -> None:
     assert set(TERMS) == set(Term)
     cfg = ModelConfig(
-        moe=MoEConfig(aux_loss_coef=0.3, z_loss_coef=0.05), mod=MoDConfig(predictor_loss_coef=0.7)
+        moe=MoEConfig(aux_loss_coef=0.3, z_loss_coef=0.05),
+        mod=MoDConfig(predictor_loss_coef=0.7),
+        exit=ExitConfig(loss_coef=0.4),
+        ponder=PonderConfig(kl_coef=0.02),
     )
     coefs = {t: s.coefficient(cfg) for t, s in TERMS.items() if s.is_loss}
-    assert coefs == {Term.MOE_LB: 0.3, Term.MOE_Z: 0.05, Term.MOD_PRED_LOSS: 0.7}
+    assert coefs == {
+        Term.MOE_LB: 0.3,
+        Term.MOE_Z: 0.05,
+        Term.MOD_PRED_LOSS: 0.7,
+        Term.EXIT_LOSS: 0.4,
+        Term.PONDER_KL: 0.02,
+    }
     assert all(s.coefficient(cfg) == 0.0 for s in TERMS.values() if not s.is_loss)
     assert all(s.meaning for s in TERMS.values())
 
@@ -66,11 +76,15 @@ def test_every_metric_of_a_real_model_is_in_the_table() -> None:
         layer_pattern=["dense", "moe", "mod", "mode", "imode"],
         moe=MoEConfig(num_experts=4, top_k=2, num_noop_experts=1),
     )
-    lm = TransformerLM(cfg)
     tokens = torch.randint(0, 32, (2, 8))
-    acc = StatsAccumulator()
-    acc.add(lm(tokens, tokens))
-    metrics = acc.reduce()
+    metrics: dict[str, float] = {}
+    # Early exit and ponder blocks do not mix: two more models give their metrics.
+    exits = dataclasses.replace(cfg, exit=ExitConfig(layers=[1, 3]))
+    ponder = dataclasses.replace(cfg, n_layers=2, layer_pattern=["ponder", "mod"])
+    for model_cfg in (cfg, exits, ponder):
+        acc = StatsAccumulator()
+        acc.add(TransformerLM(model_cfg)(tokens, tokens))
+        metrics.update(acc.reduce())
     generic = {re.sub(r"^layer\d+/", "layer<i>/", k) for k in metrics}
     generic = {re.sub(r"/expert\d+_load$", "/expert<e>_load", k) for k in generic}
     assert generic == mlflow_metrics()  # every table metric appears, and nothing else

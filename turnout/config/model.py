@@ -29,6 +29,8 @@ class BlockKind:
     noop_experts: bool
     """The MoE router also offers model.moe.num_noop_experts no-op choices."""
     meaning: str
+    ponder: bool = False
+    """One weight-tied block applied up to model.ponder.max_steps times (PonderNet)."""
 
     @property
     def has_moe(self) -> bool:
@@ -44,6 +46,14 @@ BLOCK_KINDS: dict[str, BlockKind] = {
         BlockKind("mod", FFN_DENSE, True, False, "MoD-routed dense block"),
         BlockKind("mode", FFN_MOE, True, False, "MoD-routed block with an MoE FFN (staged MoDE)"),
         BlockKind("imode", FFN_MOE, False, True, "attention + MoE whose router adds no-op experts"),
+        BlockKind(
+            "ponder",
+            FFN_DENSE,
+            False,
+            False,
+            "dense block applied up to model.ponder.max_steps times, halting per token",
+            ponder=True,
+        ),
     )
 }
 
@@ -112,6 +122,36 @@ class MoDConfig:
 
 
 @dataclass
+class ExitConfig:
+    layers: list[int] = field(default_factory=list)
+    """Early-exit points: depths d (blocks run, 1 <= d < n_layers, increasing) after which
+    the shared final norm and LM head also predict; empty: no early exit."""
+    loss_weights: list[float] = field(default_factory=list)
+    """Weight of each exit's cross-entropy (one per exit point); empty: 1.0 each."""
+    loss_coef: float = 1.0
+    """Weight of the summed exit loss sum_i w_i * ce_i in the training loss."""
+    layer_dropout: float = 0.0
+    """LayerSkip-style layer dropout in training: block i of a sequence is skipped with
+    probability layer_dropout * i / (n_layers - 1) (0 at the first block)."""
+    threshold: float = 0.9
+    """Decode: a token exits at the first exit whose max softmax probability is above
+    this (1.0 never exits; `turnout generate --exit-threshold` overrides it)."""
+
+
+@dataclass
+class PonderConfig:
+    max_steps: int = 4
+    """N_max: most applications of a 'ponder' block per token (training unrolls all)."""
+    prior: float = 0.25
+    """lambda_p of the geometric prior on the halting step (PonderNet)."""
+    kl_coef: float = 0.01
+    """Weight of KL(halting distribution || truncated geometric prior)."""
+    threshold: float = 0.5
+    """Decode: a token halts after the first step whose cumulative halting probability
+    is above this (1.0 never halts early; `turnout generate --halt-threshold`)."""
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 256
     """Vocabulary size (256 for the byte-level tokenizer)."""
@@ -136,11 +176,15 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the input embedding and the output projection."""
     layer_pattern: list[str] = field(default_factory=lambda: ["dense", "mode"])
-    """Block kinds, cycled over n_layers; each one of dense, moe, mod, mode, imode."""
+    """Block kinds, cycled over n_layers; each one of dense, moe, mod, mode, imode, ponder."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts settings (moe, mode, imode blocks)."""
     mod: MoDConfig = field(default_factory=MoDConfig)
     """Mixture-of-Depths settings (mod, mode blocks)."""
+    exit: ExitConfig = field(default_factory=ExitConfig)
+    """Early exit: exit points sharing the final norm and head, their loss, decode rule."""
+    ponder: PonderConfig = field(default_factory=PonderConfig)
+    """Adaptive computation ('ponder' blocks): PonderNet halting, loss and decode rule."""
 
     def block_kinds(self) -> list[str]:
         """The kind of each of the n_layers blocks (the pattern cycled)."""
@@ -166,6 +210,16 @@ class ModelConfig:
 
     def uses_mod(self) -> bool:
         return any(k.mod_routed for k in self.blocks())
+
+    def uses_exit(self) -> bool:
+        return bool(self.exit.layers)
+
+    def uses_ponder(self) -> bool:
+        return any(k.ponder for k in self.blocks())
+
+    def depth_kind(self) -> str | None:
+        """'exit' or 'ponder' for a model whose depth varies per token, else None."""
+        return "exit" if self.uses_exit() else "ponder" if self.uses_ponder() else None
 
 
 def _positive(key: str, value: float) -> None:
@@ -259,3 +313,48 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
     _positive(f"{d}.predictor_hidden", mod.predictor_hidden)
     if mod.predictor_loss_coef < 0:
         raise ConfigError(f"{d}.predictor_loss_coef", "must be >= 0")
+    _validate_depth(cfg, prefix)
+
+
+def _unit(key: str, value: float, top_open: bool = False) -> None:
+    if not (0.0 <= value < 1.0 if top_open else 0.0 <= value <= 1.0):
+        raise ConfigError(key, f"must be in [0, 1{')' if top_open else ']'}, got {value}")
+
+
+def _validate_depth(cfg: ModelConfig, prefix: str) -> None:
+    """Early exit (model.exit) and adaptive computation (model.ponder)."""
+    e, p = cfg.exit, cfg.ponder
+    x = f"{prefix}.exit"
+    for i, d in enumerate(e.layers):
+        if not 1 <= d < cfg.n_layers or (i and d <= e.layers[i - 1]):
+            raise ConfigError(
+                f"{x}.layers",
+                f"must be increasing depths in [1, n_layers-1={cfg.n_layers - 1}], got {e.layers}",
+            )
+    if e.loss_weights and len(e.loss_weights) != len(e.layers):
+        raise ConfigError(
+            f"{x}.loss_weights",
+            f"needs one weight per exit ({len(e.layers)}) or none, got {len(e.loss_weights)}",
+        )
+    if any(w < 0 for w in e.loss_weights):
+        raise ConfigError(f"{x}.loss_weights", f"must be >= 0, got {e.loss_weights}")
+    if e.loss_coef < 0:
+        raise ConfigError(f"{x}.loss_coef", "must be >= 0")
+    _unit(f"{x}.layer_dropout", e.layer_dropout, top_open=True)
+    _unit(f"{x}.threshold", e.threshold)
+    q = f"{prefix}.ponder"
+    if p.max_steps < 1:
+        raise ConfigError(f"{q}.max_steps", f"must be >= 1, got {p.max_steps}")
+    if not 0.0 < p.prior <= 1.0:
+        raise ConfigError(f"{q}.prior", f"must be in (0, 1], got {p.prior}")
+    if p.kl_coef < 0:
+        raise ConfigError(f"{q}.kl_coef", "must be >= 0")
+    _unit(f"{q}.threshold", p.threshold)
+    ponders = sum(k.ponder for k in cfg.blocks())
+    if ponders > 1:
+        raise ConfigError(
+            f"{prefix}.layer_pattern",
+            f"at most one 'ponder' block per model (the cycled pattern gives {ponders})",
+        )
+    if ponders and e.layers:
+        raise ConfigError(f"{x}.layers", "early exit and a 'ponder' block cannot be combined")

@@ -1,0 +1,90 @@
+"""Validation depth metrics of early-exit / ponder models (trainer/depth_eval.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from turnout.config.model import ExitConfig, ModelConfig, PonderConfig
+from turnout.models.flops import expected_flops
+from turnout.models.lm import TransformerLM
+from turnout.trainer.data import BatchSampler, TokenData
+from turnout.trainer.depth_eval import depth_eval
+
+pytestmark = pytest.mark.unit
+
+
+class _Engine:
+    """What depth_eval needs of the DeepSpeed engine: a device, eval/train, a call."""
+
+    def __init__(self, model: TransformerLM) -> None:
+        self.model, self.device = model, torch.device("cpu")
+
+    def __call__(self, *args: object, **kw: object) -> object:
+        return self.model(*args, **kw)
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def train(self) -> None:
+        self.model.train()
+
+
+def _sampler(vocab: int, seq_len: int) -> BatchSampler:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, 4000).astype(np.uint16)
+    data = TokenData(train=tokens[:3000], val=tokens[3000:], vocab_size=vocab, path=Path("."))
+    return BatchSampler(data, seq_len, 2, 0, 1, 0, eval_batches=2)
+
+
+@pytest.mark.parametrize("kind", ["exit", "ponder"])
+def test_depth_metrics_are_the_causal_pass_histogram(kind: str) -> None:
+    if kind == "exit":
+        cfg = ModelConfig(
+            vocab_size=32,
+            d_model=16,
+            n_heads=2,
+            ffn_dim=32,
+            max_seq_len=16,
+            n_layers=3,
+            layer_pattern=["dense"],
+            exit=ExitConfig([1], threshold=0.04),
+        )
+        names = ["val_exit_layer1", "val_exit_layer3", "val_exit_layer_mean"]
+    else:
+        cfg = ModelConfig(
+            vocab_size=32,
+            d_model=16,
+            n_heads=2,
+            ffn_dim=32,
+            max_seq_len=16,
+            n_layers=2,
+            layer_pattern=["dense", "ponder"],
+            ponder=PonderConfig(max_steps=3, threshold=0.3),
+        )
+        names = ["val_ponder_steps1", "val_ponder_steps2", "val_ponder_steps3"]
+    torch.manual_seed(0)
+    model = TransformerLM(cfg)
+    sampler = _sampler(32, 16)
+    loss, metrics = depth_eval(_Engine(model), sampler, 2, cfg)
+    assert model.training  # handed back in train mode
+    assert all(n in metrics for n in names)
+    hist: dict[int, int] = {}
+    ce = 0.0
+    with torch.no_grad():
+        for i in range(2):
+            tokens, targets = sampler.eval_batch(i)
+            out = model.eval()(tokens, targets, routing="causal")
+            ce += float(out.ce) / 2
+            for k, v in out.depth.histogram().items():
+                hist[k] = hist.get(k, 0) + v
+    assert loss == pytest.approx(ce)
+    n = sum(hist.values())
+    mean = sum(k * v for k, v in hist.items()) / n
+    assert metrics["val_depth_mean"] == pytest.approx(mean)
+    bins = [m for m in metrics if m[-1].isdigit()]
+    assert sum(metrics[b] for b in bins) == pytest.approx(1.0)
+    assert metrics["val_expected_flops_per_token"] == pytest.approx(expected_flops(cfg, hist))
