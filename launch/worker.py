@@ -225,11 +225,12 @@ def preflight(cfg: TurnoutConfig) -> Path:
 def prepare_data(cfg: TurnoutConfig) -> Path:
     """Tokenize the corpus once, on the launcher, and check the splits fit the run.
 
-    Raises ConfigError('data.corpus' / 'data.val_fraction') before any worker starts.
+    Raises ConfigError('data.*' / 'model.vocab_size') before any worker starts.
     """
-    from turnout.trainer.data import BatchSampler, open_tokens, prepare_corpus
+    from turnout.trainer.data import BatchSampler, open_tokens
+    from turnout.trainer.tokenize_stream import prepare_corpus
 
-    path = Path(prepare_corpus(cfg.data))
+    path = Path(prepare_corpus(cfg.data, cfg.model.vocab_size))
     # The samplers' own size checks, for every rank's shard (cheap: a memmap).
     data = open_tokens(path, cfg.data.val_fraction)
     BatchSampler(

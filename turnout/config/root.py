@@ -17,6 +17,7 @@ from turnout.config.train import (
     TrainConfig,
     validate_data,
     validate_train,
+    validate_vocab,
 )
 from turnout.errors import ConfigError
 
@@ -66,4 +67,5 @@ def validate(cfg: TurnoutConfig) -> None:
     if cfg.parallel.backend == "nccl" and not cfg.launch.use_gpu:
         raise ConfigError("parallel.backend", "nccl needs launch.use_gpu=true")
     validate_data(cfg.data)
+    validate_vocab(cfg.data, cfg.model.vocab_size)
     validate_train(cfg.train)
