@@ -167,22 +167,28 @@ def compute_lines(cfg: TurnoutConfig, res: dict[str, Any]) -> list[str]:
 def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
     """The end-of-run summary the user reads (printed by the launcher or torchrun rank 0)."""
     val, ent = res.get("final_val_loss"), res.get("unigram_entropy")
-    causal = res.get("final_val_loss_causal")
+    causal, bpb = res.get("final_val_loss_causal"), res.get("final_val_bpb")
     rel = ""
     if val is not None and ent:
         rel = f"  ({100.0 * float(val) / float(ent):.0f}% of the unigram entropy)"
+    unit = "byte" if cfg.data.tokenizer == "byte" else "token"
     lines = [
         "",
         "turnout: training finished",
         f"  steps                  {res.get('steps', 'n/a')}",
-        f"  final train loss       {_fmt(res.get('final_train_loss'))} nats/byte",
-        f"  final val loss         {_fmt(val)} nats/byte{rel}",
+        f"  final train loss       {_fmt(res.get('final_train_loss'))} nats/{unit}",
+        f"  final val loss         {_fmt(val)} nats/{unit}{rel}",
         *(
-            [f"  val loss, causal MoD   {_fmt(causal)} nats/byte  (predictor decisions)"]
+            [f"  val bits per byte      {_fmt(bpb)}  (comparable across tokenizers)"]
+            if bpb is not None and math.isfinite(float(bpb))
+            else []
+        ),
+        *(
+            [f"  val loss, causal MoD   {_fmt(causal)} nats/{unit}  (predictor decisions)"]
             if causal is not None and math.isfinite(float(causal))
             else []
         ),
-        f"  corpus unigram entropy {_fmt(ent)} nats/byte",
+        f"  corpus unigram entropy {_fmt(ent)} nats/{unit}",
         f"  throughput             {_fmt(res.get('tokens_per_s'), ',.0f')} tokens/s",
         *compute_lines(cfg, res),
         f"  wall time              {_fmt(res.get('wall_s'), '.1f')} s",

@@ -74,8 +74,9 @@ def open_tokens(path: str | os.PathLike, val_fraction: float = 0.02) -> TokenDat
     meta = _meta(path)
     if "train" in meta:  # data.val_corpus: a pair of caches
         train_dir, val_dir = Path(meta["train"]), Path(meta["val"])
-        meta = _meta(train_dir)
-        train, val = _memmap(train_dir, meta), _memmap(val_dir, _meta(val_dir))
+        meta, val_meta = _meta(train_dir), _meta(val_dir)
+        train, val = _memmap(train_dir, meta), _memmap(val_dir, val_meta)
+        meta["val_corpus"], meta["val_fingerprint"] = val_meta["corpus"], val_meta["fingerprint"]
     else:
         val_dir = path
         tokens = _memmap(path, meta)
@@ -98,6 +99,35 @@ def byte_unigram_entropy(tokens: np.ndarray, vocab_size: int = VOCAB_SIZE) -> fl
 def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:
     """A loss in nats per token as bits per UTF-8 byte: loss x tokens/bytes / ln 2."""
     return nats_per_token * tokens_per_byte / math.log(2)
+
+
+def tracking_params(data: TokenData) -> dict[str, str]:
+    """What MLflow records about the data beyond the config: tokenizer, fingerprint, counts."""
+    m = data.meta
+    values = {
+        "corpus.fingerprint": m.get("fingerprint", ""),
+        "corpus.tokenizer": m.get("tokenizer", "byte"),
+        "corpus.tokenizer_digest": m.get("tokenizer_digest", ""),
+        "corpus.vocab_size": data.vocab_size,
+        "corpus.tokens": m.get("num_tokens", data.train.size + data.val.size),
+        "corpus.bytes": m.get("num_bytes", ""),
+        "corpus.documents": m.get("num_docs", ""),
+        "corpus.train_tokens": data.train.size,
+        "corpus.val_tokens": data.val.size,
+        "corpus.val_bytes": data.val_bytes,
+    }
+    if "val_fingerprint" in m:
+        values["corpus.val_fingerprint"] = m["val_fingerprint"]
+    return {k: str(v) for k, v in values.items()}
+
+
+def dataset_inputs(data: TokenData) -> dict[str, tuple[str, str]]:
+    """MLflow dataset inputs: context -> (corpus, fingerprint)."""
+    m = data.meta
+    out = {"training": (str(m.get("corpus", data.path)), str(m.get("fingerprint", "")))}
+    if "val_corpus" in m:
+        out["validation"] = (str(m["val_corpus"]), str(m["val_fingerprint"]))
+    return out
 
 
 # ----------------------------------------------------------------------------- batches

@@ -49,7 +49,14 @@ from turnout.trainer.compute import (
     probe_peak_tflops,
     run_flops,
 )
-from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens
+from turnout.trainer.data import (
+    BatchSampler,
+    bits_per_byte,
+    byte_unigram_entropy,
+    dataset_inputs,
+    open_tokens,
+    tracking_params,
+)
 from turnout.trainer.engine import build_engine, use_bf16
 from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due, mfu, model_tflops
 from turnout.trainer.metrics import StatsAccumulator
@@ -80,6 +87,9 @@ class TrainResult:
     """MLflow run id (rank 0 with tracking enabled; '' otherwise)."""
     checkpoint: str
     """Folder of the final checkpoint."""
+    final_val_bpb: float = float("nan")
+    """final_val_loss in bits per UTF-8 byte of the validation split (comparable across
+    tokenizers): loss x val tokens / val bytes / ln 2."""
     final_val_loss_causal: float = float("nan")
     """Validation loss with causal MoD decisions (the predictor), as when sampling."""
     flops_per_token: float = float("nan")
@@ -157,6 +167,8 @@ class Run:
     peak_tflops: float
     """Peak TFLOP/s of one rank (given or measured, the same on every rank)."""
     peak_measured: bool
+    val_tokens_per_byte: float = math.nan
+    """Tokens per UTF-8 byte of the validation split (bits per byte = loss x this / ln 2)."""
 
     @property
     def rank(self) -> int:
@@ -190,14 +202,17 @@ def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> Run:
     engine, scheduler = build_engine(model, cfg, groups)
     log.debug("rank %d: engine ready after %.1fs", rank, time.perf_counter() - t0)
     tracker = _start_tracking(cfg, rank, world)
+    tracker.log_corpus(tracking_params(data), dataset_inputs(data))
     log.debug("rank %d: tracking ready after %.1fs", rank, time.perf_counter() - t0)
     run_dir = Path(str(broadcast_object(str(_run_dir(cfg, tracker.run_id)) if rank == 0 else "")))
     peak, measured = _peak_tflops(cfg, world)
     log.debug("rank %d: peak %.3f TFLOP/s after %.1fs", rank, peak, time.perf_counter() - t0)
     flops = run_flops(cfg)
-    return Run(
+    run = Run(
         cfg, groups, engine, scheduler, sampler, tracker, run_dir, entropy, flops, peak, measured
     )
+    run.val_tokens_per_byte = data.val_tokens_per_byte
+    return run
 
 
 def _peak_tflops(cfg: TurnoutConfig, world: int) -> tuple[float, bool]:
@@ -252,15 +267,19 @@ class Validation:
     """Validation cross-entropy with MoD top-k routing, averaged over ranks."""
     loss_causal: float = math.nan
     """The same with causal MoD decisions (the predictor); nan without MoD blocks."""
+    bpb: float = math.nan
+    """``loss`` in bits per byte."""
 
 
 def _validate(run: Run, done: int, bar: Any) -> Validation:
     """Collective: validation loss(es) after step ``done``, logged."""
     batches = run.cfg.train.eval_batches
-    val = Validation(loss=evaluate(run.engine, run.sampler, batches, "topk"))
-    metrics = {"val_loss": val.loss}
+    loss = evaluate(run.engine, run.sampler, batches, "topk")
+    val = Validation(loss=loss, bpb=bits_per_byte(loss, run.val_tokens_per_byte))
+    metrics = {"val_loss": val.loss, "val_bpb": val.bpb}
     if run.cfg.model.uses_mod():
-        val = Validation(val.loss, evaluate(run.engine, run.sampler, batches, "causal"))
+        causal = evaluate(run.engine, run.sampler, batches, "causal")
+        val = Validation(val.loss, causal, val.bpb)
         metrics["val_loss_causal"] = val.loss_causal
     run.tracker.log_metrics(metrics, step=done)
     if bar is not None:
@@ -328,6 +347,7 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
         run_id=run.tracker.run_id,
         checkpoint=ckpt,
         final_val_loss_causal=val.loss_causal,
+        final_val_bpb=val.bpb,
         flops_per_token=run.flops.per_token,
         dense_flops_per_token=run.flops.dense_per_token,
         train_flops=end["train_flops"],
