@@ -60,7 +60,7 @@ TOKENS, META, TOKENIZER_FILE, TOKEN_BYTES = (
     "tokenizer.json",
     "token_bytes.npy",
 )
-_COPY_TOKENS = 1 << 24
+_COPY_TOKENS = 1 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -345,10 +345,15 @@ def prepare_corpus(
         tok, trained = tokenizer, False
     if vocab_size is not None:
         check_vocab(tok, vocab_size, trained)
+    # The (usually smaller) validation corpus first: its errors show sooner.
+    val = (
+        tokenize_corpus(cfg, cfg.val_corpus, val_sources, tok, "data.val_corpus")
+        if val_sources
+        else None
+    )
     train = tokenize_corpus(cfg, cfg.corpus, sources, tok, "data.corpus")
-    if not val_sources:
+    if val is None:
         return train
-    val = tokenize_corpus(cfg, cfg.val_corpus, val_sources, tok, "data.val_corpus")
     pair = Path(cfg.cache_dir).expanduser().resolve() / (
         "pair-" + hashlib.sha256(f"{train}|{val}".encode()).hexdigest()[:20]
     )
