@@ -34,8 +34,8 @@ from pathlib import Path
 
 from turnout.errors import ConfigError
 
-PIECE_BYTES = 1 << 20
-"""Text is read and tokenized in pieces of about this many bytes (1 MiB)."""
+PIECE_BYTES = 1 << 16
+"""Text is read and tokenized in pieces of about this many bytes (64 KiB)."""
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idle_test"}
 _JSONL = (".jsonl", ".json", ".ndjson")
 _PARQUET = (".parquet", ".pq")

@@ -7,7 +7,7 @@
    ``<cache_dir>/tokenizers/``), and check ``model.vocab_size`` against it;
 2. tokenize shard by shard (groups of small files, or one JSONL/Parquet file), in a
    process pool when there are several shards and ``data.workers`` allows: each shard is
-   read in pieces of a few MiB and its ids appended to ``.<key>.partial/part-<i>.bin``,
+   read in pieces of 64 KiB and its ids appended to ``.<key>.partial/part-<i>.bin``,
    written under a temporary name and renamed when the shard is done. A killed run
    leaves finished parts that the next run with the same key reuses (resumable);
 3. concatenate the parts (cut at ``data.max_bytes`` of text) into ``tokens.bin`` in a
@@ -60,7 +60,7 @@ TOKENS, META, TOKENIZER_FILE, TOKEN_BYTES = (
     "tokenizer.json",
     "token_bytes.npy",
 )
-_COPY_TOKENS = 1 << 20
+_COPY_TOKENS = 1 << 18
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
