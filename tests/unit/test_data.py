@@ -78,9 +78,7 @@ def test_directory_corpus_reads_text_files_in_order(tmp_path: Path) -> None:
     (d / "blob.bin").write_bytes(b"\x00\x01binary")
     path = prepare_corpus(_cfg(tmp_path, d))
     # Each document ends with the byte tokenizer's end-of-document token, byte 0.
-    assert np.fromfile(path / "tokens.bin", dtype=np.uint8).tobytes() == (
-        b"first\0second\0third\0"
-    )
+    assert np.fromfile(path / "tokens.bin", dtype=np.uint8).tobytes() == (b"first\0second\0third\0")
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty-file", "empty-dir", "binary-only-dir"])
