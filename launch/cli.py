@@ -177,9 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"val_loss         {ev.loss:.4f}  (top-k routing, nats/token)")
     if ev.loss_causal == ev.loss_causal:
         print(f"val_loss_causal  {ev.loss_causal:.4f}  (causal routing, as when sampling)")
-    print(
-        f"val_bits_per_byte {ev.bits_per_byte:.4f}  (top-k routing, comparable across tokenizers)"
-    )
+    print(f"bits_per_byte    {ev.bits_per_byte:.4f}  (val_loss in bits per UTF-8 byte)")
     print(f"unigram_entropy  {ev.unigram_entropy:.4f}  (unigram baseline, nats/token)")
     return EXIT_OK
 
