@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 from turnout.errors import ConfigError
+from turnout.trainer.tokenize_stream import prepare_corpus
+
+__all__ = ["BatchSampler", "TokenData", "open_tokens", "prepare_corpus"]
 
 VOCAB_SIZE = 256
 
