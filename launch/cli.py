@@ -121,14 +121,17 @@ def _load_checkpoint(args: argparse.Namespace) -> tuple:
     from turnout.trainer.export import load_for_inference
 
     model, cfg, info = load_for_inference(args.checkpoint, _device(args.device))
+    from turnout.trainer import tokenizer_files
+
+    tokenizer = tokenizer_files.load(info.folder, cfg)
     print(
         f"turnout: {info.folder} (step {info.step}, {info.num_params:,} parameters, "
-        f"ZeRO-{info.zero_stage}, ep {info.ep_size}, saved in {str(info.saved_dtype)[6:]}) "
-        f"on {args.device}",
+        f"ZeRO-{info.zero_stage}, ep {info.ep_size}, saved in {str(info.saved_dtype)[6:]}, "
+        f"tokenizer {tokenizer.name}) on {args.device}",
         file=sys.stderr,
         flush=True,
     )
-    return model, cfg
+    return model, cfg, tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -136,15 +139,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 0:
         raise ConfigError("--max-new-tokens", f"must be >= 0, got {args.max_new_tokens}")
+    from turnout.trainer import tokenizer_files
     from turnout.trainer.export import checkpoint_config, step_folder
 
     # A prompt that cannot fit fails before the weights are read.
-    encode(args.prompt, checkpoint_config(step_folder(args.checkpoint)).model.max_seq_len)
-    ckpt_cfg = checkpoint_config(step_folder(args.checkpoint))
-    threshold = _threshold(args, ckpt_cfg.model.depth_kind())
-    model, cfg = _load_checkpoint(args)
+    folder = step_folder(args.checkpoint)
+    saved = checkpoint_config(folder)
+    encode(args.prompt, saved.model.max_seq_len, tokenizer_files.load(folder, saved))
+    threshold = _threshold(args, saved.model.depth_kind())
+    model, cfg, tok = _load_checkpoint(args)
     out = sample_text(
-        model, args.prompt, args.max_new_tokens, args.temperature, args.seed, threshold
+        model, args.prompt, args.max_new_tokens, args.temperature, args.seed, threshold, tok
     )
     print(out.text, flush=True)
     skipped = (
@@ -195,15 +200,16 @@ def _threshold(args: argparse.Namespace, kind: str | None) -> float | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from turnout.trainer.inference import evaluate_model
 
-    model, cfg = _load_checkpoint(args)
-    ev = evaluate_model(model, cfg, args.corpus, args.batches)
+    model, cfg, tok = _load_checkpoint(args)
+    ev = evaluate_model(model, cfg, args.corpus, args.batches, tokenizer=tok)
     print(f"corpus           {ev.corpus} ({ev.windows} held-out windows of {ev.seq_len} tokens)")
     print(f"val_loss         {ev.loss:.4f}  (top-k routing, nats/token)")
     if ev.loss_causal == ev.loss_causal:
         print(f"val_loss_causal  {ev.loss_causal:.4f}  (causal routing, as when sampling)")
     if ev.depth_mean == ev.depth_mean:
         print(f"depth_mean       {ev.depth_mean:.2f}  (blocks per token, decode rule)")
-    print(f"unigram_entropy  {ev.unigram_entropy:.4f}  (byte unigram baseline)")
+    print(f"bits_per_byte    {ev.bits_per_byte:.4f}  (val_loss in bits per UTF-8 byte)")
+    print(f"unigram_entropy  {ev.unigram_entropy:.4f}  (unigram baseline, nats/token)")
     return EXIT_OK
 
 
@@ -323,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     device_help = "cpu (default) or cuda[:i]: one process, one device"
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached decoding)")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help=ckpt_help)
-    p.add_argument("--prompt", required=True, help="text to continue (its UTF-8 bytes are tokens)")
+    p.add_argument(
+        "--prompt", required=True, help="text to continue (encoded with the checkpoint's tokenizer)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (200)")
     p.add_argument("--temperature", type=float, default=0.8, help="<= 0: greedy (0.8)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
@@ -347,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss of a checkpoint (top-k and causal routing)")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help=ckpt_help)
     p.add_argument(
-        "--corpus", default=None, help="text file or folder (default: the run's data.corpus)"
+        "--corpus",
+        default=None,
+        help="corpus as data.corpus takes it (default: the run's data.corpus)",
     )
     p.add_argument(
         "--batches", type=int, default=None, help="validation batches (default train.eval_batches)"

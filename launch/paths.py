@@ -29,6 +29,10 @@ def resolve_paths(cfg: TurnoutConfig, cwd: Path | None = None) -> TurnoutConfig:
     if out.data.corpus != "stdlib":
         out.data.corpus = _abs(out.data.corpus, base)
     out.data.cache_dir = _abs(out.data.cache_dir, base)
+    if out.data.val_corpus and out.data.val_corpus != "stdlib":
+        out.data.val_corpus = _abs(out.data.val_corpus, base)
+    if out.data.tokenizer not in ("byte", "bpe"):
+        out.data.tokenizer = _abs(out.data.tokenizer, base)
     out.train.ckpt_dir = _abs(out.train.ckpt_dir, base)
     out.train.resume = _abs(out.train.resume, base)
     out.train.init_from = _abs(out.train.init_from, base)

@@ -167,19 +167,25 @@ def compute_lines(cfg: TurnoutConfig, res: dict[str, Any]) -> list[str]:
 def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
     """The end-of-run summary the user reads (printed by the launcher or torchrun rank 0)."""
     val, ent = res.get("final_val_loss"), res.get("unigram_entropy")
-    causal = res.get("final_val_loss_causal")
+    causal, bpb = res.get("final_val_loss_causal"), res.get("final_val_bpb")
     depth = res.get("final_depth_mean")
     rel = ""
     if val is not None and ent:
         rel = f"  ({100.0 * float(val) / float(ent):.0f}% of the unigram entropy)"
+    unit = "byte" if cfg.data.tokenizer == "byte" else "token"
     lines = [
         "",
         "turnout: training finished",
         f"  steps                  {res.get('steps', 'n/a')}",
-        f"  final train loss       {_fmt(res.get('final_train_loss'))} nats/byte",
-        f"  final val loss         {_fmt(val)} nats/byte{rel}",
+        f"  final train loss       {_fmt(res.get('final_train_loss'))} nats/{unit}",
+        f"  final val loss         {_fmt(val)} nats/{unit}{rel}",
         *(
-            [f"  val loss, causal MoD   {_fmt(causal)} nats/byte  (predictor decisions)"]
+            [f"  val bits per byte      {_fmt(bpb)}  (comparable across tokenizers)"]
+            if bpb is not None and math.isfinite(float(bpb))
+            else []
+        ),
+        *(
+            [f"  val loss, causal MoD   {_fmt(causal)} nats/{unit}  (predictor decisions)"]
             if causal is not None and math.isfinite(float(causal))
             else []
         ),
@@ -188,7 +194,7 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
             if depth is not None and math.isfinite(float(depth))
             else []
         ),
-        f"  corpus unigram entropy {_fmt(ent)} nats/byte",
+        f"  corpus unigram entropy {_fmt(ent)} nats/{unit}",
         f"  throughput             {_fmt(res.get('tokens_per_s'), ',.0f')} tokens/s",
         *compute_lines(cfg, res),
         f"  wall time              {_fmt(res.get('wall_s'), '.1f')} s",
@@ -236,11 +242,17 @@ def preflight(cfg: TurnoutConfig) -> Path:
 def prepare_data(cfg: TurnoutConfig) -> Path:
     """Tokenize the corpus once, on the launcher, and check the splits fit the run.
 
-    Raises ConfigError('data.corpus' / 'data.val_fraction') before any worker starts.
+    Raises ConfigError('data.*' / 'model.vocab_size') before any worker starts.
     """
-    from turnout.trainer.data import BatchSampler, open_tokens, prepare_corpus
+    from turnout.config.train import validate_vocab
+    from turnout.trainer.data import BatchSampler, open_tokens
+    from turnout.trainer.tokenize_stream import prepare_corpus
 
-    path = Path(prepare_corpus(cfg.data))
+    # Not in the config's own validation: a config that only builds a model (plan, tests,
+    # upcycling sources) may have any vocabulary; training on a corpus may not.
+    validate_vocab(cfg.data, cfg.model.vocab_size)
+
+    path = Path(prepare_corpus(cfg.data, cfg.model.vocab_size))
     # The samplers' own size checks, for every rank's shard (cheap: a memmap).
     data = open_tokens(path, cfg.data.val_fraction)
     BatchSampler(

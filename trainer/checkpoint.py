@@ -105,6 +105,9 @@ def save(
     _save_expert_slice(engine, run_dir / tmp_tag, groups)
     if rank == 0 and cfg is not None:
         (run_dir / tmp_tag / CONFIG_FILE).write_text(to_yaml(cfg))
+        from turnout.trainer import tokenizer_files
+
+        tokenizer_files.save(run_dir / tmp_tag, cfg)  # tokenizer.json beside config.yaml
     barrier()
     final = run_dir / tag
     if rank == 0:

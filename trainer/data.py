@@ -1,180 +1,34 @@
-"""Corpus -> memory-mapped byte tokens -> per-rank deterministic batches.
+"""Token cache -> memory-mapped train/val splits -> per-rank deterministic batches.
 
 Shape legend: B micro batch (sequences), S sequence length (tokens per window).
 
-``prepare_corpus`` runs once on the launcher side: it reads the corpus ('stdlib' = this
-Python's standard-library sources, or a user's text file / directory), tokenizes it
-with the byte-level tokenizer (one UTF-8 byte = one token, vocab 256) and writes a
-cache folder ``<cache_dir>/<fingerprint>/`` holding ``tokens.bin`` (uint8) and
-``meta.json``. The folder is written under a temporary name and renamed into place,
-so a killed run never leaves a half-written cache; an existing cache is reused.
-
-``open_tokens`` memory-maps it; the tail ``val_fraction`` of the token stream is the
-validation split. ``BatchSampler`` gives rank r of w random windows of S+1 tokens from
-its own contiguous shard of the training split; the windows are a pure function of
-(seed, rank, step, micro), so the data position is resumable from the step alone.
+The cache folder comes from :func:`turnout.trainer.tokenize_stream.prepare_corpus` (run
+once on the launcher). ``open_tokens`` memory-maps it: the tail ``val_fraction`` of the
+token stream is the validation split, or, for a pair folder (``data.val_corpus``), the
+second corpus is. It also counts the UTF-8 bytes the validation tokens stand for, the
+denominator of bits per byte. ``BatchSampler`` gives rank r of w random windows of S+1
+tokens from its own contiguous shard of the training split; the windows are a pure
+function of (seed, rank, step, micro), so the data position is resumable from the step.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
-import sys
-import sysconfig
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from turnout.config.train import DataConfig
 from turnout.errors import ConfigError
+from turnout.trainer.tokenize_stream import prepare_corpus
+
+__all__ = ["BatchSampler", "TokenData", "open_tokens", "prepare_corpus"]
 
 VOCAB_SIZE = 256
-CACHE_VERSION = 1
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idle_test"}
-_SEPARATOR = b"\n\n"
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
-    return files
-
-
-def _looks_binary(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return b"\0" in f.read(8192)
-    except OSError:
-        return True
-
-
-def _user_files(corpus: str) -> list[Path]:
-    path = Path(corpus).expanduser()
-    if not path.exists():
-        raise ConfigError("data.corpus", f"no such file or directory: {corpus}")
-    if path.is_file():
-        if not os.access(path, os.R_OK):
-            raise ConfigError("data.corpus", f"cannot read {corpus}")
-        if _looks_binary(path):
-            raise ConfigError("data.corpus", f"{corpus} is a binary file, not text")
-        return [path.resolve()]
-    if not path.is_dir():
-        raise ConfigError("data.corpus", f"{corpus} is neither a file nor a directory")
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            f = Path(dirpath) / name
-            if not name.startswith(".") and f.is_file() and not _looks_binary(f):
-                files.append(f.resolve())
-    if not files:
-        raise ConfigError("data.corpus", f"directory {corpus} holds no readable text files")
-    return files
-
-
-def corpus_files(cfg: DataConfig) -> list[Path]:
-    """The corpus's files in reading order (deterministic)."""
-    files = _stdlib_files() if cfg.corpus == "stdlib" else _user_files(cfg.corpus)
-    if not files:
-        raise ConfigError("data.corpus", f"no source files found for corpus {cfg.corpus!r}")
-    return files
-
-
-def fingerprint(cfg: DataConfig, files: list[Path]) -> str:
-    """Hash of what determines the tokens: file names, sizes, mtimes, max_bytes, tokenizer."""
-    h = hashlib.sha256()
-    h.update(f"v{CACHE_VERSION}|{cfg.tokenizer}|{cfg.max_bytes}|{cfg.corpus}".encode())
-    if cfg.corpus == "stdlib":
-        h.update(sys.version.encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:20]
-
-
-def _read_corpus(cfg: DataConfig, files: list[Path]) -> bytes:
-    limit = cfg.max_bytes or math.inf
-    parts: list[bytes] = []
-    total = 0
-    for f in files:
-        if total >= limit:
-            break
-        try:
-            data = f.read_bytes()
-        except OSError as e:
-            if cfg.corpus != "stdlib" and len(files) == 1:
-                raise ConfigError("data.corpus", f"cannot read {f}: {e.strerror}") from None
-            continue  # one unreadable file in a directory is skipped
-        if not data:
-            continue
-        if parts:
-            parts.append(_SEPARATOR)
-            total += len(_SEPARATOR)
-        parts.append(data)
-        total += len(data)
-    blob = b"".join(parts)
-    if cfg.max_bytes:
-        blob = blob[: cfg.max_bytes]
-    return blob
-
-
-# ----------------------------------------------------------------------------- cache
-
-
-def prepare_corpus(cfg: DataConfig) -> Path:
-    """Tokenize the corpus once into ``<cache_dir>/<fingerprint>/``; return that folder.
-
-    Reuses an existing cache. Raises ConfigError('data.corpus', ...) for a missing,
-    empty or unreadable corpus.
-    """
-    files = corpus_files(cfg)
-    key = fingerprint(cfg, files)
-    cache_root = Path(cfg.cache_dir).expanduser().resolve()
-    final = cache_root / key
-    if (final / "meta.json").is_file():
-        return final
-    blob = _read_corpus(cfg, files)
-    if not blob:
-        raise ConfigError("data.corpus", f"corpus {cfg.corpus!r} is empty")
-    # Byte-level tokenizer: the UTF-8 bytes are the token ids.
-    tokens = np.frombuffer(blob, dtype=np.uint8)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_root))
-    try:
-        tokens.tofile(tmp / "tokens.bin")
-        meta = {
-            "version": CACHE_VERSION,
-            "corpus": cfg.corpus,
-            "num_files": len(files),
-            "num_tokens": int(tokens.size),
-            "max_bytes": cfg.max_bytes,
-            "tokenizer": cfg.tokenizer,
-            "vocab_size": VOCAB_SIZE,
-            "dtype": "uint8",
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process renamed its copy first: keep theirs.
-            if not (final / "meta.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 @dataclass
@@ -185,23 +39,57 @@ class TokenData:
     val: np.ndarray
     vocab_size: int
     path: Path
+    val_bytes: int = 0
+    """UTF-8 bytes the validation tokens stand for (0 = unknown)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """The training cache's meta.json (tokenizer, fingerprint, counts)."""
+
+    @property
+    def val_tokens_per_byte(self) -> float:
+        """Converts nats/token into nats/byte; nan when the byte count is unknown."""
+        return self.val.size / self.val_bytes if self.val_bytes else math.nan
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((path / "meta.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise ConfigError("data.cache_dir", f"{path} is not a token cache ({e})") from None
+
+
+def _memmap(path: Path, meta: dict[str, Any]) -> np.ndarray:
+    dtype = np.dtype(meta.get("dtype", "uint8"))
+    return np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(meta["num_tokens"],))
+
+
+def _bytes_of(tokens: np.ndarray, path: Path, vocab_size: int) -> int:
+    table = path / "token_bytes.npy"
+    if not table.is_file():  # a byte cache of an older turnout
+        return int(tokens.size)
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size)
+    return int(counts @ np.load(table)[: counts.size])
 
 
 def open_tokens(path: str | os.PathLike, val_fraction: float = 0.02) -> TokenData:
-    """Memory-map a cache folder from :func:`prepare_corpus`; the tail is validation."""
+    """Memory-map a cache folder from ``prepare_corpus``; the tail (or the paired
+    validation corpus) is validation."""
     path = Path(path)
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError("data.cache_dir", f"{path} is not a token cache ({e})") from None
-    tokens = np.memmap(path / "tokens.bin", dtype=np.uint8, mode="r", shape=(meta["num_tokens"],))
-    n_val = max(1, int(round(tokens.size * val_fraction)))
-    return TokenData(
-        train=tokens[: tokens.size - n_val],
-        val=tokens[tokens.size - n_val :],
-        vocab_size=int(meta["vocab_size"]),
-        path=path,
-    )
+    meta = _meta(path)
+    if "train" in meta:  # data.val_corpus: a pair of caches
+        train_dir, val_dir = Path(meta["train"]), Path(meta["val"])
+        meta, val_meta = _meta(train_dir), _meta(val_dir)
+        train, val = _memmap(train_dir, meta), _memmap(val_dir, val_meta)
+        meta["val_corpus"], meta["val_fingerprint"] = val_meta["corpus"], val_meta["fingerprint"]
+    else:
+        val_dir = path
+        tokens = _memmap(path, meta)
+        n_val = max(1, int(round(tokens.size * val_fraction)))
+        train, val = tokens[: tokens.size - n_val], tokens[tokens.size - n_val :]
+    vocab = int(meta["vocab_size"])
+    from turnout.trainer import tokenizer_files
+
+    tokenizer_files.remember(train_dir if "train" in _meta(path) else path)
+    return TokenData(train, val, vocab, path, _bytes_of(val, val_dir, vocab), meta)
 
 
 def byte_unigram_entropy(tokens: np.ndarray, vocab_size: int = VOCAB_SIZE) -> float:
@@ -209,6 +97,40 @@ def byte_unigram_entropy(tokens: np.ndarray, vocab_size: int = VOCAB_SIZE) -> fl
     counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:
+    """A loss in nats per token as bits per UTF-8 byte: loss x tokens/bytes / ln 2."""
+    return nats_per_token * tokens_per_byte / math.log(2)
+
+
+def tracking_params(data: TokenData) -> dict[str, str]:
+    """What MLflow records about the data beyond the config: tokenizer, fingerprint, counts."""
+    m = data.meta
+    values = {
+        "corpus.fingerprint": m.get("fingerprint", ""),
+        "corpus.tokenizer": m.get("tokenizer", "byte"),
+        "corpus.tokenizer_digest": m.get("tokenizer_digest", ""),
+        "corpus.vocab_size": data.vocab_size,
+        "corpus.tokens": m.get("num_tokens", data.train.size + data.val.size),
+        "corpus.bytes": m.get("num_bytes", ""),
+        "corpus.documents": m.get("num_docs", ""),
+        "corpus.train_tokens": data.train.size,
+        "corpus.val_tokens": data.val.size,
+        "corpus.val_bytes": data.val_bytes,
+    }
+    if "val_fingerprint" in m:
+        values["corpus.val_fingerprint"] = m["val_fingerprint"]
+    return {k: str(v) for k, v in values.items()}
+
+
+def dataset_inputs(data: TokenData) -> dict[str, tuple[str, str]]:
+    """MLflow dataset inputs: context -> (corpus, fingerprint)."""
+    m = data.meta
+    out = {"training": (str(m.get("corpus", data.path)), str(m.get("fingerprint", "")))}
+    if "val_corpus" in m:
+        out["validation"] = (str(m["val_corpus"]), str(m["val_fingerprint"]))
+    return out
 
 
 # ----------------------------------------------------------------------------- batches

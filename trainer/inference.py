@@ -2,7 +2,8 @@
 
 Shape legend: B batch, S sequence.
 
-- :func:`sample_text`: the byte tokenizer (the prompt's UTF-8 bytes are its tokens),
+- :func:`sample_text`: the checkpoint's tokenizer (:mod:`turnout.trainer.tokenizer_files`;
+  bytes by default) encodes the prompt and decodes the output,
   :func:`turnout.models.decode.generate` through the KV caches, and what the decode
   steps cost: their tokens/s and the fraction of routed-block work the predictor
   skipped. The prompt's prefill is run once more on its own (same tokens, same
@@ -13,7 +14,8 @@ Shape legend: B batch, S sequence.
 - :func:`evaluate_model`: validation cross-entropy on the held-out tail of a corpus, with
   top-k and with causal MoD routing, over the windows the training run validated on
   (``train.eval_batches`` batches of ``micro_batch_size x num_workers`` windows, spread
-  evenly over the validation split), and the corpus's byte-unigram entropy.
+  evenly over the validation split), the same in bits per byte, and the corpus's
+  unigram entropy. The corpus is tokenized with the checkpoint's tokenizer.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from turnout.config.choices import Routing
 from turnout.errors import ConfigError
 from turnout.models import decode
 from turnout.models.lm import TransformerLM
-from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens, prepare_corpus
+from turnout.trainer.data import BatchSampler, bits_per_byte, byte_unigram_entropy, open_tokens
+from turnout.trainer.tokenize_stream import prepare_corpus
+from turnout.trainer.tokenizer import ByteTokenizer, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -59,18 +63,19 @@ class Sample:
         return self.new_tokens / self.decode_s if self.decode_s > 0 else math.nan
 
 
-def encode(text: str, max_seq_len: int) -> torch.Tensor:
-    """``tokens_1S`` of a prompt (byte tokenizer); ConfigError('--prompt') if it cannot fit."""
-    data = text.encode("utf-8")
-    if not data:
+def encode(text: str, max_seq_len: int, tokenizer: Tokenizer | None = None) -> torch.Tensor:
+    """``tokens_1S`` of a prompt (bytes by default); ConfigError('--prompt') if it cannot fit."""
+    tok = tokenizer or ByteTokenizer()
+    ids = tok.encode(text)
+    if not ids:
         raise ConfigError("--prompt", "must not be empty")
-    if len(data) > max_seq_len:
+    if len(ids) > max_seq_len:
         raise ConfigError(
             "--prompt",
-            f"{len(data)} bytes (tokens) is longer than the model's context "
+            f"{len(ids)} tokens ({tok.name}) is longer than the model's context "
             f"model.max_seq_len={max_seq_len}",
         )
-    return torch.tensor([list(data)], dtype=torch.long)
+    return torch.tensor([ids], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -81,13 +86,16 @@ def sample_text(
     temperature: float = 1.0,
     seed: int = 0,
     threshold: float | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Sample:
     """Sample a continuation of ``prompt``; ``max_new_tokens`` is cut to fit the context.
 
-    ``threshold``: the exit / halting threshold (default the config's)."""
+    ``threshold``: the exit / halting threshold (default the config's); ``tokenizer``:
+    the checkpoint's (default bytes)."""
+    tok = tokenizer or ByteTokenizer()
     limit = model.cfg.max_seq_len
     device = model.embed.weight.device
-    prompt_1S = encode(prompt, limit).to(device)
+    prompt_1S = encode(prompt, limit, tok).to(device)
     new = max(0, min(max_new_tokens, limit - prompt_1S.shape[1]))
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -123,7 +131,7 @@ def sample_text(
     else:
         depth = {}
     depth = {k: v for k, v in sorted(depth.items()) if v}
-    text = bytes(out.tokens_BS[0].tolist()).decode("utf-8", errors="replace")
+    text = tok.decode(out.tokens_BS[0].tolist())
     return Sample(text, new, max(total_s - prefill_s, 0.0), fraction, (processed, skipped), depth)
 
 
@@ -140,7 +148,10 @@ class Evaluation:
     """The same with causal MoD decisions and the exit / halting rule of decoding (nan
     without MoD, exit or ponder blocks)."""
     unigram_entropy: float
-    """Byte-unigram entropy of the corpus's training split (nats/token)."""
+    """Unigram entropy of the corpus's training split (nats/token)."""
+    bits_per_byte: float
+    """``loss`` in bits per UTF-8 byte of the validation split (comparable across
+    tokenizers)."""
     windows: int
     seq_len: int
     corpus: str
@@ -150,14 +161,21 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate_model(
-    model: TransformerLM, cfg: TurnoutConfig, corpus: str | None = None, batches: int | None = None
+    model: TransformerLM,
+    cfg: TurnoutConfig,
+    corpus: str | None = None,
+    batches: int | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Evaluation:
-    """Validation loss of ``model`` on ``corpus`` (default: the one it was trained on)."""
-    data_cfg = cfg.data if corpus is None else replace(cfg.data, corpus=corpus)
+    """Validation loss of ``model`` on ``corpus`` (default: the one it was trained on),
+    tokenized with ``tokenizer`` (default: resolved from ``cfg.data``)."""
+    data_cfg = cfg.data if corpus is None else replace(cfg.data, corpus=corpus, val_corpus="")
     n_batches = cfg.train.eval_batches if batches is None else batches
     if n_batches < 1:
         raise ConfigError("--batches", f"must be >= 1, got {n_batches}")
-    data = open_tokens(prepare_corpus(data_cfg), data_cfg.val_fraction)
+    data = open_tokens(
+        prepare_corpus(data_cfg, cfg.model.vocab_size, tokenizer), data_cfg.val_fraction
+    )
     seq_len = cfg.model.max_seq_len
     per_batch = cfg.train.micro_batch_size * cfg.launch.num_workers
     sampler = BatchSampler(data, seq_len, per_batch, 0, 1, cfg.train.seed, n_batches)
@@ -180,6 +198,7 @@ def evaluate_model(
         loss=losses[Routing.TOPK],
         loss_causal=losses.get(Routing.CAUSAL, math.nan),
         unigram_entropy=byte_unigram_entropy(data.train, data.vocab_size),
+        bits_per_byte=bits_per_byte(losses[Routing.TOPK], data.val_tokens_per_byte),
         windows=n_batches * per_batch,
         seq_len=seq_len,
         corpus=str(Path(data_cfg.corpus)) if data_cfg.corpus != "stdlib" else "stdlib",

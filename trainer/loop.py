@@ -51,7 +51,14 @@ from turnout.trainer.compute import (
     probe_peak_tflops,
     run_flops,
 )
-from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens
+from turnout.trainer.data import (
+    BatchSampler,
+    bits_per_byte,
+    byte_unigram_entropy,
+    dataset_inputs,
+    open_tokens,
+    tracking_params,
+)
 from turnout.trainer.depth_eval import depth_eval
 from turnout.trainer.engine import build_engine, use_bf16
 from turnout.trainer.load_view import LoadMonitor
@@ -85,6 +92,9 @@ class TrainResult:
     """MLflow run id (rank 0 with tracking enabled; '' otherwise)."""
     checkpoint: str
     """Folder of the final checkpoint."""
+    final_val_bpb: float = float("nan")
+    """final_val_loss in bits per UTF-8 byte of the validation split (comparable across
+    tokenizers): loss x val tokens / val bytes / ln 2."""
     final_val_loss_causal: float = float("nan")
     """Validation loss with causal MoD decisions (the predictor), as when sampling."""
     final_depth_mean: float = float("nan")
@@ -164,6 +174,8 @@ class Run:
     peak_tflops: float
     """Peak TFLOP/s of one rank (given or measured, the same on every rank)."""
     peak_measured: bool
+    val_tokens_per_byte: float = math.nan
+    """Tokens per UTF-8 byte of the validation split (bits per byte = loss x this / ln 2)."""
 
     @property
     def rank(self) -> int:
@@ -199,14 +211,17 @@ def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> Run:
     engine, scheduler = build_engine(model, cfg, groups)
     log.debug("rank %d: engine ready after %.1fs", rank, time.perf_counter() - t0)
     tracker = _start_tracking(cfg, rank, world)
+    tracker.log_corpus(tracking_params(data), dataset_inputs(data))
     log.debug("rank %d: tracking ready after %.1fs", rank, time.perf_counter() - t0)
     run_dir = Path(str(broadcast_object(str(_run_dir(cfg, tracker.run_id)) if rank == 0 else "")))
     peak, measured = _peak_tflops(cfg, world)
     log.debug("rank %d: peak %.3f TFLOP/s after %.1fs", rank, peak, time.perf_counter() - t0)
     flops = run_flops(cfg)
-    return Run(
+    run = Run(
         cfg, groups, engine, scheduler, sampler, tracker, run_dir, entropy, flops, peak, measured
     )
+    run.val_tokens_per_byte = data.val_tokens_per_byte
+    return run
 
 
 def _peak_tflops(cfg: TurnoutConfig, world: int) -> tuple[float, bool]:
@@ -271,19 +286,23 @@ class Validation:
     """The same with causal MoD decisions (the predictor); nan without MoD blocks."""
     depth_mean: float = math.nan
     """Early-exit / ponder models: blocks per token under the decode rule."""
+    bpb: float = math.nan
+    """``loss`` in bits per byte."""
 
 
 def _validate(run: Run, done: int, bar: Any) -> Validation:
     """Collective: validation loss(es) after step ``done``, logged."""
     batches = run.cfg.train.eval_batches
-    val = Validation(loss=evaluate(run.engine, run.sampler, batches, "topk"))
-    metrics = {"val_loss": val.loss}
+    loss = evaluate(run.engine, run.sampler, batches, "topk")
+    val = Validation(loss=loss, bpb=bits_per_byte(loss, run.val_tokens_per_byte))
+    metrics = {"val_loss": val.loss, "val_bpb": val.bpb}
     if run.cfg.model.depth_kind() is not None:  # exits / halting: the decode rule's depth
         causal, depth = depth_eval(run.engine, run.sampler, batches, run.cfg.model)
-        val = Validation(val.loss, causal, depth["val_depth_mean"])
+        val = Validation(val.loss, causal, depth["val_depth_mean"], val.bpb)
         metrics.update(depth, val_loss_causal=causal)
     elif run.cfg.model.uses_mod():
-        val = Validation(val.loss, evaluate(run.engine, run.sampler, batches, "causal"))
+        causal = evaluate(run.engine, run.sampler, batches, "causal")
+        val = Validation(val.loss, causal, bpb=val.bpb)
         metrics["val_loss_causal"] = val.loss_causal
     run.tracker.log_metrics(metrics, step=done)
     if bar is not None:
@@ -356,6 +375,7 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
         checkpoint=ckpt,
         final_val_loss_causal=val.loss_causal,
         final_depth_mean=val.depth_mean,
+        final_val_bpb=val.bpb,
         flops_per_token=run.flops.per_token,
         dense_flops_per_token=run.flops.dense_per_token,
         train_flops=end["train_flops"],

@@ -100,6 +100,31 @@ class Tracker:
             client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 90]])
         client.log_text(self.run_id, to_yaml(cfg), "config.yaml")
 
+    def log_corpus(self, params: dict[str, str], corpora: dict[str, tuple[str, str]]) -> None:
+        """Data params (tokenizer, fingerprint, token counts) and each corpus as an MLflow
+        dataset input: ``corpora`` maps a context ('training', 'validation') to the
+        corpus's (source, fingerprint)."""
+        if not self.active:
+            return
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Param
+
+        self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=Path(source).name or source,
+                    digest=digest,
+                    source_type="local",
+                    source=json.dumps({"uri": source}),
+                ),
+                tags=[InputTag("mlflow.data.context", context)],
+            )
+            for context, (source, digest) in corpora.items()
+        ]
+        self._client.log_inputs(self.run_id, datasets=inputs)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active or not metrics:
             return

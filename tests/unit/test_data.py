@@ -17,8 +17,8 @@ from turnout.trainer.data import (
     TokenData,
     byte_unigram_entropy,
     open_tokens,
-    prepare_corpus,
 )
+from turnout.trainer.tokenize_stream import prepare_corpus
 
 pytestmark = pytest.mark.unit
 
@@ -40,8 +40,8 @@ def test_file_corpus_cached_once_and_reused(tmp_path: Path) -> None:
     path = prepare_corpus(cfg)
     tokens_file = path / "tokens.bin"
     stamp = tokens_file.stat().st_mtime_ns
-    # Byte-level tokenizer: the tokens are the UTF-8 bytes.
-    assert np.fromfile(tokens_file, dtype=np.uint8).tobytes() == text.encode()
+    # Byte-level tokenizer: the tokens are the UTF-8 bytes, then the EOD byte 0.
+    assert np.fromfile(tokens_file, dtype=np.uint8).tobytes() == text.encode() + b"\0"
     assert prepare_corpus(cfg) == path
     assert tokens_file.stat().st_mtime_ns == stamp  # reused, not rewritten
     # Only the finished cache folder is there: no temporary leftovers.
@@ -77,9 +77,8 @@ def test_directory_corpus_reads_text_files_in_order(tmp_path: Path) -> None:
     (d / ".hidden").write_text("skip me")
     (d / "blob.bin").write_bytes(b"\x00\x01binary")
     path = prepare_corpus(_cfg(tmp_path, d))
-    assert np.fromfile(path / "tokens.bin", dtype=np.uint8).tobytes() == (
-        b"first\n\nsecond\n\nthird"
-    )
+    # Each document ends with the byte tokenizer's end-of-document token, byte 0.
+    assert np.fromfile(path / "tokens.bin", dtype=np.uint8).tobytes() == (b"first\0second\0third\0")
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty-file", "empty-dir", "binary-only-dir"])
@@ -119,8 +118,9 @@ def test_val_split_is_the_disjoint_tail(tmp_path: Path) -> None:
     f = tmp_path / "a.txt"
     f.write_bytes(_random_text(10000))
     data = open_tokens(prepare_corpus(_cfg(tmp_path, f)), val_fraction=0.05)
-    assert data.val.size == 500 and data.train.size == 9500
-    assert data.train.tobytes() + data.val.tobytes() == f.read_bytes()
+    assert data.val.size == 500 and data.train.size == 9501  # 10000 bytes + EOD
+    assert data.train.tobytes() + data.val.tobytes() == f.read_bytes() + b"\0"
+    assert data.val_bytes == 500 and data.val_tokens_per_byte == 1.0
     sampler = BatchSampler(data, seq_len=16, micro_batch=4, rank=0, world=2, seed=1, eval_batches=3)
     val, train = data.val.tobytes(), data.train.tobytes()
     for i in range(3):
@@ -168,6 +168,6 @@ def test_unigram_entropy_matches_the_formula(tmp_path: Path) -> None:
     # Four equiprobable bytes: ln 4. Computed on the training split only (val = tail).
     f = tmp_path / "c.txt"
     f.write_bytes(b"abcd" * 100 + b"zzzzzzzzzz")
-    data = open_tokens(prepare_corpus(_cfg(tmp_path, f)), val_fraction=10 / 410)
-    assert data.val.tobytes() == b"z" * 10
+    data = open_tokens(prepare_corpus(_cfg(tmp_path, f)), val_fraction=11 / 411)
+    assert data.val.tobytes() == b"z" * 10 + b"\0"
     assert byte_unigram_entropy(data.train) == pytest.approx(math.log(4))

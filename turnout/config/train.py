@@ -12,16 +12,33 @@ from turnout.errors import ConfigError
 @dataclass
 class DataConfig:
     corpus: str = "stdlib"
-    """'stdlib' (this Python's own standard-library sources, on disk everywhere) or a
-    path to a text file or a directory of text files."""
+    """'stdlib' (this Python's own standard-library sources, on disk everywhere), or a
+    text file, a folder, a JSONL / JSONL.gz / Parquet file, or a glob of them
+    ('/data/shard-*.parquet'); the format follows each file's suffix."""
+    text_field: str = "text"
+    """The JSON field / Parquet column holding a document's text."""
+    val_corpus: str = ""
+    """A separate validation corpus (same forms as data.corpus); '' = hold out the tail
+    data.val_fraction of data.corpus."""
     max_bytes: int = 16_000_000
     """Read at most this many bytes of the corpus (0 = all)."""
     val_fraction: float = 0.02
-    """Fraction of the token stream held out for validation (the tail)."""
+    """Fraction of the token stream held out for validation (the tail), without
+    data.val_corpus."""
     cache_dir: str = ".turnout_cache"
-    """Where the memory-mapped token cache is written (keyed by a corpus fingerprint)."""
+    """Where the memory-mapped token cache (and a trained BPE) is written, keyed by a
+    corpus fingerprint."""
     tokenizer: str = "byte"
-    """Tokenizer; 'byte' maps each UTF-8 byte to one token (vocab 256)."""
+    """'byte' (each UTF-8 byte is a token, vocab 256), 'bpe' (a byte-level BPE of
+    model.vocab_size tokens trained on the corpus, cached), or a path to a Hugging Face
+    tokenizer.json."""
+    eod_token: str = ""
+    """The end-of-document token of a tokenizer.json ('' = the first of <|endoftext|>,
+    </s>, <|end_of_text|>, <eos> it has). 'byte' uses byte 0, 'bpe' <|endoftext|>."""
+    bpe_train_bytes: int = 100_000_000
+    """data.tokenizer=bpe learns its merges from at most this many bytes of the corpus."""
+    workers: int = 0
+    """Tokenizer processes, one shard each at a time (0 = one per CPU core)."""
 
 
 @dataclass
@@ -105,8 +122,30 @@ def validate_data(cfg: DataConfig) -> None:
         raise ConfigError("data.max_bytes", f"must be >= 0, got {cfg.max_bytes}")
     if not (0.0 < cfg.val_fraction < 0.5):
         raise ConfigError("data.val_fraction", f"must be in (0, 0.5), got {cfg.val_fraction}")
-    if cfg.tokenizer != "byte":
-        raise ConfigError("data.tokenizer", f"only 'byte' is supported, got {cfg.tokenizer!r}")
+    if not cfg.tokenizer.strip():
+        raise ConfigError("data.tokenizer", "must be 'byte', 'bpe' or a tokenizer.json path")
+    if not cfg.text_field:
+        raise ConfigError("data.text_field", "must not be empty")
+    for name in ("bpe_train_bytes", "workers"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"data.{name}", f"must be >= 0, got {getattr(cfg, name)}")
+
+
+def validate_vocab(cfg: DataConfig, vocab_size: int) -> None:
+    """The checks of model.vocab_size that need no file: byte needs its 256 ids (more are
+    allowed and never produced: a padded head, or a planner's what-if), a BPE needs its
+    256-byte alphabet, the end-of-document token and some merges."""
+    if cfg.tokenizer == "byte" and vocab_size < 256:
+        raise ConfigError(
+            "model.vocab_size",
+            f"data.tokenizer=byte needs 256 token ids, got vocab_size {vocab_size}",
+        )
+    if cfg.tokenizer == "bpe" and not (512 <= vocab_size <= 2**31 - 1):
+        raise ConfigError(
+            "model.vocab_size",
+            f"data.tokenizer=bpe learns model.vocab_size tokens; {vocab_size} is too small "
+            "(at least 512, e.g. 8192)",
+        )
 
 
 def validate_train(cfg: TrainConfig) -> None:
