@@ -11,7 +11,9 @@ the sweep (fixed T, so fixed active FLOPs) it times, in the same processes:
   FLOPs of the layer, no padding, one weight set) plus four raw ``all_to_all_single``
   calls of those rows (two forward, two backward).
 
-Times are the median per-step wall time over ``--iters`` steps, max over ranks. Goals
+Contenders are timed in interleaved rounds (one step of each per round, so load from
+other processes hits all alike); a time is the median over ``--iters`` rounds of the
+per-step wall time, max over ranks; ``noise`` is the worst IQR/median of the row. Goals
 (issue 9 item 6) are checked at the end: ours >= 1.25x DeepSpeed in each mode at every
 E; ours within 1.15x of the limit at every E; ours flat within 15% from the smallest to
 the largest E.
@@ -47,30 +49,52 @@ NEAR_LIMIT = 1.15  # ours / limit goal
 FLAT = 1.15  # ours at E_max / ours at E_min goal
 
 
-def _time(fn: Callable[[], None], params: list[nn.Parameter], iters: int, warmup: int) -> float:
+Step = Callable[[], None]
+
+
+def _step(fn: Step, params: list[nn.Parameter]) -> Step:
+    """``fn`` with the gradients reset to None first, as a training step sees them."""
+
     def step() -> None:
         for p in params:
             p.grad = None
         fn()
 
+    return step
+
+
+def _time_rounds(steps: dict[str, Step], iters: int, warmup: int) -> dict[str, list[float]]:
+    """Interleaved timing: each round times one step of every contender, in turn.
+
+    Load from other processes on a shared machine then hits all contenders alike
+    instead of whichever ran during a busy spell. Each sample is the max over ranks.
+    """
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(iters):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+        for name, step in steps.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            times[name].append(float(t.item()))
+    return times
 
 
-def _ours(args: argparse.Namespace, E: int, dropless: bool, x, gy, groups) -> float:
+def _spread(xs: list[float]) -> float:
+    """Interquartile range over the median: the run-to-run noise of one contender."""
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return (q[2] - q[0]) / q[1]
+
+
+def _ours(args: argparse.Namespace, E: int, dropless: bool, x, gy, groups) -> Step:
     from turnout.config.model import MoEConfig
     from turnout.models.moe import MoELayer
     from turnout.parallel.expert_parallel import install_expert_parallel
@@ -85,10 +109,10 @@ def _ours(args: argparse.Namespace, E: int, dropless: bool, x, gy, groups) -> fl
         y, aux = layer(x)
         torch.autograd.backward([y, aux.load_balance], [gy, one])
 
-    return _time(run, list(layer.parameters()) + [x], args.iters, args.warmup)
+    return _step(run, list(layer.parameters()) + [x])
 
 
-def _deepspeed(args: argparse.Namespace, E: int, dropless: bool, x, gy) -> float:
+def _deepspeed(args: argparse.Namespace, E: int, dropless: bool, x, gy) -> Step:
     from deepspeed.moe.layer import MoE
 
     torch.manual_seed(0)
@@ -111,10 +135,10 @@ def _deepspeed(args: argparse.Namespace, E: int, dropless: bool, x, gy) -> float
         y, l_aux, _ = layer(x)
         torch.autograd.backward([y, l_aux], [gy, one])
 
-    return _time(run, list(layer.parameters()) + [x], args.iters, args.warmup)
+    return _step(run, list(layer.parameters()) + [x])
 
 
-def _limit(args: argparse.Namespace, T: int, dev: torch.device, groups) -> float:
+def _limit(args: argparse.Namespace, T: int, dev: torch.device, groups) -> Step:
     rows = T * args.k
     dense = SwiGLU(args.d, args.ffn).to(dev)
     xr = torch.randn(rows, args.d, device=dev, requires_grad=True)
@@ -128,7 +152,7 @@ def _limit(args: argparse.Namespace, T: int, dev: torch.device, groups) -> float
         dist.all_to_all_single(out, gr, group=groups.ep_group)
         dist.all_to_all_single(out, gr, group=groups.ep_group)
 
-    return _time(run, list(dense.parameters()) + [xr], args.iters, args.warmup)
+    return _step(run, list(dense.parameters()) + [xr])
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
@@ -153,7 +177,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         f"d={args.d} ffn={args.ffn} k={args.k} cf={args.cf} T/rank={T} ranks={world} "
         f"backend={dist.get_backend()} device={dev.type} threads/rank={torch.get_num_threads()} "
         f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')} "
-        f"iters={args.iters} (median, max over ranks; seconds per fwd+bwd step)"
+        f"iters={args.iters} (interleaved rounds; median of max over ranks; s per fwd+bwd step; "
+        "noise = worst IQR/median)"
     )
     say(
         f"{'E':>4} {'cap':>7} {'drop':>7} {'ds_cap':>7} {'ds_drop':>7} {'limit':>7} "
@@ -164,19 +189,23 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         x = torch.randn(T, args.d, device=dev, requires_grad=True)
         gy = torch.randn(T, args.d, device=dev)
-        r = dict(
-            E=E,
+        steps = dict(
             cap=_ours(args, E, False, x, gy, groups),
             drop=_ours(args, E, True, x, gy, groups),
             ds_cap=_deepspeed(args, E, False, x, gy),
             ds_drop=_deepspeed(args, E, True, x, gy),
             lim=_limit(args, T, dev, groups),
         )
+        times = _time_rounds(steps, args.iters, args.warmup)
+        del steps
+        r: dict = {k: statistics.median(v) for k, v in times.items()}
+        r["E"] = E
+        r["noise"] = max(_spread(v) for v in times.values())
         rows.append(r)
         say(
             f"{E:>4} {r['cap']:7.3f} {r['drop']:7.3f} {r['ds_cap']:7.3f} {r['ds_drop']:7.3f} "
             f"{r['lim']:7.3f} {r['ds_cap'] / r['cap']:7.2f} {r['ds_drop'] / r['drop']:7.2f} "
-            f"{r['cap'] / r['lim']:7.2f} {r['drop'] / r['lim']:8.2f}",
+            f"{r['cap'] / r['lim']:7.2f} {r['drop'] / r['lim']:8.2f} {r['noise']:6.0%}",
             flush=True,
         )
     if rank == 0:
@@ -222,13 +251,13 @@ def main() -> None:
     p.add_argument("--cf", type=float, default=1.25)
     p.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=7, help="interleaved timing rounds")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     p.add_argument("--no-thp", action="store_true", help="leave THP_MEM_ALLOC_ENABLE unset")
     args = p.parse_args()
     if args.quick:
-        args.d, args.ffn, args.tokens, args.experts, args.iters = 256, 512, 1024, [8, 32], 3
+        args.d, args.ffn, args.tokens, args.experts, args.iters = 256, 512, 1024, [8, 32], 5
     if not args.no_thp:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by the spawned ranks
     mp.spawn(_worker, args=(2, free_port(), args), nprocs=2, join=True)
