@@ -17,6 +17,7 @@ import torch
 from tests.spawn import run_ranks
 from tests.tiny import tiny_mode_cfg
 from turnout.config.model import MoEConfig
+from turnout.models import ops
 from turnout.models.lm import TransformerLM
 from turnout.models.moe import MoELayer
 from turnout.models.terms import Term
@@ -158,8 +159,14 @@ def test_edge_cases_really_happen(world2: list[dict]) -> None:
     layer, xs, _ = _build(SCENARIOS_W2["dl_fewer_tokens"])
     assert world2[0]["dl_fewer_tokens"]["rows"] == 2 * xs[0].shape[0]
     assert world2[1]["dl_fewer_tokens"]["rows"] == 2 * xs[1].shape[0]
-    # Capacity mode pads to the group's largest capacity: C = ceil(1.0 * 12 * 2 / 4) = 6.
-    assert world2[1]["cap_fewer_tokens"]["rows"] == E * 6
+    # Capacity mode ships only kept rows too (no padding to the group's largest capacity
+    # C = ceil(1.0 * 12 * 2 / 4) = 6): sent rows == this rank's kept assignments.
+    layer, xs, _ = _build(SCENARIOS_W2["cap_fewer_tokens"])
+    for r, x in enumerate(xs):
+        cap = layer.capacity(x.shape[0])
+        plan = ops.moe_plan(layer.router_logits(x), 2, cap, layer.cfg.gates_normalized(), E)
+        assert world2[r]["cap_fewer_tokens"]["rows"] == int(plan.keep_TK.sum())
+    assert world2[1]["cap_fewer_tokens"]["rows"] < E * 6
 
 
 def test_layer_matches_reference_world4_dp2_ep2() -> None:
@@ -223,8 +230,9 @@ def test_mode_under_ep_only_chosen_tokens_travel() -> None:
             assert int(got["counts"].sum()) == chosen * 2
             if cf is None:
                 assert got["rows"] == chosen * 2
-            else:  # C from the chosen tokens: ceil(1.25 * 4 * 2 / 4) = 3, not from B*S
-                assert got["rows"] == 4 * 3
+            else:  # C from the chosen tokens: ceil(1.25 * 4 * 2 / 4) = 3, not from B*S;
+                # only kept rows travel: min(count, C) per expert.
+                assert got["rows"] == int(got["counts"].clamp(max=3).sum()) <= 4 * 3
             off, cnt = lay.expert_slice(rank, 4)
             for name, g in got["grads"].items():
                 if ".experts." in name:
