@@ -16,6 +16,7 @@ from turnout.config.train import (
     TrackingConfig,
     TrainConfig,
     validate_data,
+    validate_tracking,
     validate_train,
 )
 from turnout.errors import ConfigError
@@ -67,3 +68,4 @@ def validate(cfg: TurnoutConfig) -> None:
         raise ConfigError("parallel.backend", "nccl needs launch.use_gpu=true")
     validate_data(cfg.data)
     validate_train(cfg.train)
+    validate_tracking(cfg.tracking)

@@ -63,6 +63,9 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one rank's device, the denominator of the MFU (0 = measure it once
     at start with a short matmul probe on each rank's device)."""
+    max_consecutive_skipped_steps: int = 10
+    """Stop every rank when more optimizer steps than this in a row are skipped
+    (non-finite gradients: the model is diverging); skipped steps are logged."""
 
 
 @dataclass
@@ -75,6 +78,14 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: str = ""
     """MLflow run name ('' = generated)."""
+    run_id: str = ""
+    """Append to this existing MLflow run ('' = a new run, or the run recorded in the
+    train.resume checkpoint). Set by the launcher for its workers."""
+    flush_timeout_s: float = 30.0
+    """At the end of a run, wait at most this long for the MLflow store to take the
+    queued metrics; the rest go to a local file named in a warning."""
+    system_metrics: bool = True
+    """Log MLflow system metrics (CPU, memory, GPU) from one process per node."""
 
 
 def validate_data(cfg: DataConfig) -> None:
@@ -84,6 +95,13 @@ def validate_data(cfg: DataConfig) -> None:
         raise ConfigError("data.val_fraction", f"must be in (0, 0.5), got {cfg.val_fraction}")
     if cfg.tokenizer != "byte":
         raise ConfigError("data.tokenizer", f"only 'byte' is supported, got {cfg.tokenizer!r}")
+
+
+def validate_tracking(cfg: TrackingConfig) -> None:
+    if not (0 <= cfg.flush_timeout_s < math.inf):  # also rejects nan
+        raise ConfigError(
+            "tracking.flush_timeout_s", f"must be >= 0 seconds, got {cfg.flush_timeout_s}"
+        )
 
 
 def validate_train(cfg: TrainConfig) -> None:
@@ -103,6 +121,11 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError("train.betas", f"must be two numbers in [0, 1), got {list(cfg.betas)}")
     if not (0 <= cfg.peak_tflops < math.inf):  # also rejects nan
         raise ConfigError("train.peak_tflops", f"must be >= 0, got {cfg.peak_tflops}")
+    if cfg.max_consecutive_skipped_steps < 0:
+        raise ConfigError(
+            "train.max_consecutive_skipped_steps",
+            f"must be >= 0, got {cfg.max_consecutive_skipped_steps}",
+        )
     if cfg.grad_clip < 0:
         raise ConfigError("train.grad_clip", f"must be >= 0, got {cfg.grad_clip}")
     if cfg.precision not in Precision.values():
