@@ -47,7 +47,12 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
-_NOISY_LOGGERS = ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils")
+_NOISY_LOGGERS = (
+    "alembic",
+    "alembic.runtime.migration",
+    "mlflow.store.db.utils",
+    "mlflow.system_metrics.system_metrics_monitor",
+)
 
 
 def quiet_mlflow() -> None:
