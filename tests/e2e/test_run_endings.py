@@ -1,5 +1,10 @@
-"""Ctrl-C on ``turnout train``: every worker stops within seconds, one line, exit 130,
-the MLflow run is KILLED, and no process of the job is left behind.
+"""How ``turnout train`` ends when it does not finish, and what MLflow says about it.
+
+- Ctrl-C: every worker stops within seconds, one line, exit 130, the MLflow run is
+  KILLED, and no process of the job is left behind.
+- A diverging run (train.lr=50: DeepSpeed skips step after step for non-finite
+  gradients while the loss stays finite) stops with one line naming
+  ``train.max_consecutive_skipped_steps``, exit 1, and the run is FAILED.
 
 The interrupt is sent as a terminal sends it: SIGINT to the whole foreground process
 group (the driver leads its own session here). The job's processes are every
@@ -97,7 +102,9 @@ def test_ctrl_c_stops_every_process_and_marks_the_run_killed(tmp_path: Path) -> 
         time.sleep(0.2)
         left = _alive(job)
     gone_s = time.monotonic() - t0
-    print(f"Ctrl-C: driver exited after {exit_s:.1f} s, every job process gone after {gone_s:.1f} s")
+    print(
+        f"Ctrl-C: driver exited after {exit_s:.1f} s, every job process gone after {gone_s:.1f} s"
+    )
     assert not left, f"left behind after {gone_s:.1f} s: {left}"
     assert train.returncode == 130, out + err
     assert "Traceback" not in out + err
@@ -105,3 +112,37 @@ def test_ctrl_c_stops_every_process_and_marks_the_run_killed(tmp_path: Path) -> 
     assert len(lines) == 1 and lines[0].startswith("turnout: interrupted"), err
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "KILLED"
+
+
+def test_diverging_run_stops_with_one_line_and_a_failed_run(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("RAY_ADDRESS", None)
+    exe = str(Path(sys.executable).with_name("turnout"))
+    args = [
+        "train.steps=40",
+        "train.lr=50",
+        "train.min_lr=1",
+        "train.max_consecutive_skipped_steps=3",
+        *[a for a in RUN if not a.startswith(("train.steps", "tracking.experiment"))],
+        "tracking.experiment=diverge",
+    ]
+    proc = subprocess.run(
+        [exe, "train", "tiny", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("turnout: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "optimizer steps in a row skipped" in errors[0]
+    assert "train.max_consecutive_skipped_steps=3" in errors[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("diverge")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["skipped_steps"] >= 1  # logged before the stop
