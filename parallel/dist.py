@@ -41,7 +41,7 @@ class CollectiveError(RunError):
         self.name = name
         self.detail = detail
 
-    def __reduce__(self) -> tuple[type[CollectiveError], tuple[str, str]]:  # type: ignore[override]
+    def __reduce__(self) -> tuple[type[CollectiveError], tuple[str, str]]:
         return (type(self), (self.name, self.detail))
 
 
