@@ -204,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from turnout.launch.tracked_run import open_tracked_run
     from turnout.launch.worker import format_summary
 
-    cfg, tracked = open_tracked_run(cfg)
+    tracked = open_tracked_run(cfg)
     where = cfg.launch.address or os.environ.get("RAY_ADDRESS") or "an embedded local Ray cluster"
     print(
         f"turnout: {cfg.launch.num_workers} worker(s) on {where}; "
@@ -212,7 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        res = run_ray(cfg, data_path)
+        res = run_ray(cfg, data_path, tracked.run_id)
     except WorkerError as e:  # a config error only a worker could find still exits 2
         tracked.end("FAILED")
         print(error_line(e.text()), file=sys.stderr)

@@ -148,7 +148,7 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     try:
-        res = run_worker(cfg, config["data_path"])
+        res = run_worker(cfg, config["data_path"], config["run_id"])
     except Exception as e:
         # Ray hands this exception object (pickled) to the driver, in
         # TrainingFailedError.worker_failures[rank]: no text to parse there.
@@ -229,8 +229,10 @@ def _init_ray(cfg: TurnoutConfig) -> bool:
     return embedded
 
 
-def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
+def run_ray(cfg: TurnoutConfig, data_path: Path, run_id: str = "") -> dict[str, Any]:
     """Train ``cfg`` (paths already absolute) on Ray; returns rank 0's TrainResult dict.
+
+    ``run_id``: the MLflow run the launcher opened for the job ('' = rank 0 opens one).
 
     Raises :class:`WorkerError` (see :func:`find_worker_error`) when training fails.
     """
@@ -269,6 +271,7 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
             train_loop_config={
                 "cfg": cfg,
                 "data_path": str(data_path),
+                "run_id": run_id,
                 "cwd": os.getcwd(),
                 "log_dir": str(log_dir),
             },

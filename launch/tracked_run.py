@@ -3,14 +3,13 @@
 :func:`open_tracked_run` opens the run (a new one, or the one the ``train.resume``
 checkpoint recorded; see :mod:`turnout.trainer.tracking_store`) on the launcher, so an
 unreachable store is one line naming ``tracking.uri`` before Ray starts, and returns
-the config the workers get, with ``tracking.run_id`` set: rank 0 attaches to that run
-and only logs. :meth:`TrackedRun.end` marks it FINISHED, FAILED (any failure, a killed
-worker included) or KILLED (Ctrl-C), waiting a bounded time for the store.
+its id, which the workers get: rank 0 attaches to that run and only logs.
+:meth:`TrackedRun.end` marks it FINISHED, FAILED (any failure, a killed worker
+included) or KILLED (Ctrl-C), waiting a bounded time for the store.
 """
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass
 
@@ -42,10 +41,10 @@ class TrackedRun:
             )
 
 
-def open_tracked_run(cfg: TurnoutConfig) -> tuple[TurnoutConfig, TrackedRun]:
-    """Open the job's MLflow run on the launcher; the workers' config names it."""
+def open_tracked_run(cfg: TurnoutConfig) -> TrackedRun:
+    """Open the job's MLflow run on the launcher (run_id '' when tracking is off)."""
     if not cfg.tracking.enabled:
-        return cfg, TrackedRun(cfg.tracking.uri, "")
+        return TrackedRun(cfg.tracking.uri, "")
     from turnout.trainer.tracking_store import open_run
 
     try:
@@ -57,6 +56,4 @@ def open_tracked_run(cfg: TurnoutConfig) -> tuple[TurnoutConfig, TrackedRun]:
         raise RunError(
             f"cannot open the MLflow store {cfg.tracking.uri!r}: {first}", key="tracking.uri"
         ) from None
-    out = copy.deepcopy(cfg)
-    out.tracking.run_id = run_id
-    return out, TrackedRun(cfg.tracking.uri, run_id)
+    return TrackedRun(cfg.tracking.uri, run_id)

@@ -63,16 +63,15 @@ def init_process_group(cfg: TurnoutConfig) -> tuple[int, int]:
     return init_distributed(backend, cfg.parallel.timeout_s)
 
 
-def train_on_group(cfg: TurnoutConfig, data_path: Path, owns_run: bool = True) -> dict[str, Any]:
+def train_on_group(cfg: TurnoutConfig, data_path: Path, attach_to: str = "") -> dict[str, Any]:
     """Build the parallel groups once and train; returns the TrainResult as a dict.
 
-    ``owns_run=False``: the launcher opened the MLflow run (``tracking.run_id``) and
-    ends it."""
+    ``attach_to``: the MLflow run the launcher opened (and ends); '' = rank 0 opens it."""
     from turnout.parallel.groups import build_groups
     from turnout.trainer.loop import train
 
     groups = build_groups(cfg.parallel.ep_size)
-    return result_to_dict(train(cfg, data_path, groups, owns_run=owns_run))
+    return result_to_dict(train(cfg, data_path, groups, attach_to=attach_to))
 
 
 def destroy_process_group() -> None:
@@ -82,14 +81,14 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def run_worker(cfg: TurnoutConfig, data_path: Path | str) -> dict[str, Any]:
+def run_worker(cfg: TurnoutConfig, data_path: Path | str, run_id: str = "") -> dict[str, Any]:
     """Ray Train worker: process group (from the rendezvous environment Ray set), parallel
-    groups, train; returns the TrainResult as a dict. The launcher owns the MLflow run
-    when it named one (``tracking.run_id``)."""
+    groups, train; returns the TrainResult as a dict. ``run_id``: the MLflow run the
+    launcher opened (rank 0 logs to it; the launcher ends it)."""
     quiet_worker(cfg)
     init_process_group(cfg)
     try:
-        return train_on_group(cfg, Path(data_path), owns_run=not cfg.tracking.run_id)
+        return train_on_group(cfg, Path(data_path), attach_to=run_id)
     finally:
         destroy_process_group()
 

@@ -24,7 +24,6 @@ once (``turnout.parallel.groups.build_groups``). It reads top-down:
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import logging
 import math
@@ -60,6 +59,7 @@ from turnout.trainer.metrics import StatsAccumulator
 from turnout.trainer.skips import SkipCounter
 from turnout.trainer.step import NonFiniteLossError, evaluate, run_step
 from turnout.trainer.tracking import Tracker
+from turnout.trainer.tracking_store import record_run_id
 from turnout.trainer.tracking_system import SystemMetrics
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
@@ -123,13 +123,13 @@ def _run_dir(cfg: TurnoutConfig, run_id: str) -> Path:
     return Path(cfg.train.ckpt_dir).expanduser().resolve() / f"{name}-{stamp}-{suffix}"
 
 
-def _start_tracking(cfg: TurnoutConfig, rank: int, world: int, owns_run: bool) -> Tracker:
+def _start_tracking(cfg: TurnoutConfig, rank: int, world: int, attach_to: str) -> Tracker:
     """Collective: rank 0 opens (or attaches to) the MLflow run; if that fails, every rank
     raises together."""
     error = ""
     tracker: Tracker | None = None
     try:
-        tracker = Tracker(cfg, rank, world, owns_run=owns_run)
+        tracker = Tracker(cfg, rank, world, attach_to=attach_to)
     except Exception as e:  # an unreachable server, a bad store: stop all ranks, not just 0
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         error = f"cannot open the MLflow store {cfg.tracking.uri!r}: {first}"
@@ -184,13 +184,9 @@ class Run:
         return t.micro_batch_size * t.grad_accum * self.cfg.model.max_seq_len * self.world
 
 
-def setup(
-    cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, owns_run: bool = True
-) -> Run:
-    """Collective: data, model (expert-parallel when ``groups`` say so), engine, MLflow run.
-
-    The run's config carries the MLflow run id (``tracking.run_id``) from here on, so
-    its checkpoints name the run that a resume appends to."""
+def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, attach_to: str = "") -> Run:
+    """Collective: data, model (expert-parallel when ``groups`` say so), engine, MLflow run
+    (opened here, or the launcher's run ``attach_to``)."""
     t0 = time.perf_counter()
     rank, world = groups.rank, groups.world
     t = cfg.train
@@ -205,11 +201,9 @@ def setup(
     log.debug("rank %d: data and model ready after %.1fs", rank, time.perf_counter() - t0)
     engine, scheduler = build_engine(model, cfg, groups)
     log.debug("rank %d: engine ready after %.1fs", rank, time.perf_counter() - t0)
-    tracker = _start_tracking(cfg, rank, world, owns_run)
+    tracker = _start_tracking(cfg, rank, world, attach_to)
     log.debug("rank %d: tracking ready after %.1fs", rank, time.perf_counter() - t0)
     run_id = str(broadcast_object(tracker.run_id if rank == 0 else "", name="run id"))
-    cfg = copy.deepcopy(cfg)
-    cfg.tracking.run_id = run_id
     system = SystemMetrics(cfg, run_id)
     here = str(_run_dir(cfg, run_id)) if rank == 0 else ""
     run_dir = Path(str(broadcast_object(here, name="run folder")))
@@ -309,19 +303,21 @@ def _checkpoint(run: Run, done: int) -> str:
     t0 = time.perf_counter()
     folder = checkpoint.save(run.engine, run.run_dir, done, state, run.groups, run.cfg)
     log.debug("rank %d: checkpoint %.1fs", run.rank, time.perf_counter() - t0)
+    if run.tracker.run_id:  # rank 0: the run a resume from this folder appends to
+        record_run_id(run.run_dir, run.tracker.run_id)
     run.tracker.log_checkpoint(str(folder), done)
     return str(folder)
 
 
 def train(
-    cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, owns_run: bool = True
+    cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, attach_to: str = ""
 ) -> TrainResult:
     """Train on every rank (collective); see the module docstring.
 
-    ``owns_run=False``: the launcher opened the MLflow run (``tracking.run_id``) and ends
-    it; rank 0 only logs to it."""
+    ``attach_to``: the id of the MLflow run the launcher opened (and ends); rank 0 only
+    logs to it. '' (default): rank 0 opens and ends the run."""
     t_start = time.perf_counter()
-    run = setup(cfg, data_path, groups, owns_run)
+    run = setup(cfg, data_path, groups, attach_to)
     t = cfg.train
     stats = StatsAccumulator()
     skips = SkipCounter(t.max_consecutive_skipped_steps)

@@ -59,17 +59,15 @@ def _warn(line: str) -> None:
 class Tracker:
     """MLflow on rank 0 (no-op elsewhere or when disabled).
 
-    ``owns_run``: open the run here (a new one, or ``tracking.run_id`` / the resumed
-    checkpoint's run reopened) and end it in :meth:`finish`. When False (under Ray, whose
-    launcher opened the run), attach to ``tracking.run_id`` and leave its status alone.
+    By default the run is opened here (a new one, or ``tracking.run_id`` / the resumed
+    checkpoint's run reopened) and ended in :meth:`finish`. ``attach_to``: the id of a
+    run the launcher opened; it is only logged to, its status left to the launcher.
     """
 
-    def __init__(
-        self, cfg: TurnoutConfig, rank: int, world_size: int, owns_run: bool = True
-    ) -> None:
+    def __init__(self, cfg: TurnoutConfig, rank: int, world_size: int, attach_to: str = "") -> None:
         self.active = bool(cfg.tracking.enabled) and rank == 0
         self.run_id = ""
-        self.owns_run = owns_run
+        self.owns_run = not attach_to
         self._mlflow: Any = None
         self._flush_timeout_s = float(cfg.tracking.flush_timeout_s)
         if not self.active:
@@ -79,11 +77,10 @@ class Tracker:
         self._mlflow = mlflow
         t = cfg.tracking
         self._client = client_for(t.uri)
-        if owns_run or not t.run_id:
-            self.owns_run = True
-            self.run_id = open_run(cfg, world_size)
+        if attach_to:
+            self.run_id = str(self._client.get_run(attach_to).info.run_id)
         else:
-            self.run_id = str(self._client.get_run(t.run_id).info.run_id)
+            self.run_id = open_run(cfg, world_size)
         self._outbox = Outbox(self._deliver, fallback_file(self.run_id), _warn)
 
     def _deliver(self, record: Record) -> None:

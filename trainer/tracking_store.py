@@ -3,17 +3,18 @@
 Whoever opens the run ends it. Under Ray the driver opens it before any worker starts
 (an unreachable store fails the job in a second, not after the workers are up) and
 ends it FINISHED, FAILED (any failure, a killed worker included) or KILLED (Ctrl-C);
-rank 0 of the workers attaches to it by ``tracking.run_id`` and only logs. Under
-torchrun rank 0 opens and ends it itself.
+rank 0 of the workers attaches to it by id and only logs. Under torchrun rank 0 opens
+and ends it itself.
 
 - A local ``sqlite:///`` store is created under an exclusive file lock
   (``<db>.lock``), so two runs started at once in one folder do not both run the
   store's schema migrations.
 - A new experiment is tagged ``mlflow.experimentKind = custom_model_development``, the
   kind MLflow 3's UI files model training under (it otherwise infers a GenAI kind).
-- ``train.resume`` reopens the run recorded in the checkpoint's config.yaml
-  (``tracking.run_id``): metrics append to the same run id, tagged ``resumed_from``.
-  When the store does not know that run, a new one is opened with the same tag.
+- ``train.resume`` reopens the run recorded beside the checkpoint (the run folder's
+  :data:`RUN_ID_FILE`, written with its first checkpoint): metrics append to the same
+  run id, tagged ``resumed_from``. When the store does not know that run, a new one is
+  opened with the same tag. ``tracking.run_id`` names a run to append to explicitly.
 - MLflow's HTTP client retries for minutes by default; here each request is bounded
   (:data:`HTTP_DEFAULTS`, which the user's environment overrides), and the training
   loop never waits on one anyway (:mod:`turnout.trainer.tracking_queue`).
@@ -30,8 +31,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from turnout.config import TurnoutConfig
 from turnout.config.load import flatten, to_yaml
 from turnout.errors import RunError
@@ -40,6 +39,8 @@ from turnout.trainer.tracking_uri import local_sqlite_uri, sqlite_artifact_root,
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 RESUMED_FROM_TAG = "resumed_from"
+#: The file in a checkpoint run folder that names the MLflow run its steps belong to.
+RUN_ID_FILE = "mlflow_run_id"
 #: Per-request bounds for MLflow's HTTP client (a down server fails a request in
 #: seconds; the outbox retries it). Set only where the environment does not.
 HTTP_DEFAULTS = {
@@ -111,19 +112,25 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
     return str(exp.experiment_id)
 
 
+def record_run_id(run_dir: Path, run_id: str) -> None:
+    """Name the MLflow run in the checkpoint run folder ``run_dir`` (rank 0, once)."""
+    path = run_dir / RUN_ID_FILE
+    if run_id and not path.exists():
+        path.write_text(run_id + "\n")
+
+
 def previous_run_id(resume: str) -> str:
-    """The MLflow run id recorded in the ``train.resume`` checkpoint ('' if none)."""
+    """The MLflow run id recorded beside the ``train.resume`` checkpoint ('' if none)."""
     if not resume:
         return ""
-    from turnout.trainer.checkpoint import CONFIG_FILE, resolve_resume
+    from turnout.trainer.checkpoint import resolve_resume
 
     try:
-        load_dir, tag = resolve_resume(resume)
-        data = yaml.safe_load((load_dir / tag / CONFIG_FILE).read_text()) or {}
-    except (OSError, ValueError, yaml.YAMLError):
+        load_dir, _ = resolve_resume(resume)
+        text = (load_dir / RUN_ID_FILE).read_text(errors="replace").strip()
+    except (OSError, ValueError):
         return ""
-    tracking = data.get("tracking") if isinstance(data, dict) else None
-    return str((tracking or {}).get("run_id") or "")
+    return text if text.isalnum() and len(text) <= 64 else ""
 
 
 def _existing_run(client: Any, run_id: str) -> Any:

@@ -113,10 +113,10 @@ def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
         assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(WORLD)} <= names
         # ep 2: each expert-parallel rank's slice of the experts is saved beside them.
         assert {"experts_ep0.pt", "experts_ep1.pt"} <= names
-        # The resolved config rides along, so the checkpoint loads without it; it names
-        # the MLflow run, which a resume appends to.
-        expected = load_config("tiny", [*overrides, f"tracking.run_id={first.run_id}"])
-        assert load_config(str(run_dir / tag / "config.yaml")) == expected
+        # The resolved config rides along, so the checkpoint loads without it.
+        assert load_config(str(run_dir / tag / "config.yaml")) == load_config("tiny", overrides)
+    # The run folder names the MLflow run, which a resume appends to.
+    assert (run_dir / "mlflow_run_id").read_text().strip() == first.run_id
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
     # The resumed run restored weights, optimizer, schedule and data position:
     # it ends exactly where the uninterrupted run ended, in a new run folder.

@@ -70,9 +70,9 @@ def test_attached_tracker_leaves_the_status_to_the_launcher(
     from turnout.launch.tracked_run import open_tracked_run
 
     monkeypatch.chdir(tmp_path)
-    cfg, tracked = open_tracked_run(_cfg(tmp_path))
-    assert cfg.tracking.run_id == tracked.run_id
-    tracker = Tracker(cfg, rank=0, world_size=2, owns_run=False)
+    cfg = _cfg(tmp_path)
+    tracked = open_tracked_run(cfg)
+    tracker = Tracker(cfg, rank=0, world_size=2, attach_to=tracked.run_id)
     assert tracker.run_id == tracked.run_id
     tracker.log_metrics({"loss": 1.5}, step=7)
     tracker.finish("FINISHED")
@@ -84,16 +84,16 @@ def test_attached_tracker_leaves_the_status_to_the_launcher(
 
 
 def test_resume_appends_to_the_checkpoints_run(tmp_path: Path) -> None:
-    from turnout.config.load import to_yaml
     from turnout.errors import RunError
-    from turnout.trainer.tracking_store import end_run, open_run, previous_run_id
+    from turnout.trainer.tracking_store import end_run, open_run, previous_run_id, record_run_id
 
     first = open_run(_cfg(tmp_path), 2)
     assert end_run(f"sqlite:///{tmp_path / 'mlflow.db'}", first, "KILLED", 30) == ""
     step = tmp_path / "ckpt" / "run-x" / "step3"
     step.mkdir(parents=True)
     (step / "mp_rank_00_model_states.pt").write_bytes(b"")
-    (step / "config.yaml").write_text(to_yaml(_cfg(tmp_path, f"tracking.run_id={first}")))
+    assert previous_run_id(str(step)) == ""
+    record_run_id(step.parent, first)
     assert previous_run_id(str(step)) == first
     again = open_run(_cfg(tmp_path, f"train.resume={step}"), 2)
     assert again == first

@@ -79,8 +79,8 @@ class TrackingConfig:
     run_name: str = ""
     """MLflow run name ('' = generated)."""
     run_id: str = ""
-    """Append to this existing MLflow run ('' = a new run, or the run recorded in the
-    train.resume checkpoint). Set by the launcher for its workers."""
+    """Append to this existing MLflow run ('' = a new run, or the run that wrote the
+    train.resume checkpoint)."""
     flush_timeout_s: float = 30.0
     """At the end of a run, wait at most this long for the MLflow store to take the
     queued metrics; the rest go to a local file named in a warning."""
