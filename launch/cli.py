@@ -252,8 +252,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _train_torchrun(args, cfg)
 
     from turnout.launch.ray_launch import run_ray
+    from turnout.launch.tracked_run import open_tracked_run
     from turnout.launch.worker import format_summary
 
+    tracked = open_tracked_run(cfg)
     where = cfg.launch.address or os.environ.get("RAY_ADDRESS") or "an embedded local Ray cluster"
     print(
         f"turnout: {cfg.launch.num_workers} worker(s) on {where}; "
@@ -261,10 +263,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        res = run_ray(cfg, data_path)
+        res = run_ray(cfg, data_path, tracked.run_id)
     except WorkerError as e:  # a config error only a worker could find still exits 2
+        tracked.end("FAILED")
         print(error_line(e.text()), file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        tracked.end("KILLED")
+        run = f"; MLflow run {tracked.run_id} marked KILLED" if tracked.run_id else ""
+        print(f"turnout: interrupted: every worker stopped{run}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except BaseException:
+        tracked.end("FAILED")
+        raise
+    tracked.end("FINISHED")
     print(format_summary(cfg, res), flush=True)
     return EXIT_OK
 

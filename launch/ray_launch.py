@@ -8,13 +8,21 @@ Ray is chatty. The user should see the trainer's own progress and the summary, s
 driver replaces Ray's log printer with one that forwards only the training workers'
 output, without Ray's ``(RayTrainWorker pid=...)`` prefixes; Ray Train's own logs go
 to WARNING. ``TURNOUT_RAY_VERBOSE=1`` restores Ray's normal output.
+
+Ctrl-C: Ray Train's ``fit()`` installs its own SIGINT handler when it runs on the main
+thread (it aborts the run and leaves with exit 0 or 1 and no word of ours). So
+``fit()`` runs on a helper thread, Ctrl-C stays a KeyboardInterrupt in the main
+thread, and :func:`run_ray` answers it by shutting Ray down (every worker of the job
+goes with it) before the interrupt reaches the command line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -140,7 +148,7 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     try:
-        res = run_worker(cfg, config["data_path"])
+        res = run_worker(cfg, config["data_path"], config["run_id"])
     except Exception as e:
         # Ray hands this exception object (pickled) to the driver, in
         # TrainingFailedError.worker_failures[rank]: no text to parse there.
@@ -177,6 +185,25 @@ def find_worker_error(exc: BaseException, log_dir: Path) -> WorkerError:
     return WorkerError("crash", message, -1, log=str(log_dir))
 
 
+def _fit_off_main_thread(trainer: Any) -> Any:
+    """``trainer.fit()`` on a helper thread (see the module doc); its result or error."""
+    box: dict[str, Any] = {}
+
+    def _fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread, never printed here
+            box["error"] = e
+
+    thread = threading.Thread(target=_fit, name="turnout-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.25)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def _init_ray(cfg: TurnoutConfig) -> bool:
     """Start an embedded cluster or join one; True when we started it (and must stop it)."""
     import ray
@@ -202,8 +229,10 @@ def _init_ray(cfg: TurnoutConfig) -> bool:
     return embedded
 
 
-def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
+def run_ray(cfg: TurnoutConfig, data_path: Path, run_id: str = "") -> dict[str, Any]:
     """Train ``cfg`` (paths already absolute) on Ray; returns rank 0's TrainResult dict.
+
+    ``run_id``: the MLflow run the launcher opened for the job ('' = rank 0 opens one).
 
     Raises :class:`WorkerError` (see :func:`find_worker_error`) when training fails.
     """
@@ -233,6 +262,7 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
     if logging_config is not None and not _verbose():
         run_kw["logging_config"] = logging_config(log_level="WARNING")
 
+    interrupted = False
     embedded = _init_ray(cfg)
     try:
         trainer = TorchTrainer(
@@ -241,6 +271,7 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
             train_loop_config={
                 "cfg": cfg,
                 "data_path": str(data_path),
+                "run_id": run_id,
                 "cwd": os.getcwd(),
                 "log_dir": str(log_dir),
             },
@@ -254,7 +285,10 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
             torch_config=RendezvousConfig(),
         )
         try:
-            result = trainer.fit()
+            result = _fit_off_main_thread(trainer)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         except Exception as e:
             raise find_worker_error(e, log_dir) from None
         res = getattr(result, "return_value", None)
@@ -262,6 +296,8 @@ def run_ray(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
             res = dict(result.metrics or {})
         return res
     finally:
+        if interrupted:  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         _printer.close()
-        if embedded:
+        if embedded or interrupted:  # leaving a joined cluster ends this job's actors
             ray.shutdown()

@@ -59,16 +59,19 @@ def init_process_group(cfg: TurnoutConfig) -> tuple[int, int]:
     """Create this process's default process group (the only call); return (rank, world)."""
     from turnout.parallel.dist import init_distributed, resolve_backend
 
-    return init_distributed(resolve_backend(cfg.parallel.backend, cfg.launch.use_gpu))
+    backend = resolve_backend(cfg.parallel.backend, cfg.launch.use_gpu)
+    return init_distributed(backend, cfg.parallel.timeout_s)
 
 
-def train_on_group(cfg: TurnoutConfig, data_path: Path) -> dict[str, Any]:
-    """Build the parallel groups once and train; returns the TrainResult as a dict."""
+def train_on_group(cfg: TurnoutConfig, data_path: Path, attach_to: str = "") -> dict[str, Any]:
+    """Build the parallel groups once and train; returns the TrainResult as a dict.
+
+    ``attach_to``: the MLflow run the launcher opened (and ends); '' = rank 0 opens it."""
     from turnout.parallel.groups import build_groups
     from turnout.trainer.loop import train
 
     groups = build_groups(cfg.parallel.ep_size)
-    return result_to_dict(train(cfg, data_path, groups))
+    return result_to_dict(train(cfg, data_path, groups, attach_to=attach_to))
 
 
 def destroy_process_group() -> None:
@@ -78,13 +81,14 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def run_worker(cfg: TurnoutConfig, data_path: Path | str) -> dict[str, Any]:
+def run_worker(cfg: TurnoutConfig, data_path: Path | str, run_id: str = "") -> dict[str, Any]:
     """Ray Train worker: process group (from the rendezvous environment Ray set), parallel
-    groups, train; returns the TrainResult as a dict."""
+    groups, train; returns the TrainResult as a dict. ``run_id``: the MLflow run the
+    launcher opened (rank 0 logs to it; the launcher ends it)."""
     quiet_worker(cfg)
     init_process_group(cfg)
     try:
-        return train_on_group(cfg, Path(data_path))
+        return train_on_group(cfg, Path(data_path), attach_to=run_id)
     finally:
         destroy_process_group()
 
@@ -199,6 +203,8 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
         *compute_lines(cfg, res),
         f"  wall time              {_fmt(res.get('wall_s'), '.1f')} s",
     ]
+    if res.get("skipped_steps"):
+        lines.append(f"  skipped steps          {res['skipped_steps']} (non-finite gradients)")
     if res.get("checkpoint"):
         lines.append(f"  checkpoint             {res['checkpoint']}")
     if cfg.tracking.enabled:

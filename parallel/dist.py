@@ -6,22 +6,65 @@ the rendezvous environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RA
 which torchrun sets, and which turnout's Ray backend (``turnout.launch.ray_backend``)
 sets on every Ray Train worker; with none set it creates a single-process group of
 world 1. It refuses to run twice, so no other code path can have created the group.
+
+Every collective waits at most ``parallel.timeout_s`` (the group's timeout) for the
+other ranks. The collectives here, and the blocks of the training step wrapped in
+:func:`collective`, turn a backend failure (gloo's "Timed out waiting ...", a peer that
+closed its connection, an NCCL error) into a :class:`CollectiveError` that names the
+collective, so the job's one error line says which rank stalled where.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from turnout.config.choices import Backend
+from turnout.errors import RunError
 
-#: How long a collective may wait for the slowest rank (a rank-0 checkpoint write or
-#: token-cache build included) before the process group gives up.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+#: How long a collective may wait for the slowest rank by default (``parallel.timeout_s``).
+DEFAULT_TIMEOUT_S = 300.0
+_BACKEND_MARKERS = ("gloo", "nccl", "timed out", "timeout", "connection", "pair closure")
+
+
+class CollectiveError(RunError):
+    """A collective failed on this rank (a timeout, or a peer that went away)."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"collective {name!r} failed: {detail}", key="parallel.timeout_s")
+        self.name = name
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[CollectiveError], tuple[str, str]]:
+        return (type(self), (self.name, self.detail))
+
+
+def _is_backend_error(error: BaseException) -> bool:
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(m in text for m in _BACKEND_MARKERS)
+
+
+@contextmanager
+def collective(name: str) -> Iterator[None]:
+    """Re-raise a process-group failure inside the block as CollectiveError(``name``)."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as e:
+        if not _is_backend_error(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first.split("] ", 1)[-1] if first.startswith("[") else first  # gloo's path
+        raise CollectiveError(name, first[:300]) from e
 
 
 def resolve_backend(backend: str, use_gpu: bool) -> str:
@@ -50,9 +93,9 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_distributed(backend: str) -> tuple[int, int]:
+def init_distributed(backend: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     """Create the default process group with ``backend`` (gloo or nccl) from the
-    rendezvous environment; return (rank, world).
+    rendezvous environment, its collectives bounded by ``timeout_s``; return (rank, world).
 
     Raises RuntimeError when a process group already exists: the group is created here
     and nowhere else.
@@ -74,7 +117,7 @@ def init_distributed(backend: str) -> tuple[int, int]:
         backend,
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=PROCESS_GROUP_TIMEOUT,
+        timeout=timedelta(seconds=timeout_s),
     )
     return dist.get_rank(), dist.get_world_size()
 
@@ -86,22 +129,26 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over all ranks (in place on a copy on the collective's device); returns CPU."""
+def all_reduce_sum(t: torch.Tensor, name: str = "all_reduce") -> torch.Tensor:
+    """Sum over all ranks (in place on a copy on the collective's device); returns CPU.
+    ``name`` says what the sum is for, in a CollectiveError."""
     out = t.detach().to(device(), copy=True)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        with collective(name):
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.cpu()
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
+def broadcast_object(obj: object, src: int = 0, name: str = "broadcast") -> object:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with collective(name):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
-def barrier() -> None:
+def barrier(name: str = "barrier") -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        with collective(name):
+            dist.barrier()

@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from turnout.parallel.dist import free_port, init_distributed
+from turnout.parallel.dist import DEFAULT_TIMEOUT_S, free_port, init_distributed
 
 
-def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tuple) -> None:
+def _entry(
+    rank: int, world: int, port: int, outdir: str, fn: Callable, args: tuple, timeout_s: float
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -31,7 +33,7 @@ def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tu
     torch.set_num_threads(1)
     path = os.path.join(outdir, f"rank{rank}.pt")
     try:
-        init_distributed("gloo")
+        init_distributed("gloo", timeout_s)
         result = fn(rank, world, *args)
         torch.save({"ok": True, "result": result}, path)
     except BaseException:
@@ -42,15 +44,24 @@ def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tu
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> list[Any]:
     """Spawn ``world`` gloo ranks running ``fn(rank, world, *args)``; return their results.
+
+    ``timeout_s`` bounds every collective (the process group's timeout).
 
     ``fn`` must be a module-level function (picklable). A failure on any rank raises
     with that rank's traceback.
     """
     with tempfile.TemporaryDirectory() as outdir:
         try:
-            mp.spawn(_entry, args=(world, free_port(), outdir, fn, args), nprocs=world, join=True)
+            mp.spawn(
+                _entry,
+                args=(world, free_port(), outdir, fn, args, timeout_s),
+                nprocs=world,
+                join=True,
+            )
         except Exception as e:
             errors = []
             for r in range(world):

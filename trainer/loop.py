@@ -10,11 +10,14 @@ once (``turnout.parallel.groups.build_groups``). It reads top-down:
   the MLflow run, counts the training FLOPs per token (:mod:`turnout.trainer.compute`)
   and measures the device's peak TFLOP/s unless ``train.peak_tflops`` gives it;
 - every optimizer step is :func:`turnout.trainer.step.run_step` (which stops every
-  rank together on a non-finite loss);
+  rank together on a non-finite loss); steps DeepSpeed skipped are counted and, past
+  ``train.max_consecutive_skipped_steps`` in a row, stop every rank
+  (:mod:`turnout.trainer.skips`);
 - :func:`turnout.trainer.meter.due` decides when to log (every ``log_every`` steps, MLflow
   on rank 0, a tqdm bar on rank 0), validate (every ``eval_every`` steps, loss averaged
   over all ranks) and checkpoint (every ``ckpt_every`` steps); all three also run after
-  the last step. Training resumes from ``train.resume``;
+  the last step. Training resumes from ``train.resume``. Tracking never blocks a step
+  (:mod:`turnout.trainer.tracking`); the run ends FINISHED, FAILED or KILLED;
 - the result carries the whole run's FLOP accounting (FLOPs per token and as a fraction
   of the equal-shape dense model, total training FLOPs, achieved TFLOP/s, MFU) and each
   rank's peak memory, also logged to MLflow.
@@ -64,8 +67,11 @@ from turnout.trainer.engine import build_engine, use_bf16
 from turnout.trainer.load_view import LoadMonitor
 from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due, mfu, model_tflops
 from turnout.trainer.metrics import StatsAccumulator
+from turnout.trainer.skips import SkipCounter
 from turnout.trainer.step import NonFiniteLossError, evaluate, run_step
 from turnout.trainer.tracking import Tracker
+from turnout.trainer.tracking_store import record_run_id
+from turnout.trainer.tracking_system import SystemMetrics
 from turnout.trainer.upcycle import init_from
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
@@ -117,6 +123,8 @@ class TrainResult:
     """Peak memory of each rank in MiB (CPU max RSS, or CUDA max allocated)."""
     memory_kind: str = ""
     """What peak_memory_mb measures."""
+    skipped_steps: int = 0
+    """Optimizer steps DeepSpeed skipped (non-finite gradients) in this run."""
 
 
 def seed_everything(seed: int) -> None:
@@ -132,16 +140,17 @@ def _run_dir(cfg: TurnoutConfig, run_id: str) -> Path:
     return Path(cfg.train.ckpt_dir).expanduser().resolve() / f"{name}-{stamp}-{suffix}"
 
 
-def _start_tracking(cfg: TurnoutConfig, rank: int, world: int) -> Tracker:
-    """Collective: rank 0 opens the MLflow run; if that fails, every rank raises together."""
+def _start_tracking(cfg: TurnoutConfig, rank: int, world: int, attach_to: str) -> Tracker:
+    """Collective: rank 0 opens (or attaches to) the MLflow run; if that fails, every rank
+    raises together."""
     error = ""
     tracker: Tracker | None = None
     try:
-        tracker = Tracker(cfg, rank, world)
+        tracker = Tracker(cfg, rank, world, attach_to=attach_to)
     except Exception as e:  # an unreachable server, a bad store: stop all ranks, not just 0
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         error = f"cannot open the MLflow store {cfg.tracking.uri!r}: {first}"
-    error = str(broadcast_object(error if rank == 0 else ""))
+    error = str(broadcast_object(error if rank == 0 else "", name="tracking start"))
     if error:
         raise RunError(error, key="tracking.uri")
     assert tracker is not None
@@ -166,6 +175,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: BatchSampler
     tracker: Tracker
+    system: SystemMetrics
+    """This node's system-metrics sampler (local rank 0; inactive elsewhere)."""
     run_dir: Path
     """Checkpoint folder of this run (the same on every rank)."""
     unigram_entropy: float
@@ -192,8 +203,9 @@ class Run:
         return t.micro_batch_size * t.grad_accum * self.cfg.model.max_seq_len * self.world
 
 
-def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> Run:
-    """Collective: data, model (expert-parallel when ``groups`` say so), engine, MLflow run."""
+def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, attach_to: str = "") -> Run:
+    """Collective: data, model (expert-parallel when ``groups`` say so), engine, MLflow run
+    (opened here, or the launcher's run ``attach_to``)."""
     t0 = time.perf_counter()
     rank, world = groups.rank, groups.world
     t = cfg.train
@@ -210,15 +222,29 @@ def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> Run:
     log.debug("rank %d: data and model ready after %.1fs", rank, time.perf_counter() - t0)
     engine, scheduler = build_engine(model, cfg, groups)
     log.debug("rank %d: engine ready after %.1fs", rank, time.perf_counter() - t0)
-    tracker = _start_tracking(cfg, rank, world)
+    tracker = _start_tracking(cfg, rank, world, attach_to)
     tracker.log_corpus(tracking_params(data), dataset_inputs(data))
     log.debug("rank %d: tracking ready after %.1fs", rank, time.perf_counter() - t0)
-    run_dir = Path(str(broadcast_object(str(_run_dir(cfg, tracker.run_id)) if rank == 0 else "")))
+    run_id = str(broadcast_object(tracker.run_id if rank == 0 else "", name="run id"))
+    system = SystemMetrics(cfg, run_id)
+    here = str(_run_dir(cfg, run_id)) if rank == 0 else ""
+    run_dir = Path(str(broadcast_object(here, name="run folder")))
     peak, measured = _peak_tflops(cfg, world)
     log.debug("rank %d: peak %.3f TFLOP/s after %.1fs", rank, peak, time.perf_counter() - t0)
     flops = run_flops(cfg)
     run = Run(
-        cfg, groups, engine, scheduler, sampler, tracker, run_dir, entropy, flops, peak, measured
+        cfg,
+        groups,
+        engine,
+        scheduler,
+        sampler,
+        tracker,
+        system,
+        run_dir,
+        entropy,
+        flops,
+        peak,
+        measured,
     )
     run.val_tokens_per_byte = data.val_tokens_per_byte
     return run
@@ -231,7 +257,7 @@ def _peak_tflops(cfg: TurnoutConfig, world: int) -> tuple[float, bool]:
         return cfg.train.peak_tflops, False
     dev = device()
     own = probe_peak_tflops(dev, probe_dtype(dev, use_bf16(cfg.train.precision)))
-    total = all_reduce_sum(torch.tensor([own], dtype=torch.float64))
+    total = all_reduce_sum(torch.tensor([own], dtype=torch.float64), "peak TFLOP/s probe")
     return float(total[0]) / world, True
 
 
@@ -253,7 +279,7 @@ def _peak_memory(run: Run) -> list[float]:
     """Collective: every rank's peak memory in MiB, in rank order."""
     slots = torch.zeros(run.world, dtype=torch.float64)
     slots[run.rank] = peak_memory_mb(device())
-    return [float(v) for v in all_reduce_sum(slots)]
+    return [float(v) for v in all_reduce_sum(slots, "peak memory")]
 
 
 def _log_interval(
@@ -262,6 +288,7 @@ def _log_interval(
     interval: Interval,
     lr: float,
     done: int,
+    skipped: int,
     loads: LoadMonitor | None = None,
 ) -> None:
     """Collective (the routing statistics are reduced): log one interval's metrics; the
@@ -269,6 +296,7 @@ def _log_interval(
     metrics = stats.reduce()
     if loads is not None:
         loads.observe(stats.last_loads, done)
+    metrics["skipped_steps"] = float(skipped)
     tflops = model_tflops(run.flops.per_token, interval.tokens_per_s)
     metrics.update(loss=interval.loss, lr=lr, tokens_per_s=interval.tokens_per_s)
     metrics.update(tflops=tflops, mfu=mfu(tflops, run.peak_tflops, run.world))
@@ -318,16 +346,25 @@ def _checkpoint(run: Run, done: int) -> str:
     t0 = time.perf_counter()
     folder = checkpoint.save(run.engine, run.run_dir, done, state, run.groups, run.cfg)
     log.debug("rank %d: checkpoint %.1fs", run.rank, time.perf_counter() - t0)
+    if run.tracker.run_id:  # rank 0: the run a resume from this folder appends to
+        record_run_id(run.run_dir, run.tracker.run_id)
+    run.tracker.log_checkpoint(str(folder), done)
     return str(folder)
 
 
-def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainResult:
-    """Train on every rank (collective); see the module docstring."""
+def train(
+    cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, attach_to: str = ""
+) -> TrainResult:
+    """Train on every rank (collective); see the module docstring.
+
+    ``attach_to``: the id of the MLflow run the launcher opened (and ends); rank 0 only
+    logs to it. '' (default): rank 0 opens and ends the run."""
     t_start = time.perf_counter()
-    run = setup(cfg, data_path, groups)
+    run = setup(cfg, data_path, groups, attach_to)
     t = cfg.train
     stats = StatsAccumulator(cfg.tracking.expert_series_max)
     balancer = BiasBalancer(run.engine.module)
+    skips = SkipCounter(t.max_consecutive_skipped_steps)
     interval, whole = IntervalMeter(run.tokens_per_step), RunMeter(run.tokens_per_step)
     final_train, val, ckpt = math.nan, Validation(), ""
     bar, status = None, "FAILED"
@@ -344,25 +381,31 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
             )
             interval.add(res.loss, res.seconds)
             whole.add(res.seconds)
+            skips.add(done, res.skipped)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}")
             if due(done, t.log_every, t.steps):
                 summary = interval.flush()
                 final_train = summary.loss
-                _log_interval(run, stats, summary, lr, done, loads)
+                _log_interval(run, stats, summary, lr, done, skips.total, loads)
             if due(done, t.eval_every, t.steps):
                 val = _validate(run, done, bar)
             if due(done, t.ckpt_every, t.steps):
                 ckpt = _checkpoint(run, done)
         memory = _peak_memory(run)
         end = _end_metrics(run, whole, memory, t.steps - start)
+        end["skipped_steps"] = float(skips.total)
         run.tracker.log_metrics(end, step=t.steps)
         status = "FINISHED"
         log.debug("rank %d: loop done after %.1fs", run.rank, time.perf_counter() - t_start)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if bar is not None:
             bar.close()
+        run.system.stop()
         run.tracker.finish(status)
     return TrainResult(
         final_train_loss=final_train,
@@ -385,6 +428,7 @@ def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainR
         mfu=end["run_mfu"],
         peak_memory_mb=memory,
         memory_kind=memory_kind(device()),
+        skipped_steps=skips.total,
     )
 
 

@@ -5,6 +5,11 @@ step's forward, :func:`agree_finite` makes one all-reduce carry a per-rank non-f
 flag and the cross-entropy, so when any rank sees a NaN/inf loss EVERY rank raises
 :class:`NonFiniteLossError` at the same point, before the backward (no rank is left
 waiting in a collective the others never reach).
+
+A step DeepSpeed skipped (its optimizer found non-finite gradients, which every rank
+agrees on inside DeepSpeed) comes back as ``StepResult.skipped``; the loop counts them
+(:mod:`turnout.trainer.skips`). The blocks that run the engine's collectives are named
+(:func:`turnout.parallel.dist.collective`), so a rank that times out says where.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 import torch
 
-from turnout.parallel.dist import all_reduce_sum
+from turnout.parallel.dist import all_reduce_sum, collective
 from turnout.trainer.balance import BiasBalancer
 from turnout.trainer.data import BatchSampler
 from turnout.trainer.metrics import StatsAccumulator
@@ -39,6 +44,8 @@ class StepResult:
     """Cross-entropy of the step (nats/token), averaged over micro steps and ranks."""
     seconds: float
     """Wall time of the step on this rank."""
+    skipped: bool = False
+    """DeepSpeed skipped the optimizer update (non-finite gradients)."""
 
 
 def agree_finite(loss: torch.Tensor, ce: torch.Tensor, step: int, rank: int, world: int) -> float:
@@ -47,7 +54,7 @@ def agree_finite(loss: torch.Tensor, ce: torch.Tensor, step: int, rank: int, wor
     flags = torch.zeros(world + 1, dtype=torch.float64)
     flags[rank] = 0.0 if bool(torch.isfinite(loss)) else 1.0
     flags[world] = float(ce)
-    flags = all_reduce_sum(flags)
+    flags = all_reduce_sum(flags, "finite-loss check")
     bad = [r for r in range(world) if flags[r] > 0]
     if bad:
         raise NonFiniteLossError(step, bad, world)
@@ -75,16 +82,20 @@ def run_step(
     ce = 0.0
     for micro in range(grad_accum):
         tokens, targets = sampler.batch(step, micro)
-        out = engine(tokens.to(engine.device), targets.to(engine.device))
+        with collective("forward (expert all-to-all / ZeRO gathers)"):
+            out = engine(tokens.to(engine.device), targets.to(engine.device))
         ce += agree_finite(out.loss, out.ce, step + 1, rank, world) / grad_accum
-        engine.backward(out.loss)
-        engine.step()
+        with collective("backward (gradient reduction)"):
+            engine.backward(out.loss)
+        with collective("optimizer step (gradient reduction / overflow check)"):
+            engine.step()
         stats.add(out)
         if balancer is not None:
             balancer.add(out)
     if balancer is not None:
         balancer.step()
-    return StepResult(loss=ce, seconds=time.perf_counter() - t0)
+    skipped = not bool(engine.was_step_applied())
+    return StepResult(loss=ce, seconds=time.perf_counter() - t0, skipped=skipped)
 
 
 @torch.no_grad()
@@ -97,6 +108,6 @@ def evaluate(engine: Any, sampler: BatchSampler, batches: int, routing: str) -> 
         out = engine(tokens.to(engine.device), targets.to(engine.device), routing=routing)
         total += float(out.ce)
     engine.train()
-    mean = all_reduce_sum(torch.tensor([total / batches], dtype=torch.float64))
+    mean = all_reduce_sum(torch.tensor([total / batches], dtype=torch.float64), "validation loss")
     world = torch.distributed.get_world_size()
     return float(mean[0]) / world

@@ -3,25 +3,31 @@
 ``Tracker`` is a no-op on ranks other than 0 and when ``tracking.enabled`` is false;
 MLflow is imported lazily, so a disabled tracker has no MLflow import side effects.
 A local ``sqlite:///...`` store keeps its artifacts beside the database
-(``<db dir>/mlartifacts``) rather than in the working directory, and the alembic
-migration chatter of a fresh store is silenced.
+(``<db dir>/mlartifacts``) rather than in the working directory.
+
+Opening and ending the run is :mod:`turnout.trainer.tracking_store` (the owner of the
+run, the launcher or rank 0, does both). Every write from the training loop (metrics,
+checkpoint tags, the final status) goes through an :class:`Outbox`: the loop never
+waits on the store, an outage costs one warning line, and what the store did not take
+within ``tracking.flush_timeout_s`` at the end lands in a local JSON-lines file.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from turnout.config import TurnoutConfig
-from turnout.config.load import flatten, to_yaml
-from turnout.trainer.tracking_uri import local_sqlite_uri, sqlite_artifact_root, sqlite_db_path
+from turnout.trainer.tracking_queue import Outbox, Record
+from turnout.trainer.tracking_store import client_for, open_run
 
-_NOISY_LOGGERS = ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils")
+#: MLflow takes at most 1000 metrics in one log_batch.
+_METRICS_PER_BATCH = 900
 
 
 def git_commit(path: Path | None = None) -> str:
@@ -41,71 +47,68 @@ def git_commit(path: Path | None = None) -> str:
         return "unknown"
 
 
-def _quiet() -> None:
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+def fallback_file(run_id: str) -> Path:
+    """Where tracking records the store did not take are written (JSON lines)."""
+    return Path(".turnout", "mlflow-pending", f"{run_id}.jsonl").resolve()
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class Tracker:
-    """MLflow on rank 0 (no-op elsewhere or when disabled)."""
+    """MLflow on rank 0 (no-op elsewhere or when disabled).
 
-    def __init__(self, cfg: TurnoutConfig, rank: int, world_size: int) -> None:
+    By default the run is opened here (a new one, or ``tracking.run_id`` / the resumed
+    checkpoint's run reopened) and ended in :meth:`finish`. ``attach_to``: the id of a
+    run the launcher opened; it is only logged to, its status left to the launcher.
+    """
+
+    def __init__(self, cfg: TurnoutConfig, rank: int, world_size: int, attach_to: str = "") -> None:
         self.active = bool(cfg.tracking.enabled) and rank == 0
         self.run_id = ""
+        self.owns_run = not attach_to
         self._mlflow: Any = None
+        self._flush_timeout_s = float(cfg.tracking.flush_timeout_s)
         if not self.active:
             return
-        _quiet()
         import mlflow
 
-        _quiet()
         self._mlflow = mlflow
         t = cfg.tracking
-        uri = local_sqlite_uri(t.uri)
-        db = sqlite_db_path(uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(uri)
-        client = mlflow.MlflowClient()
-        exp = client.get_experiment_by_name(t.experiment)
-        if exp is None:
-            try:
-                exp_id = client.create_experiment(
-                    t.experiment, artifact_location=sqlite_artifact_root(uri)
-                )
-            except mlflow.exceptions.MlflowException:
-                # Created concurrently by another job: use theirs.
-                theirs = client.get_experiment_by_name(t.experiment)
-                if theirs is None:
-                    raise
-                exp_id = theirs.experiment_id
+        self._client = client_for(t.uri)
+        if attach_to:
+            self.run_id = str(self._client.get_run(attach_to).info.run_id)
         else:
-            exp_id = exp.experiment_id
-        tags = {
-            "world_size": str(world_size),
-            "ep_size": str(cfg.parallel.ep_size),
-            "zero_stage": str(cfg.parallel.zero_stage),
-            "git_commit": git_commit(),
-        }
-        if cfg.train.init_from:  # the run this one's weights came from
-            tags["turnout.parent"] = cfg.train.init_from
-        run = client.create_run(exp_id, run_name=t.run_name or None, tags=tags)
-        self.run_id = run.info.run_id
-        self._client = client
-        params = flatten(cfg)
-        items = list(params.items())
-        from mlflow.entities import Param
+            self.run_id = open_run(cfg, world_size)
+        self._outbox = Outbox(self._deliver, fallback_file(self.run_id), _warn)
 
-        for i in range(0, len(items), 90):  # MLflow caps one batch at 100 params
-            client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 90]])
-        client.log_text(self.run_id, to_yaml(cfg), "config.yaml")
+    def _deliver(self, record: Record) -> None:
+        """Send one outbox record to the store (runs on the outbox thread)."""
+        from mlflow.entities import Metric, RunTag
 
-    def log_corpus(self, params: dict[str, str], corpora: dict[str, tuple[str, str]]) -> None:
-        """Data params (tokenizer, fingerprint, token counts) and each corpus as an MLflow
-        dataset input: ``corpora`` maps a context ('training', 'validation') to the
-        corpus's (source, fingerprint)."""
-        if not self.active:
-            return
+        kind = record["kind"]
+        if kind == "metrics":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
+            self._client.log_batch(self.run_id, metrics=metrics)
+        elif kind == "tags":
+            tags = [RunTag(k, v) for k, v in record["tags"].items()]
+            self._client.log_batch(self.run_id, tags=tags)
+        elif kind == "corpus":
+            self._deliver_corpus(record["params"], record["corpora"])
+        elif kind == "image":
+            import numpy as np
+
+            pixels = np.asarray(record["pixels"], dtype=np.uint8)
+            self._client.log_image(
+                self.run_id, pixels, key=record["key"], step=record["step"], synchronous=True
+            )
+        elif kind == "status":
+            self._client.set_terminated(self.run_id, status=record["status"])
+        else:
+            raise ValueError(f"unknown tracking record {kind!r}")
+
+    def _deliver_corpus(self, params: dict[str, str], corpora: dict[str, list[str]]) -> None:
         import json
 
         from mlflow.entities import Dataset, DatasetInput, InputTag, Param
@@ -125,26 +128,66 @@ class Tracker:
         ]
         self._client.log_inputs(self.run_id, datasets=inputs)
 
+    def log_corpus(self, params: dict[str, str], corpora: dict[str, tuple[str, str]]) -> None:
+        """Queue the data params (tokenizer, fingerprint, token counts) and each corpus as
+        an MLflow dataset input: ``corpora`` maps a context ('training', 'validation') to
+        the corpus's (source, fingerprint). Never blocks."""
+        if self.active:
+            record = {"kind": "corpus", "run_id": self.run_id, "params": dict(params)}
+            record["corpora"] = {k: list(v) for k, v in corpora.items()}
+            self._outbox.put(record)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue ``metrics`` at ``step`` (non-finite values are left out); never blocks."""
         if not self.active or not metrics:
             return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))
+        rows = [
+            [k, float(v), now, int(step)] for k, v in metrics.items() if math.isfinite(float(v))
         ]
-        for i in range(0, len(batch), 900):
-            self._client.log_batch(self.run_id, metrics=batch[i : i + 900])
+        for i in range(0, len(rows), _METRICS_PER_BATCH):
+            self._outbox.put(
+                {
+                    "kind": "metrics",
+                    "run_id": self.run_id,
+                    "metrics": rows[i : i + _METRICS_PER_BATCH],
+                }
+            )
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Queue run tags; never blocks."""
+        if self.active and tags:
+            self._outbox.put({"kind": "tags", "run_id": self.run_id, "tags": dict(tags)})
+
+    def log_checkpoint(self, folder: str, step: int) -> None:
+        """Record a saved checkpoint in the run: its path and step as tags (no upload)."""
+        self.set_tags(
+            {
+                f"checkpoint/step{step}": folder,
+                "checkpoint/latest": folder,
+                "checkpoint/latest_step": str(step),
+            }
+        )
 
     def log_image(self, image: Any, key: str, step: int) -> None:
-        """A step-indexed image (an RGB ``uint8`` array): MLflow shows one per step."""
-        if not self.active:
-            return
-        self._client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+        """Queue a step-indexed image (an RGB ``uint8`` array; MLflow shows one per step).
+        Never blocks; the record carries the pixels as nested lists, so it stays JSON."""
+        if self.active:
+            record = {"kind": "image", "run_id": self.run_id, "key": key, "step": int(step)}
+            record["pixels"] = image.tolist()
+            self._outbox.put(record)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Send what is queued (ending the run with ``status`` when this tracker owns it),
+        waiting at most ``tracking.flush_timeout_s``; the rest goes to the fallback file."""
         if not self.active:
             return
-        self._client.set_terminated(self.run_id, status=status)
         self.active = False
+        if self.owns_run:
+            self._outbox.put({"kind": "status", "run_id": self.run_id, "status": status})
+        if not self._outbox.close(self._flush_timeout_s):
+            _warn(
+                f"turnout: warning: {self._outbox.spilled} tracking record(s) of MLflow run "
+                f"{self.run_id} were not sent within tracking.flush_timeout_s="
+                f"{self._flush_timeout_s:g} s; they are in {self._outbox.fallback}"
+            )

@@ -100,8 +100,8 @@ def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
     assert first.final_val_loss < 5.4
     # Val loss is averaged over ranks: both ranks report the same value.
     assert first.final_val_loss == first1.final_val_loss
-    # MLflow run ids only on rank 0.
-    assert first.run_id and second.run_id and first.run_id != second.run_id
+    # MLflow run ids only on rank 0; the resumed run appends to the run it resumes.
+    assert first.run_id and second.run_id == first.run_id
     assert first1.run_id == "" and second1.run_id == ""
     # Checkpoints: step3 and step6 complete, 'latest' -> step6, no temporary folders.
     run_dir = Path(first.checkpoint).parent
@@ -115,16 +115,18 @@ def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
         assert {"experts_ep0.pt", "experts_ep1.pt"} <= names
         # The resolved config rides along, so the checkpoint loads without it.
         assert load_config(str(run_dir / tag / "config.yaml")) == load_config("tiny", overrides)
+    # The run folder names the MLflow run, which a resume appends to.
+    assert (run_dir / "mlflow_run_id").read_text().strip() == first.run_id
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
     # The resumed run restored weights, optimizer, schedule and data position:
     # it ends exactly where the uninterrupted run ended, in a new run folder.
     assert second.final_val_loss == pytest.approx(first.final_val_loss, rel=1e-6, abs=1e-7)
     assert second.final_train_loss == pytest.approx(first.final_train_loss, rel=1e-6, abs=1e-7)
     assert Path(second.checkpoint).parent != run_dir
-    _check_mlflow(tmp_path, first.run_id, second.run_id)
+    _check_mlflow(tmp_path, first.run_id, str(run_dir / "step3"))
 
 
-def _check_mlflow(tmp_path: Path, run_id: str, resumed_id: str) -> None:
+def _check_mlflow(tmp_path: Path, run_id: str, resumed_from: str) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -149,10 +151,12 @@ def _check_mlflow(tmp_path: Path, run_id: str, resumed_id: str) -> None:
     assert 0.0 <= metrics["layer1/mod_pred_acc"] <= 1.0
     assert 0.0 <= metrics["layer1/drop_fraction"] <= 1.0
     _check_compute_metrics(client, run_id, tmp_path)
-    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
-    assert steps == [2, 4, 6]
-    # The resumed run starts after step 3.
-    assert [m.step for m in client.get_metric_history(resumed_id, "loss")] == [4, 6]
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp)
+    # The first run's steps, then the resumed run's (it starts after step 3), in one run.
+    assert [m.step for m in history] == [2, 4, 6, 4, 6]
+    assert run.data.tags["resumed_from"] == resumed_from
+    assert run.data.tags["checkpoint/latest_step"] == "6"
+    assert Path(run.data.tags["checkpoint/step3"]).name == "step3"
     artifacts = [a.path for a in client.list_artifacts(run_id)]
     assert "config.yaml" in artifacts
     assert (tmp_path / "mlartifacts").is_dir()
@@ -172,15 +176,31 @@ def _check_compute_metrics(client: Any, run_id: str, tmp_path: Path) -> None:
     )
     peak = metrics["peak_tflops_measured"]  # train.peak_tflops unset: probed
     assert math.isfinite(peak) and peak > 0 and metrics["peak_tflops"] == peak
-    tflops = client.get_metric_history(run_id, "tflops")
-    mfus = {m.step: m.value for m in client.get_metric_history(run_id, "mfu")}
-    tps = {m.step: m.value for m in client.get_metric_history(run_id, "tokens_per_s")}
-    assert [m.step for m in tflops] == [2, 4, 6]
-    for m in tflops:
-        assert m.value == pytest.approx(metrics["flops_per_token"] * tps[m.step] / 1e12)
-        assert mfus[m.step] == pytest.approx(m.value / (peak * WORLD))
-    tokens = 6 * 2 * 2 * 32 * WORLD  # steps x micro batch x grad_accum x seq x ranks
-    assert metrics["train_flops"] == pytest.approx(metrics["flops_per_token"] * tokens)
+    # One log call stamps its metrics alike: (step, timestamp) pairs them up across the
+    # first run and the resumed one that appended to it.
+    tflops = sorted(client.get_metric_history(run_id, "tflops"), key=lambda m: m.timestamp)
+    mfus = {(m.step, m.timestamp): m.value for m in client.get_metric_history(run_id, "mfu")}
+    tps = {
+        (m.step, m.timestamp): m.value for m in client.get_metric_history(run_id, "tokens_per_s")
+    }
+    assert [m.step for m in tflops] == [2, 4, 6, 4, 6]
+    # Each run probed its own peak: the first run's for its 3 entries, then the resumed one's.
+    probes = sorted(
+        client.get_metric_history(run_id, "peak_tflops_measured"), key=lambda m: m.timestamp
+    )
+    assert len(probes) == 2 and probes[-1].value == peak
+    for i, m in enumerate(tflops):
+        at = (m.step, m.timestamp)
+        run_peak = probes[0 if i < 3 else 1].value
+        assert m.value == pytest.approx(metrics["flops_per_token"] * tps[at] / 1e12)
+        assert mfus[at] == pytest.approx(m.value / (run_peak * WORLD))
+    tokens = 2 * 2 * 32 * WORLD  # per step: micro batch x grad_accum x seq x ranks
+    runs = sorted(client.get_metric_history(run_id, "train_flops"), key=lambda m: m.timestamp)
+    # The first run trained 6 steps, the resumed one 3 (its value is the latest).
+    assert [m.value for m in runs] == pytest.approx(
+        [metrics["flops_per_token"] * tokens * n for n in (6, 3)]
+    )
+    assert metrics["train_flops"] == pytest.approx(metrics["flops_per_token"] * tokens * 3)
     assert metrics["run_mfu"] == pytest.approx(metrics["run_tflops"] / (peak * WORLD))
     assert metrics["peak_memory_mb"] > 50  # a torch process holds more than that
 

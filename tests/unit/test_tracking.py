@@ -28,3 +28,77 @@ def test_inactive_tracker_touches_nothing(
 
 def test_git_commit_outside_a_checkout_is_unknown(tmp_path: Path) -> None:
     assert git_commit(tmp_path) == "unknown"
+
+
+def _cfg(tmp_path: Path, *overrides: str) -> TurnoutConfig:
+    from turnout.config.load import load_config
+
+    return load_config(
+        "tiny",
+        [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=u", *overrides],
+    )
+
+
+def _client(tmp_path: Path):  # noqa: ANN202
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_owner_opens_logs_and_ends_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker(_cfg(tmp_path), rank=0, world_size=2)
+    for step in (1, 2, 3):
+        tracker.log_metrics({"loss": 4.0 - step, "bad": float("nan")}, step=step)
+    tracker.log_checkpoint(str(tmp_path / "ckpt" / "step3"), 3)
+    tracker.finish("FAILED")
+    client = _client(tmp_path)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [1, 2, 3]
+    assert "bad" not in run.data.metrics
+    assert run.data.tags["checkpoint/latest_step"] == "3"
+    assert run.data.tags["checkpoint/step3"] == str(tmp_path / "ckpt" / "step3")
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.data.params["model.moe.num_experts"] == "4"
+
+
+def test_attached_tracker_leaves_the_status_to_the_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from turnout.launch.tracked_run import open_tracked_run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path)
+    tracked = open_tracked_run(cfg)
+    tracker = Tracker(cfg, rank=0, world_size=2, attach_to=tracked.run_id)
+    assert tracker.run_id == tracked.run_id
+    tracker.log_metrics({"loss": 1.5}, step=7)
+    tracker.finish("FINISHED")
+    client = _client(tmp_path)
+    assert client.get_run(tracked.run_id).info.status == "RUNNING"
+    tracked.end("KILLED")
+    run = client.get_run(tracked.run_id)
+    assert run.info.status == "KILLED" and run.data.metrics["loss"] == 1.5
+
+
+def test_resume_appends_to_the_checkpoints_run(tmp_path: Path) -> None:
+    from turnout.errors import RunError
+    from turnout.trainer.tracking_store import end_run, open_run, previous_run_id, record_run_id
+
+    first = open_run(_cfg(tmp_path), 2)
+    assert end_run(f"sqlite:///{tmp_path / 'mlflow.db'}", first, "KILLED", 30) == ""
+    step = tmp_path / "ckpt" / "run-x" / "step3"
+    step.mkdir(parents=True)
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert previous_run_id(str(step)) == ""
+    record_run_id(step.parent, first)
+    assert previous_run_id(str(step)) == first
+    again = open_run(_cfg(tmp_path, f"train.resume={step}"), 2)
+    assert again == first
+    run = _client(tmp_path).get_run(first)
+    assert run.info.status == "RUNNING"
+    assert run.data.tags["resumed_from"] == str(step)
+    with pytest.raises(RunError, match="tracking.run_id"):
+        open_run(_cfg(tmp_path, "tracking.run_id=0123456789abcdef"), 2)

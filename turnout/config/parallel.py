@@ -16,6 +16,9 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage for the dense parameters: 0, 1, 2 or 3."""
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl with CUDA, else gloo), 'gloo' or 'nccl'."""
+    timeout_s: float = 300.0
+    """How long a rank waits in a collective for the others before the job fails with a
+    line naming the rank and the collective."""
 
 
 def validate_parallel(
@@ -25,6 +28,8 @@ def validate_parallel(
         raise ConfigError("parallel.ep_size", f"must be >= 1, got {cfg.ep_size}")
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    if not (0 < cfg.timeout_s < float("inf")):
+        raise ConfigError("parallel.timeout_s", f"must be > 0 seconds, got {cfg.timeout_s}")
     if cfg.backend not in Backend.values():
         raise ConfigError("parallel.backend", f"must be {Backend.spelled()}, got {cfg.backend!r}")
     if uses_moe and num_experts % cfg.ep_size:

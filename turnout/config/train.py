@@ -91,6 +91,9 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one rank's device, the denominator of the MFU (0 = measure it once
     at start with a short matmul probe on each rank's device)."""
+    max_consecutive_skipped_steps: int = 10
+    """Stop every rank when more optimizer steps than this in a row are skipped
+    (non-finite gradients: the model is diverging); skipped steps are logged."""
 
 
 @dataclass
@@ -109,12 +112,14 @@ class TrackingConfig:
     expert_series_max: int = 64
     """Log one load series per expert (layer<i>/expert<e>_load) only while the MoE layers'
     experts number at most this in total (0 = never); the summaries are always logged."""
-
-
-def validate_tracking(cfg: TrackingConfig) -> None:
-    for name in ("load_image_every", "expert_series_max"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"tracking.{name}", f"must be >= 0, got {getattr(cfg, name)}")
+    run_id: str = ""
+    """Append to this existing MLflow run ('' = a new run, or the run that wrote the
+    train.resume checkpoint)."""
+    flush_timeout_s: float = 30.0
+    """At the end of a run, wait at most this long for the MLflow store to take the
+    queued metrics; the rest go to a local file named in a warning."""
+    system_metrics: bool = True
+    """Log MLflow system metrics (CPU, memory, GPU) from one process per node."""
 
 
 def validate_data(cfg: DataConfig) -> None:
@@ -148,6 +153,16 @@ def validate_vocab(cfg: DataConfig, vocab_size: int) -> None:
         )
 
 
+def validate_tracking(cfg: TrackingConfig) -> None:
+    for name in ("load_image_every", "expert_series_max"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"tracking.{name}", f"must be >= 0, got {getattr(cfg, name)}")
+    if not (0 <= cfg.flush_timeout_s < math.inf):  # also rejects nan
+        raise ConfigError(
+            "tracking.flush_timeout_s", f"must be >= 0 seconds, got {cfg.flush_timeout_s}"
+        )
+
+
 def validate_train(cfg: TrainConfig) -> None:
     for name in ("steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every"):
         if getattr(cfg, name) < 1:
@@ -169,6 +184,11 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError("train.upcycle_noise", f"must be >= 0, got {cfg.upcycle_noise}")
     if not (0 <= cfg.upcycle_reinit <= 1):
         raise ConfigError("train.upcycle_reinit", f"must be in [0, 1], got {cfg.upcycle_reinit}")
+    if cfg.max_consecutive_skipped_steps < 0:
+        raise ConfigError(
+            "train.max_consecutive_skipped_steps",
+            f"must be >= 0, got {cfg.max_consecutive_skipped_steps}",
+        )
     if cfg.grad_clip < 0:
         raise ConfigError("train.grad_clip", f"must be >= 0, got {cfg.grad_clip}")
     if cfg.precision not in Precision.values():

@@ -1,0 +1,148 @@
+"""How ``turnout train`` ends when it does not finish, and what MLflow says about it.
+
+- Ctrl-C: every worker stops within seconds, one line, exit 130, the MLflow run is
+  KILLED, and no process of the job is left behind.
+- A diverging run (train.lr=50: DeepSpeed skips step after step for non-finite
+  gradients while the loss stays finite) stops with one line naming
+  ``train.max_consecutive_skipped_steps``, exit 1, and the run is FAILED.
+
+The interrupt is sent as a terminal sends it: SIGINT to the whole foreground process
+group (the driver leads its own session here). The job's processes are every
+descendant of the driver while it trains (Ray's GCS, raylet, the training workers).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+RUN = [
+    "train.steps=100000",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.warmup_steps=1",
+    "train.micro_batch_size=2",
+    "model.max_seq_len=32",
+    "data.max_bytes=200000",
+    "tracking.experiment=interrupt",
+]
+#: Ctrl-C to exit, and exit to the last process gone, at most (2 shared cores).
+EXIT_WITHIN_S = 30.0
+GONE_WITHIN_S = 10.0
+
+
+def _training_run(db: Path, timeout: float) -> str:
+    """The run id once the run logged a loss (training is under way)."""
+    from mlflow import MlflowClient
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.exists():
+            try:
+                client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+                exp = client.get_experiment_by_name("interrupt")
+                runs = client.search_runs([exp.experiment_id]) if exp else []
+            except Exception:
+                runs = []
+            if runs and "loss" in runs[0].data.metrics:
+                return str(runs[0].info.run_id)
+        time.sleep(1.0)
+    pytest.fail(f"training did not start within {timeout} s")
+
+
+def _alive(procs: list[psutil.Process]) -> list[str]:
+    left = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            continue
+    return left
+
+
+def test_ctrl_c_stops_every_process_and_marks_the_run_killed(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("RAY_ADDRESS", None)
+    exe = str(Path(sys.executable).with_name("turnout"))
+    train = subprocess.Popen(
+        [exe, "train", "tiny", *RUN],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        run_id = _training_run(tmp_path / "mlflow.db", timeout=300)
+        job = psutil.Process(train.pid).children(recursive=True)
+        assert any("RayTrainWorker" in " ".join(p.cmdline()) for p in job), job
+        t0 = time.monotonic()
+        os.killpg(train.pid, signal.SIGINT)
+        out, err = train.communicate(timeout=EXIT_WITHIN_S)
+        exit_s = time.monotonic() - t0
+    finally:
+        if train.poll() is None:
+            os.killpg(train.pid, signal.SIGKILL)
+            train.wait()
+    left = _alive(job)
+    while left and time.monotonic() - t0 < exit_s + GONE_WITHIN_S:
+        time.sleep(0.2)
+        left = _alive(job)
+    gone_s = time.monotonic() - t0
+    print(
+        f"Ctrl-C: driver exited after {exit_s:.1f} s, every job process gone after {gone_s:.1f} s"
+    )
+    assert not left, f"left behind after {gone_s:.1f} s: {left}"
+    assert train.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    lines = [ln for ln in err.splitlines() if ln.startswith("turnout:")]
+    assert len(lines) == 1 and lines[0].startswith("turnout: interrupted"), err
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "KILLED"
+
+
+def test_diverging_run_stops_with_one_line_and_a_failed_run(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("RAY_ADDRESS", None)
+    exe = str(Path(sys.executable).with_name("turnout"))
+    args = [
+        "train.steps=40",
+        "train.lr=50",
+        "train.min_lr=1",
+        "train.max_consecutive_skipped_steps=3",
+        *[a for a in RUN if not a.startswith(("train.steps", "tracking.experiment"))],
+        "tracking.experiment=diverge",
+    ]
+    proc = subprocess.run(
+        [exe, "train", "tiny", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("turnout: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "optimizer steps in a row skipped" in errors[0]
+    assert "train.max_consecutive_skipped_steps=3" in errors[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("diverge")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["skipped_steps"] >= 1  # logged before the stop
