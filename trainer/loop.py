@@ -53,6 +53,7 @@ from turnout.trainer.data import BatchSampler, byte_unigram_entropy, open_tokens
 from turnout.trainer.engine import build_engine, use_bf16
 from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due, mfu, model_tflops
 from turnout.trainer.metrics import StatsAccumulator
+from turnout.trainer.resume_layout import resume_config
 from turnout.trainer.step import NonFiniteLossError, evaluate, run_step
 from turnout.trainer.tracking import Tracker
 
@@ -282,6 +283,7 @@ def _checkpoint(run: Run, done: int) -> str:
 def train(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups) -> TrainResult:
     """Train on every rank (collective); see the module docstring."""
     t_start = time.perf_counter()
+    cfg = resume_config(cfg, groups.world)  # the checkpoint's global batch at this world
     run = setup(cfg, data_path, groups)
     t = cfg.train
     stats = StatsAccumulator()
