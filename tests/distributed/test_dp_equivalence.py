@@ -2,7 +2,7 @@
 
 The ranks run ``turnout.trainer.engine.build_engine`` (ZeRO-1 / ZeRO-2, fp32, gradient
 accumulation 2, clipping active, warmup+cosine lr) for 3 optimizer steps; each rank
-draws its own shard's windows from the real ``BatchSampler``. The reference is a
+draws its own slots' windows from the real ``BatchSampler``. The reference is a
 single process with a plain ``torch.optim.AdamW`` over the same param groups, the same
 LambdaLR and ``clip_grad_norm_``, stepping once per optimizer step on ONE forward of
 the combined batch (all ranks' and all micro steps' sequences concatenated). A plain
