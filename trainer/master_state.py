@@ -143,6 +143,9 @@ def set_master(engine: Any, p: nn.Parameter, value: dict[str, torch.Tensor]) -> 
     """Write ``p``'s fp32 master and moments (each whole, ``p``'s logical shape); local."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    if hasattr(p, "ds_id"):
+        _set_zero3(engine, p, value)
+        return
     if _is_deepspeed_managed(p):
         device = p.device
         safe_set_full_fp32_param(p, value["param"].to(device, torch.float32))
@@ -154,6 +157,27 @@ def set_master(engine: Any, p: nn.Parameter, value: dict[str, torch.Tensor]) -> 
         p.copy_(value["param"].to(p.device, p.dtype))
         for k in MOMENTS:
             state[k].copy_(value[k].to(state[k].device, state[k].dtype))
+
+
+def _set_zero3(engine: Any, p: nn.Parameter, value: dict[str, torch.Tensor]) -> None:
+    """ZeRO-3: write this rank's partition (DeepSpeed's ``safe_set_full_*`` narrows the
+    whole value without the partition padding and fails on small tensors)."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    group = getattr(p, "ds_process_group", None) or engine.optimizer.dp_process_group
+    rank, size = dist.get_rank(group=group), dist.get_world_size(group=group)
+    n = p.ds_tensor.numel()
+    device = p.ds_tensor.device
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros(n * size, dtype=torch.float32)
+        padded[: t.numel()] = t.flatten().float()
+        return padded[rank * n : (rank + 1) * n].to(device)
+
+    safe_set_local_fp32_param(p, local(value["param"]))
+    for k in MOMENTS:
+        safe_set_local_optimizer_state(p, local(value[k]), k)
 
 
 def refresh_model_weights(engine: Any) -> None:

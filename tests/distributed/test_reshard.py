@@ -129,6 +129,13 @@ def _resume(reference: dict, world: int, layout: list[str], ckpt: int, name: str
         [ckpt, ckpt + K],
         str(tmp / name),
     )[0]
+    meta = torch.load(Path(out["folders"][ckpt]) / "meta.pt", weights_only=True)
+    wanted = {k.split("=")[0]: int(k.split("=")[1]) for k in layout}
+    assert (meta["world"], meta["ep_size"], meta["zero_stage"]) == (
+        world,
+        wanted["parallel.ep_size"],
+        wanted["parallel.zero_stage"],
+    )
     # Loaded at the new layout and saved straight back: the same weights and moments.
     _assert_same_state(reference["folders"][ckpt], out["folders"][ckpt])
     for step in range(ckpt, ckpt + K):
@@ -153,3 +160,12 @@ def test_resume_at_world1(reference: dict) -> None:
 def test_resume_at_world4_ep2(reference: dict) -> None:
     out = _resume(reference, 4, _layout(4, 2, 2), N, "w4e2")
     assert out["grad_accum"] == 1
+
+
+@pytest.mark.slow
+def test_zero3_with_experts_split_saves_and_resumes(reference: dict) -> None:
+    """ZeRO-3 with ep 2 (experts partitioned over their expert-data-parallel group) loads
+    the ZeRO-2 checkpoint, saves, and a ZeRO-0 world-1 run resumes what it wrote."""
+    out = _resume(reference, 2, _layout(2, 2, 3), N, "w2e2z3")
+    chained = {**reference, "folders": {N + K: out["folders"][N + K]}}
+    _resume(chained, 1, _layout(1, 1, 0), N + K, "w1e1z0")
