@@ -332,7 +332,8 @@ def _restore_schedule(engine: Any, meta: dict[str, Any]) -> None:
     if sched is not None:
         epoch = int(meta["scheduler_epoch"])
         sched.last_epoch = epoch
-        lrs = [base * lam(epoch) for base, lam in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+        pairs = zip(sched.base_lrs, sched.lr_lambdas, strict=True)
+        lrs = [base * lam(epoch) for base, lam in pairs]
         for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         sched._last_lr = lrs

@@ -73,9 +73,7 @@ def _phase(
     losses, folders = {}, {}
     for step in range(start, stop + 1):
         if step in save_at:
-            folder = checkpoint.save(
-                run.engine, Path(out_dir), step, {"step": step}, groups, cfg
-            )
+            folder = checkpoint.save(run.engine, Path(out_dir), step, {"step": step}, groups, cfg)
             folders[step] = str(folder)
         if step == stop:
             break
@@ -169,3 +167,28 @@ def test_zero3_with_experts_split_saves_and_resumes(reference: dict) -> None:
     out = _resume(reference, 2, _layout(2, 2, 3), N, "w2e2z3")
     chained = {**reference, "folders": {N + K: out["folders"][N + K]}}
     _resume(chained, 1, _layout(1, 1, 0), N + K, "w1e1z0")
+
+
+def test_launcher_refuses_what_cannot_resume(
+    reference: dict, capsys: pytest.CaptureFixture
+) -> None:
+    """Exit 2 and one line naming the key, before any worker starts."""
+    from turnout.launch.cli import main
+
+    ckpt = reference["folders"][N]
+    base = [*reference["base"], f"train.resume={ckpt}"]
+    cases = [
+        # Another model: its parameters have other shapes.
+        (["model.d_model=64", "model.n_heads=4"], "model.d_model"),
+        # 2 x 3 workers does not divide the global batch of 8 sequences.
+        (["launch.num_workers=3", "parallel.ep_size=1"], "train.micro_batch_size"),
+    ]
+    for extra, key in cases:
+        assert main(["train", "tiny", *base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"turnout: error: {key}") and err.count("\n") == 1, err
+    # A layout that can resume passes the preflight; grad_accum is set in the workers.
+    from turnout.trainer.resume_layout import resume_config
+
+    cfg = load_config("tiny", [*base, *_layout(4, 4, 1), "train.grad_accum=7"])
+    assert resume_config(cfg).train.grad_accum == 1
