@@ -8,8 +8,10 @@ under expert parallelism, this rank's experts) and its optimizer step count.
 How each optimizer keeps them, and how we reach them:
 
 - ZeRO 0 in fp32: DeepSpeed steps our ``torch.optim.AdamW`` directly; the parameter is its
-  own master and ``optimizer.state[param]`` holds the moments.
-- ZeRO 1/2, and ZeRO 0 in bf16 (DeepSpeed's bf16 optimizer): the fp32 masters and moments
+  own master and ``optimizer.state[param]`` holds the moments. ZeRO 0 in bf16 (with our
+  client optimizer DeepSpeed picks its unfused optimizer): one fp32 copy per parameter,
+  ``fp32_groups`` parallel to ``fp16_groups``, is the master AdamW steps.
+- ZeRO 1/2 (and DeepSpeed's bf16 optimizer, should it be picked): the fp32 masters and moments
   are flat partitions over the (expert-)data-parallel group; DeepSpeed's public per-parameter
   API (``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` and
   their ``safe_set_*`` twins) gathers a whole parameter (an all-reduce over the parameter's
@@ -120,6 +122,23 @@ def optimizer_step(engine: Any) -> int:
     return max(steps, default=0)
 
 
+def _own_master(optimizer: Any, p: nn.Parameter) -> torch.Tensor:
+    """The tensor AdamW steps for ``p`` when DeepSpeed keeps no flat partitions: ``p``
+    itself (fp32), or its fp32 copy (ZeRO 0 in bf16: DeepSpeed's unfused optimizer keeps
+    ``fp32_groups`` parallel to the model's ``fp16_groups``)."""
+    lp_groups, hp_groups = (
+        getattr(optimizer, "fp16_groups", None),
+        getattr(optimizer, "fp32_groups", None),
+    )
+    if lp_groups is None or hp_groups is None:
+        return p
+    for lp_group, hp_group in zip(lp_groups, hp_groups, strict=True):
+        for lp, hp in zip(lp_group, hp_group, strict=True):
+            if lp is p:
+                return hp
+    raise KeyError("parameter not found in the optimizer's fp16_groups")
+
+
 def param_shape(p: torch.Tensor) -> torch.Size:
     """The parameter's logical shape (ZeRO-3 leaves an empty placeholder in ``p``)."""
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
@@ -133,8 +152,9 @@ def get_master(engine: Any, p: nn.Parameter) -> dict[str, torch.Tensor]:
         out = {"param": safe_get_full_fp32_param(p)}
         out.update({k: safe_get_full_optimizer_state(p, k) for k in MOMENTS})
     else:
-        state = _base_optimizer(engine.optimizer).state[p]
-        out = {"param": p.detach(), **{k: state[k] for k in MOMENTS}}
+        master = _own_master(engine.optimizer, p)
+        state = _base_optimizer(engine.optimizer).state[master]
+        out = {"param": master.detach(), **{k: state[k] for k in MOMENTS}}
     shape = param_shape(p)
     return {k: v.detach().float().reshape(shape).cpu().clone() for k, v in out.items()}
 
@@ -152,9 +172,10 @@ def set_master(engine: Any, p: nn.Parameter, value: dict[str, torch.Tensor]) -> 
         for k in MOMENTS:
             safe_set_full_optimizer_state(p, value[k].to(device, torch.float32), k)
         return
-    state = _base_optimizer(engine.optimizer).state[p]
+    master = _own_master(engine.optimizer, p)
+    state = _base_optimizer(engine.optimizer).state[master]
     with torch.no_grad():
-        p.copy_(value["param"].to(p.device, p.dtype))
+        master.copy_(value["param"].to(master.device, master.dtype))
         for k in MOMENTS:
             state[k].copy_(value[k].to(state[k].device, state[k].dtype))
 
@@ -188,3 +209,10 @@ def refresh_model_weights(engine: Any) -> None:
             optimizer._reassign_or_swap_out_partitioned_parameters(i)
     elif hasattr(optimizer, "update_lp_params"):  # ZeRO 1/2, bf16 optimizer
         optimizer.update_lp_params()
+    elif hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):  # unfused
+        with torch.no_grad():
+            for lp_group, hp_group in zip(
+                optimizer.fp16_groups, optimizer.fp32_groups, strict=True
+            ):
+                for lp, hp in zip(lp_group, hp_group, strict=True):
+                    lp.copy_(hp)

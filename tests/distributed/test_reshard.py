@@ -192,3 +192,26 @@ def test_launcher_refuses_what_cannot_resume(
 
     cfg = load_config("tiny", [*base, *_layout(4, 4, 1), "train.grad_accum=7"])
     assert resume_config(cfg).train.grad_accum == 1
+
+
+@pytest.mark.slow
+def test_bf16_masters_and_moments_survive_a_layout_change(tmp_path: Path) -> None:
+    """bf16 keeps fp32 masters apart from the weights (ZeRO 2: flat partitions; ZeRO 0:
+    DeepSpeed's unfused optimizer's per-parameter copies): both round-trip exactly."""
+    base = [*_base(tmp_path), "train.precision=bf16"]
+    data = str(prepare_corpus(load_config("tiny", base).data))
+    ref = run_ranks(
+        _phase, 2, [*base, *_layout(2, 2, 2)], data, "", N + 1, [N], str(tmp_path / "ref")
+    )[0]
+    out = run_ranks(
+        _phase,
+        1,
+        [*base, *_layout(1, 1, 0)],
+        data,
+        ref["folders"][N],
+        N + 1,
+        [N],
+        str(tmp_path / "w1"),
+    )[0]
+    _assert_same_state(ref["folders"][N], out["folders"][N])
+    assert out["losses"][N] == pytest.approx(ref["losses"][N], rel=1e-3)
