@@ -235,9 +235,9 @@ def preflight(cfg: TurnoutConfig) -> Path:
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.uri)
     if cfg.train.resume:
-        from turnout.trainer.checkpoint import resolve_resume
+        from turnout.trainer.resume_layout import resume_config
 
-        resolve_resume(cfg.train.resume)
+        resume_config(cfg)  # the checkpoint exists and fits this layout
     elif cfg.train.init_from:
         from turnout.trainer.upcycle import check_init_from
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from turnout.models.experts import ExpertBank
 from turnout.models.moe import MoELayer, moe_layers
 from turnout.parallel.ep_dispatcher import AllToAllDispatcher
 from turnout.parallel.groups import ParallelGroups
@@ -62,6 +63,21 @@ def is_expert_param(p: torch.Tensor) -> bool:
 def expert_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """The expert-parallel parameters of ``model`` by name (empty without EP)."""
     return {n: p for n, p in model.named_parameters() if is_expert_param(p)}
+
+
+def expert_bank_params(model: nn.Module) -> dict[str, tuple[nn.Parameter, int]]:
+    """Every expert-bank weight by name, with the global index of its first expert.
+
+    Dim 0 of each is the experts this rank holds (all of them without expert
+    parallelism): row ``i`` is global expert ``offset + i``. The same names at any
+    ``ep_size``, which is what lets a checkpoint address experts by global index.
+    """
+    out: dict[str, tuple[nn.Parameter, int]] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, ExpertBank):
+            for name, p in module.named_parameters(recurse=False):
+                out[f"{prefix}.{name}" if prefix else name] = (p, module.expert_offset)
+    return out
 
 
 def split_expert_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,29 +1,45 @@
-"""Atomic DeepSpeed checkpoints: ``<ckpt_dir>/<run>/step<N>/`` plus a ``latest`` file.
+"""Atomic, layout-free checkpoints: ``<ckpt_dir>/<run>/step<N>/`` plus a ``latest`` file.
 
-Every rank writes its part (model states on rank 0, its ZeRO optimizer partition on
-every rank) under a hidden temporary tag ``.tmp-step<N>``; after a barrier rank 0
-renames the folder to ``step<N>`` and then rewrites ``latest`` atomically (temp file +
-os.replace). A run killed mid-save leaves only a hidden temporary folder, never a
-``step<N>`` folder or a ``latest`` pointing at a half checkpoint.
+A checkpoint written at one layout resumes at another: a different world size
+(``launch.num_workers``), ``parallel.ep_size`` or ZeRO stage. So nothing on disk depends on
+the layout that wrote it. Each step folder holds
 
-Each step folder also holds ``config.yaml``, the run's resolved config (written by rank 0
-into the temporary tag, so it appears with the rest or not at all): with it a checkpoint
-loads without knowing how it was trained (:mod:`turnout.trainer.export`).
+- ``dense.pt`` (rank 0): every parameter that is not an expert-bank weight, by name, as
+  ``{'param', 'exp_avg', 'exp_avg_sq'}``: the whole fp32 master and its AdamW moments; and
+  ``buffers``, every persistent module buffer (e.g. the MoE ``expert_bias``);
+- ``experts_ep<j>.pt`` (one per expert slice that was held when saving: the first rank of
+  each expert-data-parallel group writes its own): the expert-bank weights the same way,
+  dim 0 being experts, with ``offset`` giving the GLOBAL index of row 0. Loading addresses
+  rows by global expert index, so any ``ep_size`` that divides the experts reads them;
+- ``meta.pt`` (rank 0): the format tag, the step, the client state (data position),
+  AdamW's step count, the learning-rate schedule's position, DeepSpeed's step counters,
+  the layout and global batch that wrote it, and the dtype the forward ran in;
+- ``config.yaml``, the run's resolved config, so a checkpoint loads without knowing how it
+  was trained (:mod:`turnout.trainer.export`, and the resume preflight).
 
-Resuming accepts a run folder (its ``latest`` tag is used) or one ``step<N>`` folder.
-The client state carries the next optimizer step, which is also the data position
-(``BatchSampler`` windows are a pure function of the step).
-Assumes ``ckpt_dir`` is one filesystem shared by all ranks (one machine, or a shared
-mount on a cluster).
+Why our own format rather than DeepSpeed's: DeepSpeed's own files are per-rank ZeRO
+partitions that only load at the same data-parallel world size, and its model-state file
+leaves out expert weights that are not its own MoE layer's (ours are not). DeepSpeed's
+universal checkpoint reshards dense ZeRO state but needs an offline conversion pass, knows
+nothing of our expert banks, and does not cover ZeRO-3 with expert parallelism; a
+torch.distributed.checkpoint plan would have to be taught the same expert-index mapping.
+The per-parameter view :mod:`turnout.trainer.master_state` gives us (DeepSpeed's public
+``safe_get/set_full_*`` API) is the same at every stage, so saving is "each parameter,
+whole" and loading is "each local parameter, from the whole one" - for experts, the rows of
+this rank's global expert indices. The cost is that the dense state is gathered to one
+rank when saving and read whole by every rank when loading (expert files are memory-mapped
+and only the needed rows are read): fine for the models turnout trains.
 
-Expert parallelism (``groups``, the run's :class:`ParallelGroups`, passed in by the
-caller): DeepSpeed's model-state file leaves out expert parameters (those marked
-``allreduce=False``) and expects its own MoE layer's naming to save them, which our
-expert banks do not have. So each rank that is first in its expert-data-parallel group
-also writes its local expert slice as ``experts_ep<ep rank>.pt`` inside the same
-temporary tag, and ``load`` puts the slice back after DeepSpeed has restored the rest
-(the ZeRO-1/2 optimizer's fp32 master partitions are restored by DeepSpeed itself).
-Under ZeRO-3 expert parameters are partitioned and saved with the ZeRO shards.
+Atomicity: every file goes into a hidden temporary tag ``.tmp-step<N>``; after a barrier
+rank 0 renames it to ``step<N>`` and then rewrites ``latest`` atomically (temp file +
+os.replace). A run killed mid-save leaves only a hidden temporary folder.
+
+Resuming accepts a run folder (its ``latest`` tag is used) or one ``step<N>`` folder. The
+client state carries the next optimizer step, which is also the data position
+(``BatchSampler`` windows are a pure function of the step and the global sample slot).
+Whether a layout can resume a checkpoint at all, and the gradient accumulation that keeps
+its global batch, is :mod:`turnout.trainer.resume_layout` (run on the launcher too).
+Assumes ``ckpt_dir`` is one filesystem shared by all ranks.
 """
 
 from __future__ import annotations
@@ -34,16 +50,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from turnout.config import TurnoutConfig
 from turnout.config.load import to_yaml
 from turnout.errors import CheckpointError, ConfigError
 from turnout.parallel.dist import barrier
-from turnout.parallel.expert_parallel import expert_params
+from turnout.parallel.expert_parallel import expert_bank_params
 from turnout.parallel.groups import ParallelGroups
+from turnout.trainer.master_state import (
+    ensure_optimizer_state,
+    get_master,
+    optimizer_step,
+    param_shape,
+    refresh_model_weights,
+    set_master,
+    set_optimizer_step,
+)
 
 LATEST = "latest"
 CONFIG_FILE = "config.yaml"
+META_FILE = "meta.pt"
+DENSE_FILE = "dense.pt"
+FORMAT = "turnout-ckpt-2"
+"""Format tag in ``meta.pt``: per-parameter fp32 masters + moments, experts by global index."""
 
 
 def tag_for(step: int) -> str:
@@ -51,12 +81,12 @@ def tag_for(step: int) -> str:
 
 
 def expert_slice_file(folder: Path, ep_rank: int) -> Path:
-    """The file holding expert-parallel rank ``ep_rank``'s expert slice in a step folder."""
+    """The file holding the experts that ep rank ``ep_rank`` held when saving."""
     return folder / f"experts_ep{ep_rank}.pt"
 
 
 def _is_tag_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.glob("*model_states.pt"))
+    return path.is_dir() and (path / META_FILE).is_file()
 
 
 def resolve_resume(path: str | os.PathLike) -> tuple[Path, str]:
@@ -81,6 +111,35 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The module buffers that belong in a state dict (not the recomputed ones)."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        skip: set[str] = getattr(module, "_non_persistent_buffers_set", set())
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in skip:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
+def _dense_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    expert_ids = {id(p) for p, _ in expert_bank_params(model).values()}
+    return {n: p for n, p in model.named_parameters() if id(p) not in expert_ids}
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Second names of tied parameters (``head.weight`` -> ``embed.weight``): a state dict
+    has both, ``named_parameters`` (and so the checkpoint) the first only."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
 def save(
     engine: Any,
     run_dir: Path,
@@ -97,69 +156,213 @@ def save(
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
     rank = groups.rank
+    folder = run_dir / tmp_tag
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(run_dir / tmp_tag, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
     barrier()
-    engine.save_checkpoint(str(run_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
-    _save_expert_slice(engine, run_dir / tmp_tag, groups)
-    if rank == 0 and cfg is not None:
-        (run_dir / tmp_tag / CONFIG_FILE).write_text(to_yaml(cfg))
-        from turnout.trainer import tokenizer_files
+    model = engine.module
+    ensure_optimizer_state(engine)  # a no-op once the engine has stepped
+    # Collective per parameter: every rank walks the same names in the same order.
+    dense = {n: get_master(engine, p) for n, p in _dense_params(model).items()}
+    experts = expert_bank_params(model)
+    expert_state = {n: get_master(engine, p) for n, (p, _) in experts.items()}
+    if experts and groups.layout.edp_rank(rank) == 0:
+        offsets = {n: off for n, (_, off) in experts.items()}
+        torch.save(
+            {"offset": offsets, "params": expert_state},
+            expert_slice_file(folder, groups.ep_rank),
+        )
+    if rank == 0:
+        buffers = {n: b.detach().cpu().clone() for n, b in persistent_buffers(model).items()}
+        aliases = _tied_aliases(model)
+        torch.save({"params": dense, "buffers": buffers, "aliases": aliases}, folder / DENSE_FILE)
+        torch.save(_meta(engine, step, client_state, groups, bool(experts)), folder / META_FILE)
+        if cfg is not None:
+            (folder / CONFIG_FILE).write_text(to_yaml(cfg))
+            from turnout.trainer import tokenizer_files
 
-        tokenizer_files.save(run_dir / tmp_tag, cfg)  # tokenizer.json beside config.yaml
+            tokenizer_files.save(folder, cfg)  # tokenizer.json beside config.yaml
     barrier()
     final = run_dir / tag
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
-        os.replace(run_dir / tmp_tag, final)
+        os.replace(folder, final)
         _write_atomic(run_dir / LATEST, tag)
     barrier()
     return final
 
 
-def load(engine: Any, path: str | os.PathLike, groups: ParallelGroups) -> dict:
-    """Collective: restore model, optimizer and lr scheduler; return the client state."""
-    load_dir, tag = resolve_resume(path)
-    sharded_experts = _saves_expert_slices(engine, groups)
-    loaded, client_state = engine.load_checkpoint(
-        str(load_dir),
-        tag=tag,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-        # The model-state file lacks the expert slices; _load_expert_slice adds them.
-        load_module_strict=not sharded_experts,
-    )
-    if loaded is None:
-        raise CheckpointError(f"could not load checkpoint {load_dir / tag}")
-    if sharded_experts:
-        _load_expert_slice(engine, load_dir / tag, groups)
-    return client_state or {}
+def _weight_dtype(model: nn.Module) -> str:
+    p = next(model.parameters(), None)
+    return str(p.dtype).removeprefix("torch.") if p is not None else "float32"
 
 
-def _saves_expert_slices(engine: Any, groups: ParallelGroups) -> bool:
-    """Experts are split over ranks and ZeRO-3 does not partition (and save) them."""
-    if groups.ep_size == 1 or engine.zero_optimization_stage() == 3:
-        return False
-    return bool(expert_params(engine.module))
+def _meta(
+    engine: Any, step: int, client_state: dict, groups: ParallelGroups, has_experts: bool
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "step": step,
+        "client": dict(client_state),
+        "optimizer_step": optimizer_step(engine),
+        "scheduler_epoch": int(engine.lr_scheduler.last_epoch) if engine.lr_scheduler else 0,
+        "global_steps": int(engine.global_steps),
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+        "world": groups.world,
+        "ep_size": groups.ep_size,
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "global_batch": int(engine.train_batch_size()),
+        "weight_dtype": _weight_dtype(engine.module),
+        "expert_files": [
+            expert_slice_file(Path("."), j).name for j in range(groups.ep_size) if has_experts
+        ],
+    }
 
 
-def _save_expert_slice(engine: Any, folder: Path, groups: ParallelGroups) -> None:
-    if not _saves_expert_slices(engine, groups) or groups.layout.edp_rank(groups.rank) != 0:
-        return
-    state = {n: p.detach().cpu().clone() for n, p in expert_params(engine.module).items()}
-    torch.save(state, expert_slice_file(folder, groups.ep_rank))
+def read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / META_FILE
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one line
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
+    return meta
 
 
-def _load_expert_slice(engine: Any, folder: Path, groups: ParallelGroups) -> None:
-    path = expert_slice_file(folder, groups.ep_rank)
+def _load_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing (saved with another ep_size?)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    params = expert_params(engine.module)
-    if set(state) != set(params):
-        raise CheckpointError(f"{path} holds other expert parameters than this model")
+        raise CheckpointError(f"{path} is missing")
+    try:
+        # mmap: a rank reads only the expert rows it takes.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def read_expert_files(folder: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every expert file of a checkpoint (memory-mapped), in the order they were listed."""
+    return [_load_file(folder / name) for name in meta["expert_files"]]
+
+
+def expert_rows(
+    files: list[dict[str, Any]], name: str, first: int, count: int, key: str, folder: Path
+) -> torch.Tensor:
+    """Rows ``first .. first+count-1`` (global expert indices) of expert weight ``name``."""
+    pieces: list[torch.Tensor] = []
+    at = first
+    while at < first + count:
+        for f in files:
+            t = f["params"].get(name, {}).get(key)
+            if t is None:
+                continue
+            off = int(f["offset"][name])
+            if off <= at < off + t.shape[0]:
+                end = min(first + count, off + t.shape[0])
+                pieces.append(t[at - off : end - off])
+                at = end
+                break
+        else:
+            raise CheckpointError(f"{folder} holds no expert {at} of {name}")
+    return torch.cat(pieces, dim=0)
+
+
+def load(engine: Any, path: str | os.PathLike, groups: ParallelGroups) -> dict:
+    """Collective: restore weights, AdamW state, schedule and buffers at THIS engine's
+    layout (any world size, ep_size, ZeRO stage); return the client state."""
+    load_dir, tag = resolve_resume(path)
+    folder = load_dir / tag
+    meta = read_meta(folder)
+    model = engine.module
+    dense_file = _load_file(folder / DENSE_FILE)
+    saved_dense: dict[str, dict[str, torch.Tensor]] = dense_file["params"]
+    dense = _dense_params(model)
+    experts = expert_bank_params(model)
+    files = read_expert_files(folder, meta) if experts else []
+    saved_expert_names = set().union(*(f["params"] for f in files)) if files else set()
+    if set(dense) != set(saved_dense) or set(experts) != saved_expert_names:
+        theirs, ours = set(saved_dense) | saved_expert_names, set(dense) | set(experts)
+        odd = sorted(theirs ^ ours)[:3]
+        raise CheckpointError(f"{folder} holds other parameters than this model: {odd}")
+    ensure_optimizer_state(engine, meta["optimizer_step"])
+    for name, p in model.named_parameters():
+        if name in experts:
+            first, count = experts[name][1], param_shape(p)[0]
+            value = {
+                k: expert_rows(files, name, first, count, k, folder)
+                for k in _saved_keys(files, name)
+            }
+        else:
+            value = saved_dense[name]
+        if tuple(value["param"].shape) != tuple(param_shape(p)):
+            raise CheckpointError(
+                f"{folder}: {name} has shape {tuple(value['param'].shape)}, "
+                f"this model {tuple(param_shape(p))}"
+            )
+        set_master(engine, p, value)
+    set_optimizer_step(engine, meta["optimizer_step"])
+    refresh_model_weights(engine)
+    _load_buffers(model, dense_file["buffers"], folder)
+    _restore_schedule(engine, meta)
+    return dict(meta["client"])
+
+
+def _saved_keys(files: list[dict[str, Any]], name: str) -> tuple[str, ...]:
+    """The per-parameter keys saved for ``name`` ('param' and the moments)."""
+    for f in files:
+        if name in f["params"]:
+            return tuple(f["params"][name])
+    return ()
+
+
+def _load_buffers(model: nn.Module, saved: dict[str, torch.Tensor], folder: Path) -> None:
+    ours = persistent_buffers(model)
+    if set(ours) != set(saved):
+        odd = sorted(set(ours) ^ set(saved))[:3]
+        raise CheckpointError(f"{folder} holds other buffers than this model: {odd}")
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name].to(p.device, p.dtype))
+        for name, buf in ours.items():
+            buf.copy_(saved[name].to(buf.device, buf.dtype))
+
+
+def _restore_schedule(engine: Any, meta: dict[str, Any]) -> None:
+    """The LambdaLR position and DeepSpeed's step counters (the group count may differ
+    from the saving layout's, so the schedule is restored by position, not state dict)."""
+    sched = engine.lr_scheduler
+    if sched is not None:
+        epoch = int(meta["scheduler_epoch"])
+        sched.last_epoch = epoch
+        pairs = zip(sched.base_lrs, sched.lr_lambdas, strict=True)
+        lrs = [base * lam(epoch) for base, lam in pairs]
+        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        sched._last_lr = lrs
+    engine.global_steps = int(meta["global_steps"])
+    engine.global_samples = engine.global_steps * int(engine.train_batch_size())
+    engine.skipped_steps = int(meta["skipped_steps"])
+
+
+def consolidated_master(
+    folder: Path,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, Any]]:
+    """Every parameter of a step folder, whole (experts by global index), as
+    ``{'param', 'exp_avg', 'exp_avg_sq'}`` in fp32 (tied parameters under each of their
+    names, as in a state dict); the persistent buffers; ``meta.pt``."""
+    meta = read_meta(folder)
+    dense_file = _load_file(folder / DENSE_FILE)
+    params = {n: {k: t.clone() for k, t in v.items()} for n, v in dense_file["params"].items()}
+    files = read_expert_files(folder, meta)
+    for f in files:
+        for name, value in f["params"].items():
+            if name in params:
+                continue
+            total = sum(g["params"][name]["param"].shape[0] for g in files if name in g["params"])
+            keys = tuple(value)
+            params[name] = {k: expert_rows(files, name, 0, total, k, folder) for k in keys}
+    for alias, name in dense_file.get("aliases", {}).items():
+        params[alias] = params[name]
+    buffers = {n: t.clone() for n, t in dense_file["buffers"].items()}
+    return params, buffers, meta

@@ -7,8 +7,9 @@ once on the launcher). ``open_tokens`` memory-maps it: the tail ``val_fraction``
 token stream is the validation split, or, for a pair folder (``data.val_corpus``), the
 second corpus is. It also counts the UTF-8 bytes the validation tokens stand for, the
 denominator of bits per byte. ``BatchSampler`` gives rank r of w random windows of S+1
-tokens from its own contiguous shard of the training split; the windows are a pure
-function of (seed, rank, step, micro), so the data position is resumable from the step.
+tokens from the training split by global sample slot; a slot's window is a pure function
+of (seed, step, slot), so the data position is resumable from the step alone, at any
+world size.
 """
 
 from __future__ import annotations
@@ -141,11 +142,16 @@ def _seed(*parts: int) -> int:
 
 
 class BatchSampler:
-    """Random windows of ``seq_len + 1`` tokens from this rank's contiguous shard.
+    """Random windows of ``seq_len + 1`` tokens from the training split, by global slot.
 
-    ``batch(step, micro)`` is a pure function of (seed, rank, step, micro): the data
-    position is the step, so resuming needs nothing else. ``eval_batch(i)`` returns
-    fixed windows evenly spread over this rank's share of the validation split.
+    An optimizer step trains on a global batch of ``micro_batch x grad_accum x world``
+    windows; slot ``j`` of step ``s`` is a window whose start is a pure function of
+    (seed, s, j), independent of the layout. Micro step ``m`` of rank ``r`` takes micro
+    batch ``k = m * world + r``, i.e. slots ``k*B .. k*B + B-1``. So a run resumed at
+    another world size with the same micro batch and global batch (gradient accumulation
+    adjusted: ``turnout.trainer.resume_layout``) trains on exactly the same micro batches,
+    and the data position is the step alone. ``eval_batch(i)`` returns fixed windows
+    evenly spread over this rank's share of the validation split.
     """
 
     def __init__(
@@ -164,13 +170,11 @@ class BatchSampler:
         self.rank = rank
         self.world = world
         self.seed = seed
-        n = data.train.size // world
-        self.shard = data.train[rank * n : (rank + 1) * n]
-        if self.shard.size < seq_len + 1:
+        if data.train.size < seq_len + 1:
             raise ConfigError(
                 "data.corpus",
-                f"training split ({data.train.size} tokens) is too small for {world} shards "
-                f"of at least {seq_len + 1} tokens (model.max_seq_len={seq_len})",
+                f"training split ({data.train.size} tokens) is shorter than one window "
+                f"of {seq_len + 1} tokens (model.max_seq_len={seq_len})",
             )
         if data.val.size < seq_len + 1:
             raise ConfigError(
@@ -187,11 +191,16 @@ class BatchSampler:
         win = torch.from_numpy(tokens[idx].astype(np.int64))
         return win[:, :-1].contiguous(), win[:, 1:].contiguous()
 
+    def slot_start(self, step: int, slot: int) -> int:
+        """Start of the window of global sample slot ``slot`` at optimizer step ``step``."""
+        rng = np.random.default_rng(_seed(self.seed, step, slot))
+        return int(rng.integers(0, self.data.train.size - self.seq_len))
+
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens_BS, targets_BS) long tensors for this rank at (step, micro)."""
-        rng = np.random.default_rng(_seed(self.seed, self.rank, step, micro))
-        starts = rng.integers(0, self.shard.size - self.seq_len, size=self.micro_batch)
-        return self._windows(self.shard, starts)
+        first = (micro * self.world + self.rank) * self.micro_batch
+        starts = np.array([self.slot_start(step, first + b) for b in range(self.micro_batch)])
+        return self._windows(self.data.train, starts)
 
     def eval_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._windows(self.data.val, self.eval_starts[i])

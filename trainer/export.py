@@ -5,20 +5,13 @@ step folder and needs no config, no process group and no DeepSpeed engine: it re
 
 - ``config.yaml``, the run's resolved config, which :func:`turnout.trainer.checkpoint.save`
   writes into every step folder; the model is rebuilt from its ``model`` section;
-- ``mp_rank_00_model_states.pt`` (DeepSpeed's model-state file, rank 0), key ``module``:
-  the module's state dict. Under ZeRO 0, 1 and 2 it holds every non-expert weight whole,
-  in the dtype the training forward ran in (fp32, or bf16 under ``train.precision`` bf16).
-  These are the weights the trained model computed with, so we load them rather than the
-  fp32 master copy in the optimizer shards (which under bf16 differs from them by the
-  last rounding), and cast them to ``dtype`` (fp32 by default; bf16 weights cast to fp32
-  exactly). Keys of the DeepSpeed MoE marker module (parameter-free) are dropped.
-- with ``parallel.ep_size`` > 1, the expert slices ``experts_ep<j>.pt`` (ep rank j holds
-  experts ``j*E/ep .. (j+1)*E/ep - 1``), concatenated along the expert dimension in ep
-  rank order. They replace whatever the model-state file holds for those weights (ZeRO 0
-  saves rank 0's slice there, ZeRO 1/2 leave experts out).
-- ZeRO-3 (only allowed without expert parallelism): the weights are partitioned over the
-  optimizer shards, so the fp32 master weights are gathered offline with DeepSpeed's
-  ``zero_to_fp32`` reader.
+- the layout-free weights (:func:`turnout.trainer.checkpoint.consolidated_master`): every
+  parameter's fp32 master, expert weights concatenated by global expert index whatever
+  ``parallel.ep_size`` and ZeRO stage wrote them, and the persistent buffers. The masters
+  are cast to the dtype the training forward ran in (``meta.pt``: fp32, or bf16 under
+  ``train.precision`` bf16), which reproduces the weights the trained model computed with
+  (DeepSpeed copies the master into the forward's weights by the same cast), and then to
+  ``dtype`` (fp32 by default; bf16 casts to fp32 exactly).
 
 Anything else (a missing file, weights of another shape or name) is one
 :class:`CheckpointError` (or :class:`ConfigError` for a path that is no checkpoint)
@@ -38,10 +31,8 @@ from turnout.config import TurnoutConfig
 from turnout.config.load import load_config
 from turnout.errors import CheckpointError, ConfigError
 from turnout.models.lm import TransformerLM
-from turnout.parallel.expert_parallel import MARKER_NAME
-from turnout.trainer.checkpoint import CONFIG_FILE, expert_slice_file, resolve_resume
+from turnout.trainer.checkpoint import CONFIG_FILE, consolidated_master, resolve_resume
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
 KEY = "checkpoint"
 """What our errors name: the CHECKPOINT argument."""
 
@@ -81,58 +72,22 @@ def checkpoint_config(folder: Path) -> TurnoutConfig:
         raise ConfigError(KEY, f"{path}: {e}") from None
 
 
-def _torch_load(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing", KEY)
-    try:
-        # DeepSpeed's model-state file pickles its config and counters besides tensors.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one line
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}", KEY) from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a dict", KEY)
-    return state
-
-
-def _module_state(folder: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """The module state dict (marker keys dropped) and the step it was saved at."""
-    path = folder / MODEL_STATES
-    saved = _torch_load(path)
-    module = saved.get("module")
-    if not isinstance(module, dict):
-        raise CheckpointError(f"{path} holds no module state dict", KEY)
-    state = {k: v for k, v in module.items() if not k.startswith(f"{MARKER_NAME}.")}
-    return state, int(saved.get("step", _tag_step(folder)))
-
-
 def _tag_step(folder: Path) -> int:
     """The step a ``step<N>`` folder name says (-1 for another name)."""
     match = re.fullmatch(r"step(\d+)", folder.name)
     return int(match.group(1)) if match else -1
 
 
-def _zero3_state(folder: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+def _module_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The whole module state dict (parameters in the forward's dtype, buffers) and meta."""
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    except Exception as e:  # noqa: BLE001 - DeepSpeed raises assorted errors
-        raise CheckpointError(f"cannot gather the ZeRO-3 shards of {folder}: {e}", KEY) from None
-    return {k: v for k, v in state.items() if not k.startswith(f"{MARKER_NAME}.")}
-
-
-def _expert_state(folder: Path, ep_size: int) -> dict[str, torch.Tensor]:
-    """The full expert weights: every ep rank's slice, concatenated by global expert index."""
-    files = [expert_slice_file(folder, j) for j in range(ep_size)]
-    slices = [_torch_load(f) for f in files]
-    names = set(slices[0])
-    for f, part in zip(files[1:], slices[1:], strict=True):
-        if set(part) != names:
-            raise CheckpointError(
-                f"{f} holds other expert weights than {files[0].name}",
-                KEY,
-            )
-    return {n: torch.cat([part[n] for part in slices], dim=0) for n in sorted(names)}
+        params, buffers, meta = consolidated_master(folder)
+    except CheckpointError as e:
+        raise CheckpointError(e.message, KEY) from None
+    dtype = getattr(torch, str(meta.get("weight_dtype", "float32")), torch.float32)
+    state = {n: v["param"].to(dtype) for n, v in params.items()}
+    state.update(buffers)
+    return state, meta
 
 
 def consolidated_state(
@@ -142,13 +97,8 @@ def consolidated_state(
     the config it was trained with, and its step: whatever layout wrote it."""
     folder = step_folder(path)
     cfg = checkpoint_config(folder)
-    ep_size, stage = cfg.parallel.ep_size, cfg.parallel.zero_stage
-    if stage == 3:
-        return _zero3_state(folder), cfg, _tag_step(folder)
-    state, step = _module_state(folder)
-    if ep_size > 1 and cfg.model.uses_moe():
-        state.update(_expert_state(folder, ep_size))
-    return state, cfg, step
+    state, meta = _module_state(folder)
+    return state, cfg, int(meta.get("step", _tag_step(folder)))
 
 
 def load_for_inference(

@@ -67,6 +67,7 @@ from turnout.trainer.engine import build_engine, use_bf16
 from turnout.trainer.load_view import LoadMonitor
 from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due, mfu, model_tflops
 from turnout.trainer.metrics import StatsAccumulator
+from turnout.trainer.resume_layout import resume_config
 from turnout.trainer.skips import SkipCounter
 from turnout.trainer.step import NonFiniteLossError, evaluate, run_step
 from turnout.trainer.tracking import Tracker
@@ -360,6 +361,7 @@ def train(
     ``attach_to``: the id of the MLflow run the launcher opened (and ends); rank 0 only
     logs to it. '' (default): rank 0 opens and ends the run."""
     t_start = time.perf_counter()
+    cfg = resume_config(cfg, groups.world)  # the checkpoint's global batch at this world
     run = setup(cfg, data_path, groups, attach_to)
     t = cfg.train
     stats = StatsAccumulator(cfg.tracking.expert_series_max)

@@ -46,11 +46,6 @@ CASES = [
         ["tiny", "parallel.ep_size=2", "launch.num_workers=3"],
         "parallel.ep_size",
     ),
-    (
-        "zero3-with-expert-parallel",
-        ["tiny", "parallel.zero_stage=3", "parallel.ep_size=2"],
-        "parallel.zero_stage",
-    ),
     ("capacity-factor-zero", ["tiny", "model.moe.capacity_factor=0"], "model.moe.capacity_factor"),
     (
         "capacity-factor-negative",

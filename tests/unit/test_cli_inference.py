@@ -1,6 +1,6 @@
 """`turnout generate` / `turnout eval` refuse what is not a loadable checkpoint in one line.
 
-Loading real checkpoints (ZeRO 0/1/2, expert slices) and the commands' output are tested
+Loading real checkpoints (ZeRO 0-3, experts split over ranks) and the commands' output are tested
 in tests/distributed/test_export.py on checkpoints the engine wrote.
 """
 
@@ -14,18 +14,23 @@ import torch
 from turnout.config.load import load_config, to_yaml
 from turnout.errors import CheckpointError, ConfigError
 from turnout.launch.cli import main
+from turnout.trainer.checkpoint import DENSE_FILE, FORMAT, META_FILE
 from turnout.trainer.export import load_for_inference
 
 pytestmark = pytest.mark.unit
 
 
 def _step_folder(tmp_path: Path, module: object, with_config: bool = True) -> Path:
+    """A step folder in the checkpoint format whose weights file holds ``module``."""
     folder = tmp_path / "run" / "step4"
     folder.mkdir(parents=True)
+    meta = {"format": FORMAT, "step": 4, "expert_files": [], "weight_dtype": "float32"}
+    torch.save(meta, folder / META_FILE)
     if isinstance(module, bytes):
-        (folder / "mp_rank_00_model_states.pt").write_bytes(module)
+        (folder / DENSE_FILE).write_bytes(module)
     else:
-        torch.save({"module": module}, folder / "mp_rank_00_model_states.pt")
+        params = {k: {"param": v} for k, v in dict(module).items()}  # type: ignore[call-overload]
+        torch.save({"params": params, "buffers": {}}, folder / DENSE_FILE)
     if with_config:
         (folder / "config.yaml").write_text(to_yaml(load_config("tiny", ["parallel.ep_size=1"])))
     (tmp_path / "run" / "latest").write_text("step4")
@@ -62,7 +67,7 @@ def test_unreadable_or_mismatched_weights_exit_1(
 ) -> None:
     folder = _step_folder(tmp_path / "a", b"not a torch file")
     assert main(["generate", str(folder.parent), "--prompt", "hi"]) == 1
-    _one_error_line(capsys, "cannot read", str(folder / "mp_rank_00_model_states.pt"))
+    _one_error_line(capsys, "cannot read", str(folder / DENSE_FILE))
 
     folder = _step_folder(tmp_path / "b", {"embed.weight": torch.zeros(256, 8)})
     with pytest.raises(CheckpointError, match="does not match its config.yaml"):
@@ -112,12 +117,8 @@ def _depth_checkpoint(tmp_path: Path, overrides: list[str]) -> Path:
 
     cfg = load_config("tiny", ["parallel.ep_size=1", "model.layer_pattern=[dense]", *overrides])
     torch.manual_seed(0)
-    state = TransformerLM(cfg.model).state_dict()
-    folder = tmp_path / "run" / "step4"
-    folder.mkdir(parents=True)
-    torch.save({"module": state}, folder / "mp_rank_00_model_states.pt")
+    folder = _step_folder(tmp_path, TransformerLM(cfg.model).state_dict(), with_config=False)
     (folder / "config.yaml").write_text(to_yaml(cfg))
-    (tmp_path / "run" / "latest").write_text("step4")
     return folder
 
 

@@ -130,21 +130,27 @@ def test_val_split_is_the_disjoint_tail(tmp_path: Path) -> None:
             assert window in val and window not in train
 
 
-def test_shards_are_deterministic_disjoint_and_resumable() -> None:
+def test_slots_are_deterministic_layout_free_and_resumable() -> None:
     data = _token_data()
     world, seq = 2, 32
     samplers = [BatchSampler(data, seq, 4, r, world, seed=5) for r in range(world)]
-    half = data.train.size // world
-    shards = [data.train[r * half : (r + 1) * half].tobytes() for r in range(world)]
-    for r, s in enumerate(samplers):
+    train = data.train.tobytes()
+    for s in samplers:
         tokens, targets = s.batch(step=7, micro=1)
         assert tokens.shape == targets.shape == (4, seq)
         assert tokens.dtype == targets.dtype == torch.int64
         assert (tokens[:, 1:] == targets[:, :-1]).all()
         for row, tgt in zip(tokens, targets, strict=True):
             window = bytes(row.tolist()) + bytes([int(tgt[-1])])
-            assert window in shards[r] and window not in shards[1 - r]
-    # Pure function of (seed, rank, step, micro): a fresh sampler resumes exactly.
+            assert window in train
+    # The ranks take different slots of the global batch...
+    assert not (samplers[0].batch(7, 1)[0] == samplers[1].batch(7, 1)[0]).all()
+    # ...and the same micro batches as one rank with twice the accumulation: micro m of
+    # rank r is global micro batch m * world + r, whatever the world size.
+    single = BatchSampler(data, seq, 4, 0, 1, seed=5)
+    for r in range(world):
+        assert (samplers[r].batch(7, 1)[0] == single.batch(7, 1 * world + r)[0]).all()
+    # Pure function of (seed, step, slot): a fresh sampler resumes exactly.
     again = BatchSampler(data, seq, 4, 0, world, seed=5)
     assert (again.batch(7, 1)[0] == samplers[0].batch(7, 1)[0]).all()
     assert not (samplers[0].batch(7, 1)[0] == samplers[0].batch(8, 1)[0]).all()

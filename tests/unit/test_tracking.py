@@ -85,13 +85,14 @@ def test_attached_tracker_leaves_the_status_to_the_launcher(
 
 def test_resume_appends_to_the_checkpoints_run(tmp_path: Path) -> None:
     from turnout.errors import RunError
+    from turnout.trainer.checkpoint import META_FILE
     from turnout.trainer.tracking_store import end_run, open_run, previous_run_id, record_run_id
 
     first = open_run(_cfg(tmp_path), 2)
     assert end_run(f"sqlite:///{tmp_path / 'mlflow.db'}", first, "KILLED", 30) == ""
     step = tmp_path / "ckpt" / "run-x" / "step3"
     step.mkdir(parents=True)
-    (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (step / META_FILE).write_bytes(b"")  # what makes a folder a checkpoint step
     assert previous_run_id(str(step)) == ""
     record_run_id(step.parent, first)
     assert previous_run_id(str(step)) == first

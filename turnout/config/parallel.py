@@ -43,11 +43,3 @@ def validate_parallel(
             f"world size {world_size} (launch.num_workers) is not divisible "
             f"by ep_size={cfg.ep_size}",
         )
-    if cfg.zero_stage == 3 and cfg.ep_size > 1 and uses_moe:
-        # Training runs (the experts are partitioned over their expert-data-parallel group
-        # through DeepSpeed's AutoEP placement), but DeepSpeed's checkpoint writer for that
-        # placement reads its own expert-layer layout, which turnout's expert banks lack.
-        raise ConfigError(
-            "parallel.zero_stage",
-            "ZeRO-3 with ep_size > 1 cannot checkpoint yet; use zero_stage 1 or 2 with experts",
-        )
