@@ -66,6 +66,7 @@ def test_bias_trains_saves_resumes_and_shows(tmp_path: Path) -> None:
     assert second.final_val_loss == pytest.approx(first.final_val_loss, rel=1e-6, abs=1e-7)
     resumed, _, _ = consolidated_state(second.checkpoint)
     assert torch.equal(resumed[BIAS_KEY], biases[4])
+    assert second.run_id == first.run_id  # a resumed run appends to the same MLflow run
     _check_mlflow(tmp_path, first.run_id)
 
 
@@ -81,4 +82,6 @@ def _check_mlflow(tmp_path: Path, run_id: str) -> None:
     assert not [k for k in metrics if "expert0_load" in k]  # expert_series_max=0
     images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images if "expert_load" in p)
-    assert steps == [2, 4]
+    # The first run logs the heatmap at steps 2 and 4 (every 2 and at the end); the run
+    # resumed from step 2 appends to the same MLflow run and logs its own end, step 4.
+    assert steps == [2, 4, 4]
