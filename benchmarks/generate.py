@@ -28,11 +28,12 @@ decoded tokens are new random draws, so the processed fraction reported (from
 ``DecodeState.routed_work()``, decode steps only) is measured out of sample and can differ
 from the target. Nothing else about the model is changed.
 
-Batched decode skips a routed block's attention only when no sequence of the step chose
-the token (see the :mod:`turnout.models.decode` docstring): at batch 8 with a 12.5 %
-rate that is about 0.875 ** 8 = 34 % of the steps, while the FFN of the skipped rows is
-always saved and the attention reads the block's shorter cache. So the batch-8 saving is
-smaller than the batch-1 saving by construction.
+Batched decode runs a routed block only on the sequences of the step that chose the
+token (see the :mod:`turnout.models.decode` docstring): a skipped sequence does no work
+there, attention included, at any batch size. What batch 8 adds is the per-step
+bookkeeping of the sub-batch (a gather and an ``index_copy`` of the chosen rows) and
+that the dense blocks' larger batched GEMMs run closer to the machine's peak than the
+routed blocks' small ones. The "whole batch skipped" figure is printed for reference.
 
 ``--rerun N`` also times the old decode at batch 1, as a peer: one full causal-mode forward
 of the whole window per new token (masked-dense: attention over every position, the FFN
