@@ -10,6 +10,9 @@ custom ops; this module adds their fake (meta) kernels and autograd formulas.
 failed build falls back to the reference with one warning, and so does a device whose
 kernels fail the self-check of :mod:`turnout.models.kernel_check` at first use (the
 CUDA kernels are compiled in CI but may never have run on the user's GPU model).
+``TURNOUT_KERNELS=1`` (or ``strict``), set explicitly, makes that self-check failure an
+error instead (:class:`KernelMismatchError`): for a user who wants the fused kernels or
+nothing. Unset, the fallback applies.
 
 Shape legend: T tokens, E router columns, K top-k, D width, C capacity, B batch,
 S positions, M MoD-chosen positions per sequence, N = B * S rows.
@@ -66,6 +69,16 @@ _lock = threading.Lock()
 _loaded: dict[str, Any] = {"tried": False, "ok": False, "cuda": False, "seconds": None}
 # Per device type: did the kernels pass their self-check against the reference there.
 _checked: dict[str, bool] = {}
+
+
+class KernelMismatchError(RuntimeError):
+    """The fused kernels disagree with the reference and ``TURNOUT_KERNELS`` is strict."""
+
+
+def strict() -> bool:
+    """True when ``TURNOUT_KERNELS`` is explicitly ``1``/``strict``/``on``: a self-check
+    failure raises instead of falling back to the reference."""
+    return os.environ.get("TURNOUT_KERNELS", "").strip().lower() in {"1", "strict", "on"}
 
 
 def forced_reference() -> bool:
@@ -142,14 +155,22 @@ def supports(t: torch.Tensor) -> bool:
     return verdict
 
 
-def _check_device(device: torch.device) -> bool:
-    """Compare every fused op with the reference on ``device`` once; False on any difference."""
+def _check_device(device: torch.device, ops: Any = None) -> bool:
+    """Compare every fused op with the reference on ``device`` once; False on any difference
+    (KernelMismatchError under a strict ``TURNOUT_KERNELS``). ``ops``: the op namespace to
+    check (default ``torch.ops.turnout``; tests pass one with a broken op)."""
     from turnout.models.kernel_check import mismatches
 
     with _lock:
         if device.type not in _checked:
             with torch.no_grad():
-                found = mismatches(device)
+                found = mismatches(device, ops)
+            if found and strict():
+                raise KernelMismatchError(
+                    f"turnout: the csrc/ kernels disagree with the reference on {device.type} "
+                    f"({'; '.join(found[:3])}) and TURNOUT_KERNELS={os.environ['TURNOUT_KERNELS']}"
+                    " asks for them: unset it to fall back to the reference"
+                )
             if found:
                 warnings.warn(
                     f"turnout: the csrc/ kernels disagree with the reference on {device.type} "

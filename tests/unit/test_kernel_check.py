@@ -64,3 +64,29 @@ def test_a_failed_check_routes_to_the_reference(built: None) -> None:
     finally:
         kernels._checked.clear()
         kernels._checked.update(saved)
+
+
+def _swapped_plan(*args: object) -> tuple[torch.Tensor, ...]:
+    expert, gate, slot, keep, counts = torch.ops.turnout.moe_plan(*args)
+    return expert.flip(1), gate, slot, keep, counts
+
+
+def test_a_patched_op_falls_back_to_the_reference(
+    built: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TURNOUT_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_checked", {})
+    with pytest.warns(RuntimeWarning, match="moe_plan.expert.*pure-PyTorch reference"):
+        assert kernels._check_device(CPU, _namespace(moe_plan=_swapped_plan)) is False
+    assert not kernels.supports(torch.zeros(1))  # the verdict holds for the run
+
+
+def test_strict_kernels_make_a_mismatch_an_error(
+    built: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TURNOUT_KERNELS", "1")
+    monkeypatch.setattr(kernels, "_checked", {})
+    with pytest.raises(kernels.KernelMismatchError, match="moe_plan.expert.*TURNOUT_KERNELS=1"):
+        kernels._check_device(CPU, _namespace(moe_plan=_swapped_plan))
+    monkeypatch.setattr(kernels, "_checked", {})
+    assert kernels._check_device(CPU) is True  # the real kernels pass, strict or not
