@@ -42,29 +42,15 @@ def _sampler(vocab: int, seq_len: int) -> BatchSampler:
 
 @pytest.mark.parametrize("kind", ["exit", "ponder"])
 def test_depth_metrics_are_the_causal_pass_histogram(kind: str) -> None:
+    tiny = dict(vocab_size=32, d_model=16, n_heads=2, ffn_dim=32, max_seq_len=16)
     if kind == "exit":
-        cfg = ModelConfig(
-            vocab_size=32,
-            d_model=16,
-            n_heads=2,
-            ffn_dim=32,
-            max_seq_len=16,
-            n_layers=3,
-            layer_pattern=["dense"],
-            exit=ExitConfig([1], threshold=0.04),
-        )
+        exits = ExitConfig([1], threshold=0.04)
+        cfg = ModelConfig(**tiny, n_layers=3, layer_pattern=["dense"], exit=exits)
         names = ["val_exit_layer1", "val_exit_layer3", "val_exit_layer_mean"]
     else:
-        cfg = ModelConfig(
-            vocab_size=32,
-            d_model=16,
-            n_heads=2,
-            ffn_dim=32,
-            max_seq_len=16,
-            n_layers=2,
-            layer_pattern=["dense", "ponder"],
-            ponder=PonderConfig(max_steps=3, threshold=0.3),
-        )
+        ponder = PonderConfig(max_steps=3, threshold=0.3)
+        pattern = ["dense", "ponder"]
+        cfg = ModelConfig(**tiny, n_layers=2, layer_pattern=pattern, ponder=ponder)
         names = ["val_ponder_steps1", "val_ponder_steps2", "val_ponder_steps3"]
     torch.manual_seed(0)
     model = TransformerLM(cfg)

@@ -74,6 +74,17 @@ def test_routed_models_cost_less_than_their_dense_counterpart() -> None:
         assert forward_flops(cfg).fraction_of(dense) < 1.0
 
 
+def _counted_flops_per_token(cfg: ModelConfig, batch: int) -> tuple[float, TransformerLM]:
+    """FlopCounterMode's forward FLOPs per token of a fresh model of ``cfg`` (and the model)."""
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len))
+    # The math SDPA backend decomposes attention into counted bmm calls.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(tokens)
+    return fc.get_total_flops() / (batch * cfg.max_seq_len), model
+
+
 @pytest.mark.parametrize(
     "pattern,moe",
     [
@@ -90,13 +101,7 @@ def test_agrees_with_torch_flop_counter(pattern: list[str], moe: dict, predictor
     cfg = _cfg(pattern, **moe)
     cfg.mod.predictor = predictor
     B = 3
-    torch.manual_seed(0)
-    model = TransformerLM(cfg).eval()
-    tokens = torch.randint(0, cfg.vocab_size, (B, cfg.max_seq_len))
-    # The math SDPA backend decomposes attention into counted bmm calls.
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        model(tokens)
-    counted = fc.get_total_flops() / (B * cfg.max_seq_len)
+    counted, _ = _counted_flops_per_token(cfg, B)
     assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=0.005)
 
 
@@ -154,12 +159,7 @@ def test_exit_and_ponder_full_depth_agree_with_torch_flop_counter(
     cfg = _depth_cfg(pattern, exits)
     validate_model(cfg)
     B = 2
-    torch.manual_seed(0)
-    model = TransformerLM(cfg).eval()
-    tokens = torch.randint(0, cfg.vocab_size, (B, cfg.max_seq_len))
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        model(tokens)
-    counted = fc.get_total_flops() / (B * cfg.max_seq_len)
+    counted, model = _counted_flops_per_token(cfg, B)
     assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=0.005)
     assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
 
