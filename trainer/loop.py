@@ -186,7 +186,7 @@ class Run:
     peak_tflops: float
     """Peak TFLOP/s of one rank (given or measured, the same on every rank)."""
     peak_measured: bool
-    val_tokens_per_byte: float = math.nan
+    val_tokens_per_byte: float
     """Tokens per UTF-8 byte of the validation split (bits per byte = loss x this / ln 2)."""
 
     @property
@@ -233,7 +233,7 @@ def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, attach_to
     peak, measured = _peak_tflops(cfg, world)
     log.debug("rank %d: peak %.3f TFLOP/s after %.1fs", rank, peak, time.perf_counter() - t0)
     flops = run_flops(cfg)
-    run = Run(
+    return Run(
         cfg,
         groups,
         engine,
@@ -246,9 +246,8 @@ def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, attach_to
         flops,
         peak,
         measured,
+        data.val_tokens_per_byte,
     )
-    run.val_tokens_per_byte = data.val_tokens_per_byte
-    return run
 
 
 def _peak_tflops(cfg: TurnoutConfig, world: int) -> tuple[float, bool]:
