@@ -235,9 +235,10 @@ def preflight(cfg: TurnoutConfig) -> Path:
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.uri)
     if cfg.train.resume:
-        from turnout.trainer.resume_layout import resume_config
+        from turnout.trainer.resume_layout import resume_config, verify_checkpoint
 
-        resume_config(cfg)  # the checkpoint exists and fits this layout
+        verify_checkpoint(cfg.train.resume)  # every file as written (the manifest)
+        resume_config(cfg)  # and it fits this layout
     elif cfg.train.init_from:
         from turnout.trainer.upcycle import check_init_from
 

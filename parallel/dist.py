@@ -148,6 +148,16 @@ def broadcast_object(obj: object, src: int = 0, name: str = "broadcast") -> obje
     return box[0]
 
 
+def all_gather_object(obj: object, name: str = "all_gather") -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    with collective(name):
+        dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(name: str = "barrier") -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         with collective(name):

@@ -30,9 +30,11 @@ this rank's global expert indices. The cost is that the dense state is gathered 
 rank when saving and read whole by every rank when loading (expert files are memory-mapped
 and only the needed rows are read): fine for the models turnout trains.
 
-Atomicity: every file goes into a hidden temporary tag ``.tmp-step<N>``; after a barrier
-rank 0 renames it to ``step<N>`` and then rewrites ``latest`` atomically (temp file +
-os.replace). A run killed mid-save leaves only a hidden temporary folder.
+Atomicity: every file goes into a hidden temporary tag ``.tmp-step<N>``; once all are
+written rank 0 adds ``manifest.json`` (every file's size and sha256,
+:mod:`turnout.trainer.manifest`), renames the folder to ``step<N>`` and then rewrites
+``latest`` atomically (temp file + os.replace). A run killed mid-save leaves only a hidden
+temporary folder; a step folder damaged later is named by the manifest check on resume.
 
 Resuming accepts a run folder (its ``latest`` tag is used) or one ``step<N>`` folder. The
 client state carries the next optimizer step, which is also the data position
@@ -45,9 +47,10 @@ Assumes ``ckpt_dir`` is one filesystem shared by all ranks.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -55,9 +58,10 @@ from torch import nn
 from turnout.config import TurnoutConfig
 from turnout.config.load import to_yaml
 from turnout.errors import CheckpointError, ConfigError
-from turnout.parallel.dist import barrier
+from turnout.parallel.dist import all_gather_object, barrier
 from turnout.parallel.expert_parallel import expert_bank_params
 from turnout.parallel.groups import ParallelGroups
+from turnout.trainer import manifest
 from turnout.trainer.master_state import (
     ensure_optimizer_state,
     get_master,
@@ -92,11 +96,23 @@ def _is_tag_dir(path: Path) -> bool:
 def resolve_resume(path: str | os.PathLike) -> tuple[Path, str]:
     """(load_dir, tag) for a run folder or a step folder; ConfigError('train.resume') if not."""
     p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError("train.resume", f"{path} does not exist")
     if _is_tag_dir(p):
         return p.parent.resolve(), p.name
     latest = p / LATEST
     if latest.is_file():
-        tag = latest.read_text().strip()
+        raw = latest.read_bytes()[:256]
+        try:
+            tag = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            tag = ""
+        if not re.fullmatch(r"step\d+", tag):
+            raise ConfigError(
+                "train.resume",
+                f"{latest} is damaged (it should name a step folder, e.g. 'step20', and holds "
+                f"{raw[:24]!r}); name a step folder of {p} instead",
+            )
         if _is_tag_dir(p / tag):
             return p.resolve(), tag
         raise ConfigError("train.resume", f"{latest} names {tag!r}, which is not a checkpoint")
@@ -168,12 +184,12 @@ def save(
     dense = {n: get_master(engine, p) for n, p in _dense_params(model).items()}
     experts = expert_bank_params(model)
     expert_state = {n: get_master(engine, p) for n, (p, _) in experts.items()}
+    hashed: dict[str, dict[str, Any]] = {}  # the files this rank wrote -> manifest entries
     if experts and groups.layout.edp_rank(rank) == 0:
         offsets = {n: off for n, (_, off) in experts.items()}
-        torch.save(
-            {"offset": offsets, "params": expert_state},
-            expert_slice_file(folder, groups.ep_rank),
-        )
+        path = expert_slice_file(folder, groups.ep_rank)
+        torch.save({"offset": offsets, "params": expert_state}, path)
+        hashed[path.name] = manifest.file_entry(path)  # hashed while in the page cache
     if rank == 0:
         buffers = {n: b.detach().cpu().clone() for n, b in persistent_buffers(model).items()}
         aliases = _tied_aliases(model)
@@ -184,9 +200,12 @@ def save(
             from turnout.trainer import tokenizer_files
 
             tokenizer_files.save(folder, cfg)  # tokenizer.json beside config.yaml
-    barrier()
+    known: dict[str, dict[str, Any]] = {}
+    for entries in all_gather_object(hashed, name="checkpoint manifest"):
+        known.update(cast(dict[str, dict[str, Any]], entries))
     final = run_dir / tag
     if rank == 0:
+        manifest.write(folder, known)  # last: a folder with a manifest is a finished save
         if final.exists():
             shutil.rmtree(final)
         os.replace(folder, final)

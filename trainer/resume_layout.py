@@ -13,6 +13,8 @@ Checkpoints (:mod:`turnout.trainer.checkpoint`) carry no layout, so world size,
 
 :func:`resume_config` runs on the launcher before any worker starts (the preflight) and
 again in every worker (``train``), where its adjusted config is the one trained with.
+:func:`verify_checkpoint` (the manifest check, which reads every file) runs only in the
+preflight.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 
 from turnout.config import TurnoutConfig
 from turnout.config.load import flatten, load_config
-from turnout.errors import ConfigError
+from turnout.errors import CheckpointError, ConfigError
 from turnout.models.lm import TransformerLM
+from turnout.trainer import manifest
 from turnout.trainer.checkpoint import CONFIG_FILE, read_meta, resolve_resume
 
 log = logging.getLogger("turnout.trainer")
@@ -42,6 +45,16 @@ def _model_key_that_differs(new: TurnoutConfig, old: TurnoutConfig) -> str:
     a, b = flatten(new), flatten(old)
     keys = [k for k in a if k.startswith("model.") and a[k] != b.get(k)]
     return keys[0] if keys else KEY
+
+
+def verify_checkpoint(path: str, key: str = KEY) -> None:
+    """The checkpoint ``path`` (run or step folder) is whole: its manifest's files are all
+    there with their sizes and sha256. ConfigError naming ``key`` and the first bad file."""
+    load_dir, tag = resolve_resume(path)
+    try:
+        manifest.verify(load_dir / tag)
+    except CheckpointError as e:
+        raise ConfigError(key, e.message) from None
 
 
 def resume_config(cfg: TurnoutConfig, world: int | None = None) -> TurnoutConfig:

@@ -3,7 +3,9 @@ and a non-finite loss that stops both ranks together."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 
 from tests.spawn import run_ranks
 from turnout.config.load import load_config
+from turnout.errors import ConfigError
 from turnout.trainer.data import prepare_corpus
 
 pytestmark = pytest.mark.distributed
@@ -113,6 +116,10 @@ def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
         # expert-parallel rank's experts, by global index.
         assert {"meta.pt", "dense.pt"} <= names
         assert {"experts_ep0.pt", "experts_ep1.pt"} <= names
+        # Written last, it lists every other file with its size and sha256.
+        assert set(json.loads((run_dir / tag / "manifest.json").read_text())["files"]) == (
+            names - {"manifest.json"}
+        )
         # The resolved config rides along, so the checkpoint loads without it.
         assert load_config(str(run_dir / tag / "config.yaml")) == load_config("tiny", overrides)
     # The run folder names the MLflow run, which a resume appends to.
@@ -124,6 +131,51 @@ def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
     assert second.final_train_loss == pytest.approx(first.final_train_loss, rel=1e-6, abs=1e-7)
     assert Path(second.checkpoint).parent != run_dir
     _check_mlflow(tmp_path, first.run_id, str(run_dir / "step3"))
+    _check_damage_is_named(tmp_path, run_dir, overrides)
+
+
+def _check_damage_is_named(tmp_path: Path, run_dir: Path, overrides: list[str]) -> None:
+    """The launcher's preflight names the first bad file of a damaged checkpoint."""
+    from turnout.launch.worker import preflight
+
+    def refusal(resume: Path) -> str:
+        with pytest.raises(ConfigError) as info:
+            preflight(load_config("tiny", [*overrides, f"train.resume={resume}"]))
+        assert info.value.key == "train.resume"
+        return info.value.message
+
+    preflight(load_config("tiny", [*overrides, f"train.resume={run_dir}"]))  # intact: fine
+
+    def damaged(name: str) -> Path:
+        copy = tmp_path / "damaged" / name
+        shutil.copytree(run_dir, copy)
+        return copy
+
+    truncated = damaged("truncated")
+    dense = truncated / "step6" / "dense.pt"
+    dense.write_bytes(dense.read_bytes()[:1000])
+    assert str(dense) in refusal(truncated) and "truncated" in refusal(truncated)
+
+    flipped = damaged("flipped")  # same size, one byte changed
+    meta = flipped / "step6" / "meta.pt"
+    raw = bytearray(meta.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    meta.write_bytes(bytes(raw))
+    assert str(meta) in refusal(flipped) and "sha256" in refusal(flipped)
+
+    missing = damaged("missing")
+    (missing / "step6" / "experts_ep1.pt").unlink()
+    assert str(missing / "step6" / "experts_ep1.pt") in refusal(missing)
+
+    garbage = damaged("garbage")
+    (garbage / "latest").write_bytes(bytes(range(200, 256)) * 3)
+    assert str(garbage / "latest") in refusal(garbage) and "damaged" in refusal(garbage)
+
+    unfinished = damaged("unfinished")  # a folder whose save never reached the manifest
+    (unfinished / "step6" / "manifest.json").unlink()
+    assert "manifest.json" in refusal(unfinished / "step6")
+
+    assert "does not exist" in refusal(tmp_path / "no" / "such" / "run")
 
 
 def _check_mlflow(tmp_path: Path, run_id: str, resumed_from: str) -> None:
