@@ -241,7 +241,8 @@ def a2a_bytes(cfg: TurnoutConfig, precision: str) -> float:
     for spec in m.blocks():
         if not spec.has_moe:
             continue
-        values += moe_rows(m, B * block_rows(m, spec, S), m.noop_choices(spec)) * m.d_model
+        rows = moe_rows(m, B * block_rows(m, spec, S), m.noop_choices(spec), False)
+        values += rows * m.d_model  # the exchange sends kept rows only
     return A2A_PER_LAYER * values * ACT_BYTES[precision] * cfg.train.grad_accum
 
 
@@ -270,7 +271,7 @@ def plan(cfg: TurnoutConfig, gpus: int | None = None, gpu: str = DEFAULT_GPU) ->
         seq_len=S,
         grad_accum=cfg.train.grad_accum,
         params=params,
-        flops=forward_flops(m, S, B),
+        flops=forward_flops(m, S, B, expert_padding=ep == 1),
         dense_flops=forward_flops(dense, S, B),
         memory=Memory(weights, grads, optimizer, activation_bytes(m, S, B, precision)),
         dense_activations=activation_bytes(dense, S, B, precision),

@@ -67,6 +67,24 @@ def test_moe_capacity_padding_is_counted() -> None:
     assert forward_flops(dropless, batch=B).blocks[0].ffn == k * 3 * 2 * D * 64
 
 
+def test_expert_parallel_exchange_counts_kept_rows_only() -> None:
+    """ep > 1 sends and computes no padding: the real rows, capped by the buckets."""
+    cfg = _cfg(["moe"])
+    B, S, D, E, k = 3, 24, 32, 4, 2
+    T = B * S
+    block = forward_flops(cfg, batch=B, expert_padding=False).blocks[0]
+    assert block.ffn == pytest.approx(k * 3 * 2 * D * 64)  # T * k rows over T tokens
+    assert block.ffn < forward_flops(cfg, batch=B).blocks[0].ffn
+    tight = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=0.5))
+    C = -(-int(0.5 * T * k) // E)  # buckets smaller than the assignments: drops
+    rows = forward_flops(tight, batch=B, expert_padding=False).blocks[0].ffn * T / (3 * 2 * D * 64)
+    assert rows == pytest.approx(E * C)
+    dropless = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=None))
+    assert forward_flops(dropless, batch=B, expert_padding=False) == forward_flops(
+        dropless, batch=B
+    )
+
+
 def test_routed_models_cost_less_than_their_dense_counterpart() -> None:
     for pattern in (["dense", "mod"], ["dense", "mode"]):
         cfg = _cfg(pattern)

@@ -179,18 +179,24 @@ def test_mod_reduces_activations_by_the_hand_count() -> None:
 
 def test_all_to_all_bytes_by_hand() -> None:
     # Two MoE layers, T = 2*16 = 32 tokens, E 4, top-2, D 8, fp32, grad_accum 3.
-    # Capacity 1.5: C = ceil(1.5 * 32 * 2 / 4) = 24, E*C = 96 rows per layer;
-    # 4 exchanges (dispatch, combine; forward, backward): 4*96*8*4 B per layer per micro
-    # step -> x 2 layers x 3 micro steps = 73728 B; half of it leaves the rank (ep 2).
+    # Capacity 1.5: C = ceil(1.5 * 32 * 2 / 4) = 24, E*C = 96 buckets' rows per layer, but
+    # the exchange sends kept rows only: k*T = 64 under balanced routing.
+    # 4 exchanges (dispatch, combine; forward, backward): 4*64*8*4 B per layer per micro
+    # step -> x 2 layers x 3 micro steps = 49152 B; half of it leaves the rank (ep 2).
     cap = plan(_job(["moe"] * 2, grad_accum=3))
-    assert cap.a2a_bytes == 73728
-    assert cap.a2a_link_bytes == 36864
+    assert cap.a2a_bytes == 49152
+    assert cap.a2a_link_bytes == 24576
+    # Tight buckets (capacity 0.5: C = 8, E*C = 32 < 64) cap what is sent.
+    tight_cfg = _job(["moe"] * 2, grad_accum=3)
+    tight_cfg.model.moe.capacity_factor = 0.5
+    assert plan(tight_cfg).a2a_bytes == 4 * 32 * 8 * 4 * 2 * 3
     # Dropless: k*T = 64 real rows per layer.
     dropless_cfg = _job(["moe"] * 2, grad_accum=3)
     dropless_cfg.model.moe.capacity_factor = None
     assert plan(dropless_cfg).a2a_bytes == 4 * 64 * 8 * 4 * 2 * 3
-    # A MoD-routed MoE block exchanges only its chosen tokens: 8 of 32, C = ceil(1.5*8*2/4) = 6.
-    assert plan(_job(["mode"])).a2a_bytes == 4 * (4 * 6) * 8 * 4
+    # A MoD-routed MoE block exchanges only its chosen tokens: 8 of 32, k*8 = 16 rows
+    # (its buckets, C = ceil(1.5*8*2/4) = 6, would hold 24).
+    assert plan(_job(["mode"])).a2a_bytes == 4 * 16 * 8 * 4
     assert plan(_job(["moe"] * 2, ep=1)).a2a_bytes == 0
 
 
@@ -199,7 +205,7 @@ def test_step_time_bound_is_the_slower_of_compute_and_all_to_all() -> None:
     p = plan(cfg, gpu="a100")
     tokens = 4 * 2 * 16 * 2
     assert p.tokens_per_step == tokens
-    fwd = forward_flops(cfg.model, 16, 2).per_token
+    fwd = forward_flops(cfg.model, 16, 2, expert_padding=False).per_token  # ep 2
     assert p.train_flops_per_step == pytest.approx(3 * fwd * tokens)
     assert p.compute_s == pytest.approx(3 * fwd * tokens / 4 / 19.5e12)  # fp32 peak
     assert p.a2a_s == pytest.approx(p.a2a_link_bytes / 600e9)
