@@ -5,8 +5,9 @@ for the job's run, with node id ``node<N>`` (N: the node rank Ray or torchrun gi
 the metrics read ``system/node0/cpu_utilization_percentage`` and so on, and tags the run
 ``node/node<N>`` with the host name. Sampling every 10 s unless
 ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` says otherwise. Everything here is best
-effort on its own daemon thread: it never stops or slows training (MLflow's monitor
-stops by itself when the store becomes unreachable).
+effort on its own daemon threads: it never stops or slows training. MLflow's monitor
+stops by itself when the store becomes unreachable; a supervisor starts a new one when
+that happens, so the samples resume after an outage.
 """
 
 from __future__ import annotations
@@ -39,30 +40,39 @@ def node_id() -> str:
     return f"node{node_rank()}"
 
 
+def _sampling_interval() -> float:
+    try:
+        return float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", SAMPLING_INTERVAL_S))
+    except ValueError:
+        return SAMPLING_INTERVAL_S
+
+
 class SystemMetrics:
-    """The node's system-metrics sampler for ``run_id`` (inactive where it does not apply)."""
+    """The node's system-metrics sampler for ``run_id`` (inactive where it does not apply).
+
+    MLflow's monitor thread ends for good the first time it cannot reach the store. A
+    supervisor thread checks it every sampling interval and starts a fresh monitor once
+    the old one has ended (MLflow continues the series from the store's last step), so
+    the samples resume when a tracking outage is over.
+    """
 
     def __init__(self, cfg: TurnoutConfig, run_id: str) -> None:
         self._monitor: Any = None
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self.restarts = 0
         t = cfg.tracking
         local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
         if not (t.enabled and t.system_metrics and run_id and local_rank == 0):
             return
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
             from turnout.trainer.tracking_store import client_for
             from turnout.trainer.tracking_uri import local_sqlite_uri
 
-            uri = local_sqlite_uri(t.uri)
-            client = client_for(uri)
-            self._monitor = SystemMetricsMonitor(
-                run_id,
-                sampling_interval=SAMPLING_INTERVAL_S,
-                node_id=node_id(),
-                tracking_uri=uri,
-            )
-            self._monitor.start()
+            self._uri = local_sqlite_uri(t.uri)
+            self._run_id = run_id
+            client = client_for(self._uri)
+            self._monitor = self._start_monitor()
         except Exception as e:  # psutil missing, a store hiccup: no system metrics
             log.warning("turnout: no MLflow system metrics for this node: %s", e)
             self._monitor = None
@@ -76,10 +86,50 @@ class SystemMetrics:
                 log.debug("node tag not set: %s", e)
 
         threading.Thread(target=_tag, name="turnout-node-tag", daemon=True).start()
+        threading.Thread(
+            target=self._supervise, name="turnout-sysmetrics-watch", daemon=True
+        ).start()
+
+    def _start_monitor(self) -> Any:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            self._run_id,
+            sampling_interval=_sampling_interval(),
+            node_id=node_id(),
+            tracking_uri=self._uri,
+        )
+        monitor.start()
+        return monitor
+
+    def _supervise(self) -> None:
+        """Start a fresh monitor whenever the current one's thread has ended (best effort).
+
+        Starting may wait on an unreachable store, so it runs outside the lock; a
+        :meth:`stop` meanwhile is honoured by finishing the new monitor at once."""
+        interval = max(_sampling_interval(), 0.5)
+        while not self._stopped.wait(interval):
+            with self._lock:
+                thread = getattr(self._monitor, "_process", None)
+                if self._monitor is None or (thread is not None and thread.is_alive()):
+                    continue
+            try:
+                fresh = self._start_monitor()
+            except Exception as e:  # still down: try again next interval
+                log.debug("system metrics not restarted yet: %s", e)
+                continue
+            with self._lock:
+                if not self._stopped.is_set():
+                    self._monitor, fresh = fresh, None
+                    self.restarts += 1
+            if fresh is not None:
+                fresh.finish()
 
     def stop(self) -> None:
         """Stop sampling, waiting a few seconds at most for the last batch to be sent."""
-        monitor, self._monitor = self._monitor, None
+        self._stopped.set()
+        with self._lock:
+            monitor, self._monitor = self._monitor, None
         if monitor is None:
             return
         stopper = threading.Thread(target=monitor.finish, name="turnout-sysmetrics", daemon=True)
