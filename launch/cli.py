@@ -9,6 +9,7 @@
                      [--seed S] [--device cpu|cuda] [--exit-threshold P] [--halt-threshold P]
     turnout eval CHECKPOINT [--corpus PATH] [--batches N] [--device cpu|cuda]
     turnout export CHECKPOINT OUT [--format turnout|hf] [--allow-dropless]
+    turnout replay-tracking FILE [--uri URI]
 
 Everything that can be wrong with a config is found here, on the launcher, before a
 worker starts: one line ``turnout: error: <key>: <message>`` on stderr, exit code 2.
@@ -32,6 +33,7 @@ from turnout.config.load import (
     split_source,
     to_yaml,
 )
+from turnout.config.train import TrackingConfig
 from turnout.errors import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -224,6 +226,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_replay_tracking(args: argparse.Namespace) -> int:
+    from turnout.trainer.tracking_records import replay
+
+    done = replay(args.file, args.uri)
+    print(
+        f"turnout: sent {done.records} tracking record(s) of run(s) {', '.join(done.run_ids)} "
+        f"to {args.uri}; the file is now {done.done_file}"
+    )
+    return EXIT_OK
+
+
 def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
     """Run the same worker entry under torchrun on this machine (no Ray)."""
     cmd = [
@@ -395,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="--format hf of a capacity-mode MoE: accept HF's dropless routing",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "replay-tracking",
+        help="send a fallback file of tracking records (left by an MLflow outage) to the store",
+    )
+    p.add_argument("file", metavar="FILE", help="the .jsonl file the outage warning named")
+    p.add_argument("--uri", default=TrackingConfig().uri, help="the MLflow store (tracking.uri)")
+    p.set_defaults(func=cmd_replay_tracking)
     return parser
 
 

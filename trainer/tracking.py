@@ -24,6 +24,7 @@ from typing import Any
 
 from turnout.config import TurnoutConfig
 from turnout.trainer.tracking_queue import Outbox, Record
+from turnout.trainer.tracking_records import deliver
 from turnout.trainer.tracking_store import client_for, open_run
 
 #: MLflow takes at most 1000 metrics in one log_batch.
@@ -85,48 +86,7 @@ class Tracker:
 
     def _deliver(self, record: Record) -> None:
         """Send one outbox record to the store (runs on the outbox thread)."""
-        from mlflow.entities import Metric, RunTag
-
-        kind = record["kind"]
-        if kind == "metrics":
-            metrics = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
-            self._client.log_batch(self.run_id, metrics=metrics)
-        elif kind == "tags":
-            tags = [RunTag(k, v) for k, v in record["tags"].items()]
-            self._client.log_batch(self.run_id, tags=tags)
-        elif kind == "corpus":
-            self._deliver_corpus(record["params"], record["corpora"])
-        elif kind == "image":
-            import numpy as np
-
-            pixels = np.asarray(record["pixels"], dtype=np.uint8)
-            self._client.log_image(
-                self.run_id, pixels, key=record["key"], step=record["step"], synchronous=True
-            )
-        elif kind == "status":
-            self._client.set_terminated(self.run_id, status=record["status"])
-        else:
-            raise ValueError(f"unknown tracking record {kind!r}")
-
-    def _deliver_corpus(self, params: dict[str, str], corpora: dict[str, list[str]]) -> None:
-        import json
-
-        from mlflow.entities import Dataset, DatasetInput, InputTag, Param
-
-        self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
-        inputs = [
-            DatasetInput(
-                Dataset(
-                    name=Path(source).name or source,
-                    digest=digest,
-                    source_type="local",
-                    source=json.dumps({"uri": source}),
-                ),
-                tags=[InputTag("mlflow.data.context", context)],
-            )
-            for context, (source, digest) in corpora.items()
-        ]
-        self._client.log_inputs(self.run_id, datasets=inputs)
+        deliver(self._client, record)
 
     def log_corpus(self, params: dict[str, str], corpora: dict[str, tuple[str, str]]) -> None:
         """Queue the data params (tokenizer, fingerprint, token counts) and each corpus as

@@ -114,7 +114,7 @@ class Outbox:
         self._warn(
             f"turnout: warning: the MLflow store is unreachable ({first}); training goes on, "
             f"metrics wait in memory and are sent when it is back, else written to "
-            f"{self.fallback}"
+            f"{self.fallback} (send it later: turnout replay-tracking FILE --uri URI)"
         )
 
     def _spill(self, records: list[Record]) -> None:
