@@ -238,7 +238,15 @@ def cmd_replay_tracking(args: argparse.Namespace) -> int:
 
 
 def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
-    """Run the same worker entry under torchrun on this machine (no Ray)."""
+    """Run the same worker entry under torchrun on this machine (no Ray).
+
+    The MLflow run is the launcher's here too: opened before torchrun starts, handed to
+    the workers (rank 0 attaches and logs), and ended by torchrun's exit: FINISHED,
+    KILLED (Ctrl-C) or FAILED (anything else, a SIGKILLed rank included)."""
+    from turnout.launch.tracked_run import open_tracked_run
+    from turnout.launch.worker import ATTACH_ENV
+
+    tracked = open_tracked_run(cfg)
     cmd = [
         sys.executable,
         "-m",
@@ -251,7 +259,23 @@ def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
         # The store the launcher resolved against its cwd (same machine, same cwd).
         f"tracking.uri={cfg.tracking.uri}",
     ]
-    return subprocess.call(cmd)
+    env = dict(os.environ, **{ATTACH_ENV: tracked.run_id})
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the terminal's SIGINT reached torchrun's group as well
+        code = EXIT_INTERRUPTED
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    interrupted = code in (EXIT_INTERRUPTED, -2)  # -2: torchrun ended by SIGINT
+    tracked.end("FINISHED" if code == 0 else "KILLED" if interrupted else "FAILED")
+    if interrupted:
+        print("turnout: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    return code
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -215,6 +215,11 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The MLflow run ``turnout train --launcher torchrun`` opened for the job ('' = rank 0
+#: opens and ends one itself, as under a bare ``torchrun``).
+ATTACH_ENV = "TURNOUT_MLFLOW_RUN_ID"
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
@@ -316,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     try:
-        res = train_on_group(cfg, data_path)
+        res = train_on_group(cfg, data_path, attach_to=os.environ.get(ATTACH_ENV, ""))
     except Exception as e:  # one line to the user, the full traceback to a file
         err = worker_error(e, rank, Path(".turnout", "logs").resolve())
         if err.kind != "config" or rank == 0:  # every rank finds a config error alike

@@ -5,6 +5,7 @@
 - A diverging run (train.lr=50: DeepSpeed skips step after step for non-finite
   gradients while the loss stays finite) stops with one line naming
   ``train.max_consecutive_skipped_steps``, exit 1, and the run is FAILED.
+- ``--launcher torchrun`` with rank 0 SIGKILLed: the launcher marks the run FAILED.
 
 The interrupt is sent as a terminal sends it: SIGINT to the whole foreground process
 group (the driver leads its own session here). The job's processes are every
@@ -13,6 +14,7 @@ descendant of the driver while it trains (Ray's GCS, raylet, the training worker
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -146,3 +148,40 @@ def test_diverging_run_stops_with_one_line_and_a_failed_run(tmp_path: Path) -> N
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.metrics["skipped_steps"] >= 1  # logged before the stop
+
+
+def test_torchrun_rank_killed_marks_the_run_failed(tmp_path: Path) -> None:
+    """``--launcher torchrun``: the launcher owns the MLflow run, so even a SIGKILLed
+    rank 0 (which cannot end its own run) leaves it FAILED, not RUNNING forever."""
+    from mlflow import MlflowClient
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    exe = str(Path(sys.executable).with_name("turnout"))
+    train = subprocess.Popen(
+        [exe, "train", "tiny", *RUN, "--launcher", "torchrun"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        run_id = _training_run(tmp_path / "mlflow.db", timeout=300)
+        # torchrun's ranks: the processes it gave a RANK (not torchrun itself).
+        ranks = {}
+        for p in psutil.Process(train.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "RANK" in p.environ() and "turnout.launch.worker" in " ".join(p.cmdline()):
+                    ranks[p.environ()["RANK"]] = p
+        assert sorted(ranks) == ["0", "1"], ranks
+        rank0 = [ranks["0"]]
+        rank0[0].kill()
+        out, err = train.communicate(timeout=120)
+    finally:
+        if train.poll() is None:
+            os.killpg(train.pid, signal.SIGKILL)
+            train.wait()
+    assert train.returncode not in (0, 130), out + err
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "FAILED"
