@@ -42,6 +42,8 @@ _RAY_NOISE = (
     "Started distributed worker processes",
     "deepspeed_shm_comm_op built successfully",
 )
+# The key of a CollectiveError record (turnout.parallel.dist): a peer's failed collective.
+_COLLECTIVE_KEY = "parallel.timeout_s"
 # How often a progress bar is echoed when the driver's stderr is not a terminal.
 _BAR_EVERY_S = 10.0
 
@@ -174,18 +176,25 @@ def find_worker_error(exc: BaseException, log_dir: Path) -> WorkerError:
     A worker that raised hands back its own record (the lowest such rank wins: when
     every rank stops together, rank 0 speaks). A worker that died without one (killed,
     out of memory) or a failing Ray Train controller becomes a 'crash' pointing at the
-    run's log folder.
+    run's log folder; a dead worker is named rather than the peers whose collectives
+    failed because it went away. A final failure (turnout.launch.restarts) arrives as
+    the controller's failure.
     """
     cause = getattr(exc, "controller_failure", None)
     if isinstance(cause, WorkerError):  # a final failure, raised by StopOnFinalError
         return cause
     failures: dict[int, BaseException] = getattr(exc, "worker_failures", None) or {}
     records = {r: e for r, e in failures.items() if isinstance(e, WorkerError)}
-    if records:
-        return records[min(records)]
-    if failures:
-        rank = min(failures)
-        return WorkerError("crash", _crash_line(failures[rank]), rank, log=str(log_dir))
+    crashes = {r: e for r, e in failures.items() if r not in records}
+    # A peer's failed collective is the echo of a worker that died: name the dead one.
+    causes = {r: e for r, e in records.items() if e.key != _COLLECTIVE_KEY} or (
+        {} if crashes else records
+    )
+    if causes:
+        return causes[min(causes)]
+    if crashes:
+        rank = min(crashes)
+        return WorkerError("crash", _crash_line(crashes[rank]), rank, log=str(log_dir))
     message = f"Ray Train controller: {one_line(cause)}" if cause else one_line(exc)
     return WorkerError("crash", message, -1, log=str(log_dir))
 

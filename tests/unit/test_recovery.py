@@ -142,3 +142,16 @@ def test_max_failures_is_checked() -> None:
     assert load_config("tiny", ["launch.max_failures=0"]).launch.max_failures == 0
     with pytest.raises(ConfigError, match=r"^launch\.max_failures: must be >= 0, got -1$"):
         load_config("tiny", ["launch.max_failures=-1"])
+
+
+def test_the_dead_worker_is_named_not_the_peer_whose_collective_failed(tmp_path: Path) -> None:
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    peer_gone = CollectiveError("all-reduce", "Connection closed by peer")
+    echo = worker_failure(peer_gone, 0, tmp_path)
+    dead = RuntimeError("ActorDiedError: The actor died unexpectedly")
+    found = find_worker_error(WorkerGroupError("b", {0: echo, 1: dead}), Path("/logs"))
+    assert (found.kind, found.rank) == ("crash", 1)
+    # Without a dead worker (a hang that timed out), the collective's record is the news.
+    found = find_worker_error(WorkerGroupError("b", {0: echo}), Path("/logs"))
+    assert found is echo
