@@ -197,5 +197,6 @@ def test_without_restarts_a_killed_worker_fails_the_job_in_one_line(tmp_path: Pa
     errors = [ln for ln in err.splitlines() if ln.startswith("turnout: error:")]
     assert len(errors) == 1, err
     assert "launch.max_failures=0" in errors[0]
+    assert "worker logs:" in errors[0]  # the dead worker is named, not a peer's echo
     assert "turnout: restart" not in out
     assert (_recovery(tmp_path) or {}).get("attempt") == 0
