@@ -29,7 +29,9 @@ from typing import Any, cast
 
 from turnout.config import TurnoutConfig
 from turnout.errors import WorkerError, one_line
-from turnout.launch.worker import run_worker, worker_error
+from turnout.launch.restarts import FinalWorkerError, stop_on_final_callback, worker_failure
+from turnout.launch.worker import run_worker
+from turnout.trainer.recovery import run_folder
 
 # Lines Ray's (and DeepSpeed's) machinery prints from inside a training worker.
 _RAY_NOISE = (
@@ -40,6 +42,8 @@ _RAY_NOISE = (
     "Started distributed worker processes",
     "deepspeed_shm_comm_op built successfully",
 )
+# The key of a CollectiveError record (turnout.parallel.dist): a peer's failed collective.
+_COLLECTIVE_KEY = "parallel.timeout_s"
 # How often a progress bar is echoed when the driver's stderr is not a terminal.
 _BAR_EVERY_S = 10.0
 
@@ -148,11 +152,12 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     try:
-        res = run_worker(cfg, config["data_path"], config["run_id"])
+        res = run_worker(cfg, config["data_path"], config["run_id"], config["run_dir"])
     except Exception as e:
         # Ray hands this exception object (pickled) to the driver, in
-        # TrainingFailedError.worker_failures[rank]: no text to parse there.
-        raise worker_error(e, rank, Path(config["log_dir"])) from None
+        # TrainingFailedError.worker_failures[rank]: no text to parse there. A final one
+        # also stops Ray's restarts (turnout.launch.restarts).
+        raise worker_failure(e, rank, Path(config["log_dir"])) from None
     ray.train.report({k: v for k, v in res.items() if isinstance(v, int | float)})
     return res
 
@@ -171,18 +176,38 @@ def find_worker_error(exc: BaseException, log_dir: Path) -> WorkerError:
     A worker that raised hands back its own record (the lowest such rank wins: when
     every rank stops together, rank 0 speaks). A worker that died without one (killed,
     out of memory) or a failing Ray Train controller becomes a 'crash' pointing at the
-    run's log folder.
+    run's log folder; a dead worker is named rather than the peers whose collectives
+    failed because it went away. A final failure (turnout.launch.restarts) arrives as
+    the controller's failure.
     """
+    cause = getattr(exc, "controller_failure", None)
+    if isinstance(cause, WorkerError):  # a final failure, raised by StopOnFinalError
+        return cause
     failures: dict[int, BaseException] = getattr(exc, "worker_failures", None) or {}
     records = {r: e for r, e in failures.items() if isinstance(e, WorkerError)}
-    if records:
-        return records[min(records)]
-    if failures:
-        rank = min(failures)
-        return WorkerError("crash", _crash_line(failures[rank]), rank, log=str(log_dir))
-    cause = getattr(exc, "controller_failure", None)
+    crashes = {r: e for r, e in failures.items() if r not in records}
+    # A peer's failed collective is the echo of a worker that died: name the dead one.
+    causes = {r: e for r, e in records.items() if e.key != _COLLECTIVE_KEY} or (
+        {} if crashes else records
+    )
+    if causes:
+        return causes[min(causes)]
+    if crashes:
+        rank = min(crashes)
+        return WorkerError("crash", _crash_line(crashes[rank]), rank, log=str(log_dir))
     message = f"Ray Train controller: {one_line(cause)}" if cause else one_line(exc)
     return WorkerError("crash", message, -1, log=str(log_dir))
+
+
+def _gave_up(error: WorkerError, max_failures: int) -> WorkerError:
+    """``error`` saying that restarts did not help (or were off), unless it is final."""
+    if isinstance(error, FinalWorkerError):
+        return error
+    if max_failures == 0:
+        why = "no restart: launch.max_failures=0"
+    else:
+        why = f"after {max_failures} restart(s), launch.max_failures={max_failures}"
+    return WorkerError(error.kind, f"{error.message} ({why})", error.rank, error.key, error.log)
 
 
 def _fit_off_main_thread(trainer: Any) -> Any:
@@ -257,10 +282,17 @@ def run_ray(cfg: TurnoutConfig, data_path: Path, run_id: str = "") -> dict[str, 
     run_kw: dict[str, Any] = dict(
         storage_path=str(storage),
         name=name,
-        failure_config=FailureConfig(max_failures=0),
+        # A dead worker restarts the group; the attempt resumes from run_dir's newest
+        # checkpoint. Failures a restart would repeat stop the run (launch/restarts.py).
+        failure_config=FailureConfig(max_failures=cfg.launch.max_failures),
     )
     if logging_config is not None and not _verbose():
         run_kw["logging_config"] = logging_config(log_level="WARNING")
+    stop_on_final = stop_on_final_callback()
+    if stop_on_final is not None:
+        run_kw["callbacks"] = [stop_on_final]
+    # Every attempt of the job checkpoints into (and resumes from) this one folder.
+    run_dir = run_folder(cfg, run_id)
 
     interrupted = False
     embedded = _init_ray(cfg)
@@ -274,6 +306,7 @@ def run_ray(cfg: TurnoutConfig, data_path: Path, run_id: str = "") -> dict[str, 
                 "run_id": run_id,
                 "cwd": os.getcwd(),
                 "log_dir": str(log_dir),
+                "run_dir": str(run_dir),
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.launch.num_workers,
@@ -290,7 +323,7 @@ def run_ray(cfg: TurnoutConfig, data_path: Path, run_id: str = "") -> dict[str, 
             interrupted = True
             raise
         except Exception as e:
-            raise find_worker_error(e, log_dir) from None
+            raise _gave_up(find_worker_error(e, log_dir), cfg.launch.max_failures) from None
         res = getattr(result, "return_value", None)
         if not res:
             res = dict(result.metrics or {})

@@ -63,15 +63,18 @@ def init_process_group(cfg: TurnoutConfig) -> tuple[int, int]:
     return init_distributed(backend, cfg.parallel.timeout_s)
 
 
-def train_on_group(cfg: TurnoutConfig, data_path: Path, attach_to: str = "") -> dict[str, Any]:
+def train_on_group(
+    cfg: TurnoutConfig, data_path: Path, attach_to: str = "", run_dir: Path | None = None
+) -> dict[str, Any]:
     """Build the parallel groups once and train; returns the TrainResult as a dict.
 
-    ``attach_to``: the MLflow run the launcher opened (and ends); '' = rank 0 opens it."""
+    ``attach_to``: the MLflow run the launcher opened (and ends); '' = rank 0 opens it.
+    ``run_dir``: the job's checkpoint run folder when the launcher may restart the job."""
     from turnout.parallel.groups import build_groups
     from turnout.trainer.loop import train
 
     groups = build_groups(cfg.parallel.ep_size)
-    return result_to_dict(train(cfg, data_path, groups, attach_to=attach_to))
+    return result_to_dict(train(cfg, data_path, groups, attach_to=attach_to, run_dir=run_dir))
 
 
 def destroy_process_group() -> None:
@@ -81,14 +84,18 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def run_worker(cfg: TurnoutConfig, data_path: Path | str, run_id: str = "") -> dict[str, Any]:
+def run_worker(
+    cfg: TurnoutConfig, data_path: Path | str, run_id: str = "", run_dir: str = ""
+) -> dict[str, Any]:
     """Ray Train worker: process group (from the rendezvous environment Ray set), parallel
     groups, train; returns the TrainResult as a dict. ``run_id``: the MLflow run the
-    launcher opened (rank 0 logs to it; the launcher ends it)."""
+    launcher opened (rank 0 logs to it; the launcher ends it). ``run_dir``: the job's
+    checkpoint run folder, the same for every attempt ('' = a fresh one, no recovery)."""
     quiet_worker(cfg)
     init_process_group(cfg)
     try:
-        return train_on_group(cfg, Path(data_path), attach_to=run_id)
+        folder = Path(run_dir) if run_dir else None
+        return train_on_group(cfg, Path(data_path), attach_to=run_id, run_dir=folder)
     finally:
         destroy_process_group()
 
@@ -203,6 +210,12 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
         *compute_lines(cfg, res),
         f"  wall time              {_fmt(res.get('wall_s'), '.1f')} s",
     ]
+    if res.get("restarts"):
+        lines.append(f"  restarts               {res['restarts']} (after worker failures)")
+        lines.append(
+            f"  steps redone           {res.get('steps_redone', 0)} "
+            "(trained after the checkpoint a restart resumed from)"
+        )
     if res.get("skipped_steps"):
         lines.append(f"  skipped steps          {res['skipped_steps']} (non-finite gradients)")
     if res.get("checkpoint"):

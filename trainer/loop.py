@@ -16,7 +16,9 @@ once (``turnout.parallel.groups.build_groups``). It reads top-down:
 - :func:`turnout.trainer.meter.due` decides when to log (every ``log_every`` steps, MLflow
   on rank 0, a tqdm bar on rank 0), validate (every ``eval_every`` steps, loss averaged
   over all ranks) and checkpoint (every ``ckpt_every`` steps); all three also run after
-  the last step. Training resumes from ``train.resume``. Tracking never blocks a step
+  the last step. Training resumes from ``train.resume``, or, in an attempt Ray
+  restarted after a worker died, from the job's newest checkpoint
+  (:mod:`turnout.trainer.recovery`). Tracking never blocks a step
   (:mod:`turnout.trainer.tracking`); the run ends FINISHED, FAILED or KILLED;
 - the result carries the whole run's FLOP accounting (FLOPs per token and as a fraction
   of the equal-shape dense model, total training FLOPs, achieved TFLOP/s, MFU) and each
@@ -25,13 +27,11 @@ once (``turnout.parallel.groups.build_groups``). It reads top-down:
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
 import random
-import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from turnout.trainer.engine import build_engine, use_bf16
 from turnout.trainer.load_view import LoadMonitor
 from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due, mfu, model_tflops
 from turnout.trainer.metrics import StatsAccumulator
+from turnout.trainer.recovery import Attempt, begin_attempt, log_restart, run_folder
 from turnout.trainer.resume_layout import resume_config
 from turnout.trainer.skips import SkipCounter
 from turnout.trainer.step import NonFiniteLossError, evaluate, run_step
@@ -126,19 +127,16 @@ class TrainResult:
     """What peak_memory_mb measures."""
     skipped_steps: int = 0
     """Optimizer steps DeepSpeed skipped (non-finite gradients) in this run."""
+    restarts: int = 0
+    """Automatic restarts of the job after a worker died (:mod:`turnout.trainer.recovery`)."""
+    steps_redone: int = 0
+    """Steps failed attempts trained after their last checkpoint, trained again."""
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _run_dir(cfg: TurnoutConfig, run_id: str) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = cfg.tracking.run_name or "run"
-    suffix = run_id[:8] if run_id else secrets.token_hex(4)
-    return Path(cfg.train.ckpt_dir).expanduser().resolve() / f"{name}-{stamp}-{suffix}"
 
 
 def _start_tracking(cfg: TurnoutConfig, rank: int, world: int, attach_to: str) -> Tracker:
@@ -204,9 +202,16 @@ class Run:
         return t.micro_batch_size * t.grad_accum * self.cfg.model.max_seq_len * self.world
 
 
-def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, attach_to: str = "") -> Run:
+def setup(
+    cfg: TurnoutConfig,
+    data_path: Path,
+    groups: ParallelGroups,
+    attach_to: str = "",
+    run_dir: Path | None = None,
+) -> Run:
     """Collective: data, model (expert-parallel when ``groups`` say so), engine, MLflow run
-    (opened here, or the launcher's run ``attach_to``)."""
+    (opened here, or the launcher's run ``attach_to``); checkpoints go to ``run_dir``
+    (None: a fresh folder under ``train.ckpt_dir``)."""
     t0 = time.perf_counter()
     rank, world = groups.rank, groups.world
     t = cfg.train
@@ -228,7 +233,7 @@ def setup(cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, attach_to
     log.debug("rank %d: tracking ready after %.1fs", rank, time.perf_counter() - t0)
     run_id = str(broadcast_object(tracker.run_id if rank == 0 else "", name="run id"))
     system = SystemMetrics(cfg, run_id)
-    here = str(_run_dir(cfg, run_id)) if rank == 0 else ""
+    here = str(run_dir or run_folder(cfg, run_id)) if rank == 0 else ""
     run_dir = Path(str(broadcast_object(here, name="run folder")))
     peak, measured = _peak_tflops(cfg, world)
     log.debug("rank %d: peak %.3f TFLOP/s after %.1fs", rank, peak, time.perf_counter() - t0)
@@ -353,15 +358,25 @@ def _checkpoint(run: Run, done: int) -> str:
 
 
 def train(
-    cfg: TurnoutConfig, data_path: Path, groups: ParallelGroups, attach_to: str = ""
+    cfg: TurnoutConfig,
+    data_path: Path,
+    groups: ParallelGroups,
+    attach_to: str = "",
+    run_dir: Path | None = None,
 ) -> TrainResult:
     """Train on every rank (collective); see the module docstring.
 
     ``attach_to``: the id of the MLflow run the launcher opened (and ends); rank 0 only
-    logs to it. '' (default): rank 0 opens and ends the run."""
+    logs to it. '' (default): rank 0 opens and ends the run. ``run_dir``: the job's
+    checkpoint run folder, fixed by a launcher that may restart the job: an attempt that
+    finds a checkpoint of its own there resumes from it (:mod:`turnout.trainer.recovery`).
+    None: a fresh folder, no recovery."""
     t_start = time.perf_counter()
+    attempt = begin_attempt(run_dir, groups.rank, cfg.train.resume) if run_dir else Attempt()
+    if attempt.resume:  # a restart: the newest checkpoint this job saved
+        cfg = replace(cfg, train=replace(cfg.train, resume=attempt.resume))
     cfg = resume_config(cfg, groups.world)  # the checkpoint's global batch at this world
-    run = setup(cfg, data_path, groups, attach_to)
+    run = setup(cfg, data_path, groups, attach_to, run_dir)
     t = cfg.train
     stats = StatsAccumulator(cfg.tracking.expert_series_max)
     balancer = BiasBalancer(run.engine.module)
@@ -372,6 +387,7 @@ def train(
     try:
         start = int(checkpoint.load(run.engine, t.resume, groups).get("step", 0)) if t.resume else 0
         _log_start(run, start)
+        log_restart(run.tracker, run.rank, attempt, start)
         loads = LoadMonitor(cfg, run.tracker, run.rank, start)
         bar = _progress(run.rank, t.steps, start)
         for step in range(start, t.steps):
@@ -383,6 +399,7 @@ def train(
             interval.add(res.loss, res.seconds)
             whole.add(res.seconds)
             skips.add(done, res.skipped)
+            attempt.record(done)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}")
@@ -430,6 +447,8 @@ def train(
         peak_memory_mb=memory,
         memory_kind=memory_kind(device()),
         skipped_steps=skips.total,
+        restarts=attempt.number,
+        steps_redone=attempt.steps_redone,
     )
 
 

@@ -15,6 +15,7 @@ descendant of the driver while it trains (Ray's GCS, raylet, the training worker
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -143,6 +144,10 @@ def test_diverging_run_stops_with_one_line_and_a_failed_run(tmp_path: Path) -> N
     assert len(errors) == 1, proc.stderr
     assert "optimizer steps in a row skipped" in errors[0]
     assert "train.max_consecutive_skipped_steps=3" in errors[0]
+    # Final: not retried, though launch.max_failures allows restarts (its default, 3).
+    assert "turnout: restart" not in proc.stdout
+    (record,) = (tmp_path / "checkpoints").glob("*/recovery.json")
+    assert json.loads(record.read_text())["attempt"] == 0
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("diverge")
     (run,) = client.search_runs([exp.experiment_id])

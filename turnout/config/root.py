@@ -34,6 +34,9 @@ class LaunchConfig:
     """Ray cluster to join ('' = RAY_ADDRESS if set, else an embedded local cluster)."""
     storage_path: str = ""
     """Where Ray Train keeps run state ('' = ./.turnout/ray)."""
+    max_failures: int = 3
+    """Worker-group restarts after a worker dies (resumed from the newest checkpoint);
+    0 = fail the job on the first death."""
 
 
 @dataclass
@@ -61,6 +64,8 @@ def validate(cfg: TurnoutConfig) -> None:
         raise ConfigError(
             "launch.cpus_per_worker", f"must be >= 1, got {cfg.launch.cpus_per_worker}"
         )
+    if cfg.launch.max_failures < 0:
+        raise ConfigError("launch.max_failures", f"must be >= 0, got {cfg.launch.max_failures}")
     validate_parallel(
         cfg.parallel, cfg.model.moe.num_experts, cfg.launch.num_workers, cfg.model.uses_moe()
     )
