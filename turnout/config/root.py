@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from turnout.config.choices import Recompute
 from turnout.config.model import ModelConfig, validate_model
 from turnout.config.parallel import ParallelConfig, validate_parallel
 from turnout.config.train import (
@@ -68,4 +69,10 @@ def validate(cfg: TurnoutConfig) -> None:
         raise ConfigError("parallel.backend", "nccl needs launch.use_gpu=true")
     validate_data(cfg.data)
     validate_train(cfg.train)
+    if cfg.train.activation_checkpointing == Recompute.MOE and not cfg.model.uses_moe():
+        raise ConfigError(
+            "train.activation_checkpointing",
+            "'moe' recomputes the blocks with an MoE FFN and model.layer_pattern has none; "
+            "use 'full' or 'none'",
+        )
     validate_tracking(cfg.tracking)
