@@ -79,9 +79,7 @@ def _worker(rank: int, world: int) -> dict:
                     "loss": res.loss.detach(),
                     "stats": res.stats,
                     "grads": {
-                        n: p.grad.clone()
-                        for n, p in model.named_parameters()
-                        if p.grad is not None
+                        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
                     },
                     "rows": [m.dispatcher.rows_sent for m in moe_layers(model)],
                 }
