@@ -241,3 +241,17 @@ def test_which_blocks_each_mode_recomputes() -> None:
     assert not any(recompute.recomputes(spec, "none") for spec in BLOCK_KINDS.values())
     with pytest.raises(ValueError, match="'none', 'moe' or 'full'"):
         recompute.recomputes(BLOCK_KINDS["moe"], "all")
+
+
+def test_config_refuses_unknown_modes_and_moe_without_moe_blocks() -> None:
+    from turnout.config.load import load_config
+    from turnout.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.activation_checkpointing.*'none', 'moe'"):
+        load_config("tiny", ["train.activation_checkpointing=some"])
+    with pytest.raises(ConfigError, match="train.activation_checkpointing.*has none"):
+        load_config(
+            "tiny", ["model.layer_pattern=[dense,mod]", "train.activation_checkpointing=moe"]
+        )
+    cfg = load_config("tiny", ["train.activation_checkpointing=full"])
+    assert cfg.train.activation_checkpointing == "full"
