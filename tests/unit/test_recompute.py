@@ -253,5 +253,7 @@ def test_config_refuses_unknown_modes_and_moe_without_moe_blocks() -> None:
         load_config(
             "tiny", ["model.layer_pattern=[dense,mod]", "train.activation_checkpointing=moe"]
         )
+    with pytest.raises(ConfigError, match="train.activation_checkpointing.*zero_stage"):
+        load_config("tiny", ["parallel.zero_stage=3", "train.activation_checkpointing=full"])
     cfg = load_config("tiny", ["train.activation_checkpointing=full"])
     assert cfg.train.activation_checkpointing == "full"
