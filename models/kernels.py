@@ -210,7 +210,7 @@ def _plan_fake(logits, top_k, capacity, normalize, num_real):
     )
 
 
-def _gate_grad_rows(logits_TE, expert_TK, gate_TK, grad_TK, normalize):
+def gate_grad_rows(logits_TE, expert_TK, gate_TK, grad_TK, normalize):
     """d(sum grad * gate)/d logits for gate = softmax(logits)[expert] (renormalised or not)."""
     g_TK = grad_TK * gate_TK
     if normalize:
@@ -232,7 +232,7 @@ def _plan_backward(ctx, g_expert, g_gate, g_slot, g_keep, g_counts):
     logits, expert, gate = ctx.saved_tensors
     if g_gate is None:
         return None, None, None, None, None
-    return _gate_grad_rows(logits, expert, gate, g_gate, ctx.normalize), None, None, None, None
+    return gate_grad_rows(logits, expert, gate, g_gate, ctx.normalize), None, None, None, None
 
 
 def _mod_fake(scores, k):
@@ -258,7 +258,7 @@ def _mode_backward(ctx, g_idx, g_chosen, g_expert, g_gate, *rest):
     if g_gate is None:
         return (None,) * 7
     rows = chosen_rows(idx_BM, ctx.S)
-    grad_rows = _gate_grad_rows(logits_NE[rows], expert, gate, g_gate, ctx.normalize)
+    grad_rows = gate_grad_rows(logits_NE[rows], expert, gate, g_gate, ctx.normalize)
     grad_NE = torch.zeros_like(logits_NE).index_copy_(0, rows, grad_rows)
     return None, None, grad_NE, None, None, None, None
 

@@ -14,15 +14,17 @@ threshold) in one full-sequence pass, which is what incremental decoding reprodu
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turnout.config.choices import Routing
+from turnout.config.choices import Recompute, Routing
 from turnout.config.model import ModelConfig
-from turnout.models import decode
+from turnout.models import decode, recompute
 from turnout.models.block import Block
 from turnout.models.decode import DecodeState
 from turnout.models.exit import dropout_keep, exit_weights, exits_now
@@ -30,6 +32,8 @@ from turnout.models.layers import RMSNorm, Rotary
 from turnout.models.mod import MoDBlock
 from turnout.models.ponder import PonderBlock
 from turnout.models.terms import TERMS, Aux, Term, spec
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -94,11 +98,25 @@ class TransformerLM(nn.Module):
             self.head.weight = self.embed.weight
         self.coefs = {t: s.coefficient(cfg) for t, s in TERMS.items() if s.is_loss}
         self.exit_w = exit_weights(cfg)
+        self.activation_checkpointing = Recompute.NONE.value
+        self._recomputed = [False] * len(self.layers)
         # PonderBlock.__init__ sets its halting bias after self.apply(self._init) would not
         # reach it: re-run it (the normal init above zeroed the bias).
         for layer in self.layers:
             if isinstance(layer, PonderBlock):
                 layer.reset_halting()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Which blocks a training forward checkpoints: ``train.activation_checkpointing``
+        ('none', 'moe': blocks with an MoE FFN, 'full': every block)."""
+        self._recomputed = [recompute.recomputes(k, mode) for k in self.cfg.blocks()]
+        self.activation_checkpointing = str(mode)
+
+    def _run(self, i: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Layer ``i``'s ``fn``, checkpointed when its block is recomputed and grad is on."""
+        if self._recomputed[i] and torch.is_grad_enabled():
+            return recompute.checkpointed(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
 
     def threshold(self, value: float | None = None) -> float:
         """The decode-rule threshold: ``value``, else the config's (exit or ponder)."""
@@ -149,13 +167,13 @@ class TransformerLM(nn.Module):
                     x_BSD, steps_BS, p_NBS, aux = layer.causal(x_BSD, pos_BS, thr)
                     depth_BS = steps_BS + (cfg.n_layers - 1)
                 else:
-                    h_NBSD, p_NBS, aux = layer.unroll(x_BSD, pos_BS)
+                    h_NBSD, p_NBS, aux = self._run(i, layer.unroll, x_BSD, pos_BS)
                     x_BSD = h_NBSD.flatten(0, 1)  # the N steps along the batch
                     pos_BS = pos_BS.repeat(layer.max_steps, 1)
-            elif isinstance(layer, MoDBlock):
+            elif isinstance(layer, MoDBlock) and causal:
                 x_BSD, aux = layer(x_BSD, pos_BS, routing=routing)
-            else:
-                x_BSD, aux = layer(x_BSD, pos_BS)
+            else:  # a checkpointed block replays its routing decisions in the recompute
+                x_BSD, aux = self._run(i, layer, x_BSD, pos_BS)
             if causal and self.exit_w:  # an exited token keeps its exit state (CALM)
                 x_BSD = torch.where(exited_BS.unsqueeze(-1), x_in, x_BSD)
             if drop and x_BSD.shape == x_in.shape:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from turnout.models import kernels
+from turnout.models import kernels, recompute
 from turnout.models import routing as _ref
 from turnout.models.routing import RoutingPlan
 
@@ -47,8 +47,24 @@ def moe_plan(
     """Token-choice top-k plan; same contract as :func:`routing.moe_plan`.
 
     With a ``selection_bias`` the kernel plans from the (detached) biased logits and the
-    gates are then taken from the unbiased probabilities, as the reference does.
+    gates are then taken from the unbiased probabilities, as the reference does. Inside
+    a checkpointed block the recompute replays the forward's plan (:mod:`recompute`).
     """
+    return recompute.decide(
+        "moe_plan",
+        lambda: _moe_plan(logits_TE, top_k, capacity, normalize_gates, num_experts, selection_bias),
+        lambda plan: recompute.regated(plan, logits_TE, normalize_gates),
+    )
+
+
+def _moe_plan(
+    logits_TE: Tensor,
+    top_k: int,
+    capacity: int | None,
+    normalize_gates: bool,
+    num_experts: int | None,
+    selection_bias: Tensor | None,
+) -> RoutingPlan:
     E = logits_TE.shape[1]
     if not _fused(logits_TE, E):
         return _ref.moe_plan(
@@ -69,7 +85,12 @@ def moe_plan(
 
 
 def mod_select(scores_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """MoD top-k positions per sequence: ``idx_BM`` (position order), ``chosen_BS``."""
+    """MoD top-k positions per sequence: ``idx_BM`` (position order), ``chosen_BS``
+    (replayed, not recomputed, inside a checkpointed block)."""
+    return recompute.decide("mod_select", lambda: _mod_select(scores_BS, k))
+
+
+def _mod_select(scores_BS: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if not _fused(scores_BS):
         return _ref.mod_select(scores_BS, k)
     return torch.ops.turnout.mod_select(scores_BS.float(), k)
@@ -91,8 +112,35 @@ def mode_plan(
     are the chosen positions in (batch, position) order, ``T = B * k``. Equal to
     ``mod_select`` followed by ``moe_plan`` on the chosen rows. No-op columns beyond
     ``num_experts`` make it integrated MoDE. ``capacity`` is for the ``B * k`` tokens.
-    ``selection_bias`` as in :func:`moe_plan`.
+    ``selection_bias`` as in :func:`moe_plan`. Replayed inside a checkpointed block.
     """
+
+    def replay(
+        decided: tuple[Tensor, Tensor, RoutingPlan],
+    ) -> tuple[Tensor, Tensor, RoutingPlan]:
+        idx_BM, chosen_BS, plan = decided
+        rows_T = _ref.chosen_rows(idx_BM, scores_BS.shape[1])
+        return idx_BM, chosen_BS, recompute.regated(plan, logits_NE[rows_T], normalize_gates)
+
+    return recompute.decide(
+        "mode_plan",
+        lambda: _mode_plan(
+            scores_BS, k, logits_NE, top_k, capacity, normalize_gates, num_experts, selection_bias
+        ),
+        replay,
+    )
+
+
+def _mode_plan(
+    scores_BS: Tensor,
+    k: int,
+    logits_NE: Tensor,
+    top_k: int,
+    capacity: int | None,
+    normalize_gates: bool,
+    num_experts: int | None,
+    selection_bias: Tensor | None,
+) -> tuple[Tensor, Tensor, RoutingPlan]:
     E = logits_NE.shape[1]
     n_real = E if num_experts is None else num_experts
     if not _fused(logits_NE, E):

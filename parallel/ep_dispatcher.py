@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from turnout.models import recompute
 from turnout.models.dispatch import combine_rows, expert_major
 from turnout.models.experts import ExpertBank
 from turnout.models.routing import RoutingPlan
@@ -54,7 +55,10 @@ class AllToAllDispatcher:
             )
         order = expert_major(plan)
         send_ND = x_TD.index_select(0, order.token_N)
-        recv_counts_PL = exchange_counts(order.counts_E, self.group).view(P, L)
+        # A checkpointed block's recompute reuses the counts its forward exchanged.
+        recv_counts_PL = recompute.decide(
+            "a2a_counts", lambda: exchange_counts(order.counts_E, self.group)
+        ).view(P, L)
         in_splits = order.counts_E.view(P, L).sum(1).tolist()
         out_splits = recv_counts_PL.sum(1).tolist()
         self.rows_sent = int(send_ND.shape[0])

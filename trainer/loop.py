@@ -222,6 +222,7 @@ def setup(
     )
     entropy = byte_unigram_entropy(data.train, data.vocab_size)
     model = TransformerLM(cfg.model)
+    model.set_activation_checkpointing(t.activation_checkpointing)
     if t.init_from and not t.resume:  # a resumed run has its own weights
         init_from(model, cfg)
     install_expert_parallel(model, groups)  # a no-op at ep_size 1
@@ -302,6 +303,9 @@ def _log_interval(
     if loads is not None:
         loads.observe(stats.last_loads, done)
     metrics["skipped_steps"] = float(skipped)
+    memory = _peak_memory(run)
+    metrics["peak_memory_mb"] = max(memory)
+    metrics.update({f"rank{r}/peak_memory_mb": mb for r, mb in enumerate(memory)})
     tflops = model_tflops(run.flops.per_token, interval.tokens_per_s)
     metrics.update(loss=interval.loss, lr=lr, tokens_per_s=interval.tokens_per_s)
     metrics.update(tflops=tflops, mfu=mfu(tflops, run.peak_tflops, run.world))

@@ -26,6 +26,11 @@ Everything is arithmetic on the config; nothing is built or run. The estimates:
   the same per expert row (``r (2 D + 4 Fe)``, ``r`` expert rows per token as in the
   FLOP count) plus the router logits; a MoD-routed block also keeps, for all ``N``
   tokens, its scattered output, router score and predictor hidden (``D + 1 + h``).
+  With ``train.activation_checkpointing`` a recomputed block keeps only its input
+  (``N D`` values) and its routing decisions (the tape of ``models/recompute.py``: 21
+  bytes per expert choice and 8 per expert of a MoE layer, 9 per chosen MoD position
+  and 1 per position), and the backward holds one recomputed block's activations at a
+  time: the largest recomputed block's values are added once.
 - **All-to-all** (``ep > 1`` only), per rank per step: each MoE layer exchanges its
   expert buffer four times per micro step (dispatch and combine, forward and
   backward): ``E C D`` values in capacity mode, the ``k T D`` real rows dropless
@@ -55,6 +60,7 @@ from turnout.models.flops import (
     moe_rows,
 )
 from turnout.models.params import ParamCount, count_params
+from turnout.models.recompute import recomputes
 
 GIB = 2**30
 
@@ -101,7 +107,7 @@ class Memory:
     grads: float
     optimizer: float
     activations: float
-    """Per micro batch (see the module docstring)."""
+    """Per micro batch (see the module docstring), checkpointing included."""
 
     @property
     def states(self) -> float:
@@ -130,7 +136,10 @@ class Plan:
     """The dense model of equal shape (every block dense, width ``ffn_dim``)."""
     memory: Memory
     dense_activations: float
-    """Activation bytes per micro batch of the equal-shape dense model."""
+    """Activation bytes per micro batch of the equal-shape dense model (same
+    checkpointing mode; 'moe' recomputes none of its blocks)."""
+    checkpointing: str
+    """train.activation_checkpointing."""
     a2a_bytes: float
     """All-to-all buffer bytes per rank per step (its own slice included)."""
 
@@ -204,14 +213,67 @@ def _block_values(cfg: ModelConfig, kind: str, seq_len: int, batch: int) -> tupl
     return attention + ffn, every
 
 
-def activation_bytes(cfg: ModelConfig, seq_len: int, batch: int, precision: str) -> float:
-    """Activation bytes saved for backward on one micro batch (module docstring formula)."""
-    values = 0.0
-    for kind in cfg.block_kinds():
-        values += sum(_block_values(cfg, kind, seq_len, batch))
+#: Bytes a checkpointed block's tape keeps per expert choice (expert id, slot: int64;
+#: kept: bool; gate: fp32), per expert (the count: int64), per chosen MoD position (its
+#: index: int64) and per position of a MoD block (the chosen mask: bool).
+TAPE_CHOICE_BYTES, TAPE_EXPERT_BYTES, TAPE_CHOSEN_BYTES, TAPE_POSITION_BYTES = 21, 8, 8, 1
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activation bytes of one micro batch."""
+
+    kept: float
+    """Saved for backward through the whole forward (a recomputed block: its input and
+    routing decisions only)."""
+    recompute: float
+    """The largest recomputed block's activations, held while the backward recomputes it
+    (0 without checkpointing)."""
+
+    @property
+    def total(self) -> float:
+        return self.kept + self.recompute
+
+
+def _tape_bytes(cfg: ModelConfig, kind: str, seq_len: int, batch: int) -> float:
+    """Bytes of the routing decisions a recomputed block of ``kind`` keeps."""
+    spec = BLOCK_KINDS[kind]
+    rows = batch * block_rows(cfg, spec, seq_len)
+    out = 0.0
+    if spec.mod_routed:
+        out += rows * TAPE_CHOSEN_BYTES + batch * seq_len * TAPE_POSITION_BYTES
+    if spec.has_moe:
+        noop = cfg.noop_choices(spec)
+        out += rows * cfg.moe.top_k * TAPE_CHOICE_BYTES
+        out += (cfg.moe.num_experts + noop) * TAPE_EXPERT_BYTES
+    return out
+
+
+def activations(
+    cfg: ModelConfig, seq_len: int, batch: int, precision: str, checkpointing: str = "none"
+) -> Activations:
+    """Activation bytes of one micro batch (module docstring formula) under
+    ``train.activation_checkpointing`` = ``checkpointing``."""
+    act = ACT_BYTES[precision]
     N = batch * seq_len
-    values += N * cfg.d_model
-    return ACT_BYTES[precision] * values + 4 * 2 * N * cfg.vocab_size
+    kept, largest = 0.0, 0.0
+    for kind in cfg.block_kinds():
+        block = act * sum(_block_values(cfg, kind, seq_len, batch))
+        if recomputes(BLOCK_KINDS[kind], checkpointing):
+            kept += act * N * cfg.d_model + _tape_bytes(cfg, kind, seq_len, batch)
+            largest = max(largest, block)
+        else:
+            kept += block
+    kept += act * N * cfg.d_model + 4 * 2 * N * cfg.vocab_size
+    return Activations(kept, largest)
+
+
+def activation_bytes(
+    cfg: ModelConfig, seq_len: int, batch: int, precision: str, checkpointing: str = "none"
+) -> float:
+    """Activation bytes of one micro batch: kept through the forward plus one recomputed
+    block (see :func:`activations`)."""
+    return activations(cfg, seq_len, batch, precision, checkpointing).total
 
 
 def state_memory(
@@ -260,6 +322,7 @@ def plan(cfg: TurnoutConfig, gpus: int | None = None, gpu: str = DEFAULT_GPU) ->
     params = count_params(m)
     weights, grads, optimizer = state_memory(params, precision, cfg.parallel.zero_stage, world, ep)
     dense = dense_counterpart(m)
+    ckpt = cfg.train.activation_checkpointing
     return Plan(
         gpu=gpu,
         device=dev,
@@ -273,8 +336,9 @@ def plan(cfg: TurnoutConfig, gpus: int | None = None, gpu: str = DEFAULT_GPU) ->
         params=params,
         flops=forward_flops(m, S, B, expert_padding=ep == 1),
         dense_flops=forward_flops(dense, S, B),
-        memory=Memory(weights, grads, optimizer, activation_bytes(m, S, B, precision)),
-        dense_activations=activation_bytes(dense, S, B, precision),
+        memory=Memory(weights, grads, optimizer, activation_bytes(m, S, B, precision, ckpt)),
+        dense_activations=activation_bytes(dense, S, B, precision, ckpt),
+        checkpointing=ckpt,
         a2a_bytes=a2a_bytes(cfg, precision),
     )
 
@@ -344,7 +408,8 @@ def format_plan(p: Plan) -> str:
         (
             "  activations",
             f"{_bytes(mem.activations)} per micro batch "
-            f"({act_frac:.3f} of the equal-shape dense model)",
+            f"({act_frac:.3f} of the equal-shape dense model; "
+            f"activation checkpointing {p.checkpointing})",
         ),
         ("  total", _bytes(mem.total)),
         (

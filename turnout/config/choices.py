@@ -76,6 +76,18 @@ class Precision(Choice):
     FP32 = "fp32"
 
 
+class Recompute(Choice):
+    """train.activation_checkpointing: which blocks keep only their input for backward and
+    run their forward again during it."""
+
+    NONE = "none"
+    MOE = "moe"
+    """Blocks with an MoE FFN (moe, mode, imode): the k expert rows per token, the
+    all-to-all buffers and the router tensors are their largest activations."""
+    FULL = "full"
+    """Every block (a ponder block's whole unroll is one unit)."""
+
+
 class Backend(Choice):
     """parallel.backend: the torch.distributed backend."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from turnout.config.choices import Precision
+from turnout.config.choices import Precision, Recompute
 from turnout.errors import ConfigError
 
 
@@ -94,6 +94,9 @@ class TrainConfig:
     max_consecutive_skipped_steps: int = 10
     """Stop every rank when more optimizer steps than this in a row are skipped
     (non-finite gradients: the model is diverging); skipped steps are logged."""
+    activation_checkpointing: str = "none"
+    """'none', 'moe' (blocks with an MoE FFN keep only their input and run again in the
+    backward, replaying the forward's routing decisions) or 'full' (every block)."""
 
 
 @dataclass
@@ -191,6 +194,11 @@ def validate_train(cfg: TrainConfig) -> None:
         )
     if cfg.grad_clip < 0:
         raise ConfigError("train.grad_clip", f"must be >= 0, got {cfg.grad_clip}")
+    if cfg.activation_checkpointing not in Recompute.values():
+        raise ConfigError(
+            "train.activation_checkpointing",
+            f"must be {Recompute.spelled()}, got {cfg.activation_checkpointing!r}",
+        )
     if cfg.precision not in Precision.values():
         raise ConfigError(
             "train.precision", f"must be {Precision.spelled()}, got {cfg.precision!r}"
