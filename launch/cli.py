@@ -251,10 +251,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.launcher == "torchrun":
         return _train_torchrun(args, cfg)
 
+    from turnout.launch.cluster import check_reachable, cluster_address
     from turnout.launch.ray_launch import run_ray
     from turnout.launch.tracked_run import open_tracked_run
     from turnout.launch.worker import format_summary
 
+    if cluster_address(cfg):  # an address nobody answers on: one line, before MLflow
+        check_reachable(cluster_address(cfg))
     tracked = open_tracked_run(cfg)
     where = cfg.launch.address or os.environ.get("RAY_ADDRESS") or "an embedded local Ray cluster"
     print(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from turnout.config.choices import Placement
 from turnout.config.model import ModelConfig, validate_model
 from turnout.config.parallel import ParallelConfig, validate_parallel
 from turnout.config.train import (
@@ -34,6 +35,8 @@ class LaunchConfig:
     """Ray cluster to join ('' = RAY_ADDRESS if set, else an embedded local cluster)."""
     storage_path: str = ""
     """Where Ray Train keeps run state ('' = ./.turnout/ray)."""
+    placement: str = "PACK"
+    """Worker placement on the cluster's nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
 
 
 @dataclass
@@ -60,6 +63,10 @@ def validate(cfg: TurnoutConfig) -> None:
     if cfg.launch.cpus_per_worker < 1:
         raise ConfigError(
             "launch.cpus_per_worker", f"must be >= 1, got {cfg.launch.cpus_per_worker}"
+        )
+    if cfg.launch.placement not in Placement.values():
+        raise ConfigError(
+            "launch.placement", f"must be {Placement.spelled()}, got {cfg.launch.placement!r}"
         )
     validate_parallel(
         cfg.parallel, cfg.model.moe.num_experts, cfg.launch.num_workers, cfg.model.uses_moe()
