@@ -116,13 +116,13 @@ def _relative_paths_note(cfg: TurnoutConfig) -> str | None:
 
 
 def _client(url: str) -> Any:
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(url)
     except Exception as e:
-        text = str(e)
-        if "401" in text or "403" in text or "uthenticat" in text or "token" in text:
+        if isinstance(e, AuthenticationError) or "Unauthorized" in str(e):
             raise ConfigError(
                 KEY,
                 f"the job server at {url} refused our authentication token; use the "

@@ -136,6 +136,17 @@ def test_refused_token_is_one_line(cluster: Cluster, tmp_path: Path, token: str)
     assert line.startswith("turnout: error: launch.address: "), line
     assert "refused our authentication token" in line and "RAY_AUTH_TOKEN" in line, line
 
+    # The job server refuses the same token: one line too, nothing submitted.
+    args = ["submit", "tiny", *SHORT, "--address", cluster.dashboard]
+    proc = _on_head(cluster, args, tmp_path, timeout=120, drop=drop, **env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1, proc.stderr
+    line = errors[0]
+    assert line.startswith("turnout: error: --address: the job server at "), line
+    assert "refused our authentication token" in line, line
+    assert "submitted" not in proc.stdout
+
 
 @pytest.mark.slow
 def test_submit_ships_folder_follows_logs_returns_exit_code(
