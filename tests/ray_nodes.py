@@ -127,6 +127,10 @@ def make_namespaces(tag: str) -> tuple[tuple[str, str], tuple[str, str]] | None:
         if _ip(*step).returncode != 0:
             remove_namespaces(ns, veth)
             return None
+    # `ip netns exec` also needs to make a mount namespace: try it once.
+    if _ip("netns", "exec", ns[1], sys.executable, "-c", "pass").returncode != 0:
+        remove_namespaces(ns, veth)
+        return None
     return ns, veth
 
 

@@ -42,8 +42,9 @@ SHORT = [
     "data.max_bytes=300000",
 ]
 RANK_LINE = re.compile(r"^turnout: rank (\d+) on node (\d+) \(([^,]+), gloo on ([^)]+)\)", re.M)
-# Gloo's traffic for 4 steps of `tiny` (gradients of ~0.5 M parameters, fp32, and the
-# metric reductions) is several MB; Ray's own chatter between the nodes is far less.
+# Gloo's traffic for 4 steps of `tiny` (a ZeRO-2 reduce-scatter and all-gather of ~0.5 M
+# fp32 dense parameters a step, the expert all-to-all, the metric reductions) is several
+# times this.
 MIN_VETH_BYTES = 2_000_000
 
 
