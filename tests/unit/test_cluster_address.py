@@ -133,3 +133,10 @@ def test_submit_entrypoint_and_runtime_env(tmp_path: Path) -> None:
     for heavy in (".venv/", "mlruns/", "mlflow.db", "checkpoints/", ".turnout/", ".ext/"):
         assert heavy in env["excludes"]
     assert env["excludes"] == EXCLUDES and env["excludes"] is not EXCLUDES
+
+
+def test_interface_of_finds_loopback_and_nothing_for_a_foreign_address() -> None:
+    from turnout.launch.ray_backend import interface_of
+
+    assert interface_of("127.0.0.1") == "lo"
+    assert interface_of("203.0.113.77") is None  # TEST-NET-3: on no interface here
