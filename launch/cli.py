@@ -1,6 +1,7 @@
 """The ``turnout`` command.
 
     turnout train [PRESET|file.yaml] [key=value ...] [--address ADDR] [--launcher ray|torchrun]
+    turnout submit [PRESET|file.yaml] [key=value ...] --address http://HEAD:8265 [--no-wait]
     turnout presets
     turnout show [PRESET|file.yaml] [key=value ...]
     turnout keys [--markdown]
@@ -284,6 +285,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from turnout.launch.worker import preflight
 
     cfg = resolve_paths(cfg)
+    if args.launcher == "ray":
+        from turnout.launch.cluster import check_reachable, cluster_address
+
+        if cluster_address(cfg):  # an address nobody answers on: one line, at once
+            check_reachable(cluster_address(cfg))
     data_path = preflight(cfg)  # validation ends here: Ray, DeepSpeed, MLflow not imported
     if args.launcher == "torchrun":
         return _train_torchrun(args, cfg)
@@ -318,6 +324,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from turnout.launch.submit import submit
+
+    return submit(args.items, args.address, wait=not args.no_wait)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="turnout",
@@ -346,6 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="ray (default): Ray Train workers; torchrun: plain torchrun on this machine",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "submit", help="run `turnout train` as a job on a Ray cluster (Ray's job API)"
+    )
+    p.add_argument(
+        "items", nargs="*", metavar="[PRESET|FILE.yaml] [key=value ...]", help=items_help
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="the cluster's job server, its dashboard (http://HEAD:8265); "
+        "default RAY_API_SERVER_ADDRESS",
+    )
+    p.add_argument(
+        "--no-wait", action="store_true", help="return once the job is queued; do not follow it"
+    )
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("presets", help="list the presets in configs/")
     p.set_defaults(func=cmd_presets)

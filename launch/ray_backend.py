@@ -11,7 +11,11 @@ the torchrun environment on each worker:
 
 - MASTER_ADDR / MASTER_PORT: the node address of worker 0 and a port free there;
 - RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK: from the worker's Ray
-  Train context.
+  Train context;
+- GLOO_SOCKET_IFNAME, when the workers span more than one node (and the user has not
+  set it): the interface that holds this node's Ray address. Left alone, gloo binds to
+  whatever the host name resolves to, often 127.0.0.1, and no peer on another node can
+  reach that. Each rank then prints one line naming its node and interface.
 
 Only Ray's developer API is used (``Backend`` hooks and the worker group's
 ``execute``/``execute_single``); nothing of Ray's private torch setup.
@@ -35,11 +39,32 @@ def _node_address_and_port() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), free_port()
 
 
+def interface_of(ip: str) -> str | None:
+    """The name of this host's network interface that holds address ``ip`` (None: none)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            return name
+    return None
+
+
 def _publish_rendezvous(addr: str, port: int) -> None:
     """Runs on every worker: the environment ``init_distributed`` reads."""
+    import ray
     import ray.train
 
     ctx = ray.train.get_context()
+    if ctx.get_local_world_size() < ctx.get_world_size():  # more than one node
+        node_ip = ray.util.get_node_ip_address()
+        ifname = os.environ.get("GLOO_SOCKET_IFNAME") or interface_of(node_ip)
+        if ifname:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
+        print(
+            f"turnout: rank {ctx.get_world_rank()} on node {ctx.get_node_rank()} "
+            f"({node_ip}, gloo on {ifname or 'the host name'}), rendezvous {addr}:{port}",
+            flush=True,
+        )
     os.environ.update(
         MASTER_ADDR=addr,
         MASTER_PORT=str(port),

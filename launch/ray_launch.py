@@ -29,6 +29,7 @@ from typing import Any, cast
 
 from turnout.config import TurnoutConfig
 from turnout.errors import WorkerError, one_line
+from turnout.launch.cluster import check_reachable, cluster_address, join_cluster
 from turnout.launch.restarts import FinalWorkerError, stop_on_final_callback, worker_failure
 from turnout.launch.worker import run_worker
 from turnout.trainer.recovery import run_folder
@@ -41,6 +42,8 @@ _RAY_NOISE = (
     "core_worker.cc",
     "Started distributed worker processes",
     "deepspeed_shm_comm_op built successfully",
+    # c10d, when a peer on another node has no reverse-DNS name: harmless.
+    "The hostname of the client socket cannot be retrieved",
 )
 # The key of a CollectiveError record (turnout.parallel.dist): a peer's failed collective.
 _COLLECTIVE_KEY = "parallel.timeout_s"
@@ -233,14 +236,15 @@ def _init_ray(cfg: TurnoutConfig) -> bool:
     """Start an embedded cluster or join one; True when we started it (and must stop it)."""
     import ray
 
-    address = cfg.launch.address or os.environ.get("RAY_ADDRESS", "")
+    address = cluster_address(cfg)
     quiet: dict[str, Any] = dict(
         logging_level=logging.WARNING if _verbose() else logging.ERROR,
         log_to_driver=True,
         configure_logging=True,
     )
     if address:
-        ray.init(address=address, **quiet)
+        check_reachable(address)
+        join_cluster(address, quiet, verbose=_verbose())
         embedded = False
     else:
         ray.init(
@@ -312,6 +316,7 @@ def run_ray(cfg: TurnoutConfig, data_path: Path, run_id: str = "") -> dict[str, 
                 num_workers=cfg.launch.num_workers,
                 use_gpu=cfg.launch.use_gpu,
                 resources_per_worker={"CPU": cfg.launch.cpus_per_worker},
+                placement_strategy=cfg.launch.placement,
             ),
             run_config=RunConfig(**run_kw),
             # Ray sets the rendezvous environment; run_worker creates the group.

@@ -94,3 +94,16 @@ class Backend(Choice):
     AUTO = "auto"
     GLOO = "gloo"
     NCCL = "nccl"
+
+
+class Placement(Choice):
+    """launch.placement: how Ray places the training workers on the cluster's nodes."""
+
+    PACK = "PACK"
+    """As few nodes as possible, spilling over when a node is full (Ray's default)."""
+    SPREAD = "SPREAD"
+    """Across as many nodes as possible, doubling up when there are too few."""
+    STRICT_PACK = "STRICT_PACK"
+    """All workers on one node, or the job waits."""
+    STRICT_SPREAD = "STRICT_SPREAD"
+    """Every worker on its own node, or the job waits (one worker per node)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from turnout.config.choices import Recompute
+from turnout.config.choices import Placement, Recompute
 from turnout.config.model import ModelConfig, validate_model
 from turnout.config.parallel import ParallelConfig, validate_parallel
 from turnout.config.train import (
@@ -38,6 +38,8 @@ class LaunchConfig:
     max_failures: int = 3
     """Worker-group restarts after a worker dies (resumed from the newest checkpoint);
     0 = fail the job on the first death."""
+    placement: str = "PACK"
+    """Worker placement on the cluster's nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
 
 
 @dataclass
@@ -67,6 +69,10 @@ def validate(cfg: TurnoutConfig) -> None:
         )
     if cfg.launch.max_failures < 0:
         raise ConfigError("launch.max_failures", f"must be >= 0, got {cfg.launch.max_failures}")
+    if cfg.launch.placement not in Placement.values():
+        raise ConfigError(
+            "launch.placement", f"must be {Placement.spelled()}, got {cfg.launch.placement!r}"
+        )
     validate_parallel(
         cfg.parallel, cfg.model.moe.num_experts, cfg.launch.num_workers, cfg.model.uses_moe()
     )
