@@ -1,0 +1,192 @@
+"""The ``turnout`` commands that read a checkpoint: generate, eval, export.
+
+Each loads the checkpoint on one process (``trainer.export``), whatever layout wrote it;
+a bad path, flag or prompt is one line naming it (exit 2) before the weights are read
+where it can be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from turnout.config import TurnoutConfig
+from turnout.errors import EXIT_OK, ConfigError
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{name} requested, but CUDA is not available here")
+    return name
+
+
+def _load_checkpoint(args: argparse.Namespace) -> tuple:
+    from turnout.trainer.export import load_for_inference
+
+    model, cfg, info = load_for_inference(args.checkpoint, _device(args.device))
+    from turnout.trainer import tokenizer_files
+
+    tokenizer = tokenizer_files.load(info.folder, cfg)
+    print(
+        f"turnout: {info.folder} (step {info.step}, {info.num_params:,} parameters, "
+        f"ZeRO-{info.zero_stage}, ep {info.ep_size}, saved in {str(info.saved_dtype)[6:]}, "
+        f"tokenizer {tokenizer.name}) on {args.device}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return model, cfg, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from turnout.trainer.inference import encode, sample_text
+
+    if args.max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens", f"must be >= 0, got {args.max_new_tokens}")
+    from turnout.trainer import tokenizer_files
+    from turnout.trainer.export import checkpoint_config, step_folder
+
+    # A prompt that cannot fit fails before the weights are read.
+    folder = step_folder(args.checkpoint)
+    saved = checkpoint_config(folder)
+    encode(args.prompt, saved.model.max_seq_len, tokenizer_files.load(folder, saved))
+    threshold = _threshold(args, saved.model.depth_kind())
+    model, cfg, tok = _load_checkpoint(args)
+    out = sample_text(
+        model, args.prompt, args.max_new_tokens, args.temperature, args.seed, threshold, tok
+    )
+    print(out.text, flush=True)
+    skipped = (
+        f"{out.skipped_fraction:.1%} of routed-block work skipped"
+        if out.skipped_fraction == out.skipped_fraction
+        else "no MoD-routed blocks"
+    )
+    cut = (
+        f" (cut to fit max_seq_len {cfg.model.max_seq_len})"
+        if out.new_tokens < args.max_new_tokens
+        else ""
+    )
+    depth = ""
+    if out.mean_depth == out.mean_depth:
+        what = "exit layer" if cfg.model.uses_exit() else "depth (ponder)"
+        depth = f", mean {what} {out.mean_depth:.2f} of {_full_depth(cfg)} blocks"
+    print(
+        f"turnout: {out.new_tokens} new tokens{cut}, {out.tokens_per_s:.1f} decode tokens/s, "
+        f"{skipped}{depth}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _full_depth(cfg: TurnoutConfig) -> int:
+    """Block applications of a token that never exits / halts."""
+    extra = cfg.model.ponder.max_steps - 1 if cfg.model.uses_ponder() else 0
+    return cfg.model.n_layers + extra
+
+
+def _threshold(args: argparse.Namespace, kind: str | None) -> float | None:
+    """The --exit-threshold / --halt-threshold given (checked against the model kind)."""
+    for flag, value, wants in (
+        ("--exit-threshold", args.exit_threshold, "exit"),
+        ("--halt-threshold", args.halt_threshold, "ponder"),
+    ):
+        if value is None:
+            continue
+        if kind != wants:
+            what = "early exits (model.exit.layers)" if wants == "exit" else "'ponder' block"
+            raise ConfigError(flag, f"the checkpoint's model has no {what}")
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(flag, f"must be in [0, 1], got {value}")
+        return float(value)
+    return None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from turnout.trainer.inference import evaluate_model
+
+    model, cfg, tok = _load_checkpoint(args)
+    ev = evaluate_model(model, cfg, args.corpus, args.batches, tokenizer=tok)
+    print(f"corpus           {ev.corpus} ({ev.windows} held-out windows of {ev.seq_len} tokens)")
+    print(f"val_loss         {ev.loss:.4f}  (top-k routing, nats/token)")
+    if ev.loss_causal == ev.loss_causal:
+        print(f"val_loss_causal  {ev.loss_causal:.4f}  (causal routing, as when sampling)")
+    if ev.depth_mean == ev.depth_mean:
+        print(f"depth_mean       {ev.depth_mean:.2f}  (blocks per token, decode rule)")
+    print(f"bits_per_byte    {ev.bits_per_byte:.4f}  (val_loss in bits per UTF-8 byte)")
+    print(f"unigram_entropy  {ev.unigram_entropy:.4f}  (unigram baseline, nats/token)")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from turnout.trainer.export_files import export
+
+    done = export(args.checkpoint, args.out, args.format, args.allow_dropless)
+    print(
+        f"turnout: exported step {done.step} ({done.kind}, {done.num_tensors} tensors, "
+        f"{str(done.dtype).removeprefix('torch.')}) to {done.folder}"
+    )
+    return EXIT_OK
+
+
+def add_checkpoint_commands(sub: Any) -> None:
+    """Add ``generate``, ``eval`` and ``export`` to the ``turnout`` subcommand parsers."""
+    ckpt_help = "a checkpoint run folder (its latest step) or one step<N> folder"
+    device_help = "cpu (default) or cuda[:i]: one process, one device"
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached decoding)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help=ckpt_help)
+    p.add_argument(
+        "--prompt", required=True, help="text to continue (encoded with the checkpoint's tokenizer)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="<= 0: greedy (0.8)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    p.add_argument("--device", default="cpu", help=device_help)
+    p.add_argument(
+        "--exit-threshold",
+        type=float,
+        default=None,
+        help="early-exit models: exit when the max softmax probability is above this "
+        "(default model.exit.threshold; 1 never exits)",
+    )
+    p.add_argument(
+        "--halt-threshold",
+        type=float,
+        default=None,
+        help="ponder models: halt when the cumulative halting probability is above this "
+        "(default model.ponder.threshold; 1 never halts early)",
+    )
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="validation loss of a checkpoint (top-k and causal routing)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help=ckpt_help)
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="corpus as data.corpus takes it (default: the run's data.corpus)",
+    )
+    p.add_argument(
+        "--batches", type=int, default=None, help="validation batches (default train.eval_batches)"
+    )
+    p.add_argument("--device", default="cpu", help=device_help)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "export", help="write a checkpoint's whole model as safetensors + config (or HF)"
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help=ckpt_help)
+    p.add_argument("out", metavar="OUT", help="a new or empty folder to write into")
+    p.add_argument(
+        "--format",
+        choices=("turnout", "hf"),
+        default="turnout",
+        help="turnout (default): for TransformerLM.from_pretrained and train.init_from; "
+        "hf: a Hugging Face Llama (dense) or Mixtral (MoE) folder",
+    )
+    p.add_argument(
+        "--allow-dropless",
+        action="store_true",
+        help="--format hf of a capacity-mode MoE: accept HF's dropless routing",
+    )
+    p.set_defaults(func=cmd_export)
