@@ -106,7 +106,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from turnout.trainer.plan import format_plan, plan
+    from turnout.trainer.plan import plan
+    from turnout.trainer.plan_format import format_plan
 
     cfg = _load(args.items)
     print(format_plan(plan(cfg, gpus=args.gpus, gpu=args.gpu)))

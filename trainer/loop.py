@@ -4,11 +4,9 @@
 created (``turnout.parallel.dist.init_distributed``), with the parallel groups it built
 once (``turnout.parallel.groups.build_groups``). It reads top-down:
 
-- :func:`setup` seeds, opens the data, builds ``TransformerLM(cfg.model)``, loads
-  the weights from ``train.init_from`` (:mod:`turnout.trainer.upcycle`), installs
-  expert parallelism when ``groups.ep_size > 1``, builds the DeepSpeed engine and opens
-  the MLflow run, counts the training FLOPs per token (:mod:`turnout.trainer.compute`)
-  and measures the device's peak TFLOP/s unless ``train.peak_tflops`` gives it;
+- :func:`turnout.trainer.run_setup.setup` seeds, opens the data, builds the model
+  (from ``train.init_from`` when set) with expert parallelism, the DeepSpeed engine and
+  the MLflow run, counts the training FLOPs per token and measures the device's peak;
 - every optimizer step is :func:`turnout.trainer.step.run_step` (which stops every
   rank together on a non-finite loss); steps DeepSpeed skipped are counted and, past
   ``train.max_consecutive_skipped_steps`` in a row, stop every rank
@@ -29,52 +27,35 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from turnout.config import TurnoutConfig
-from turnout.errors import RunError
-from turnout.models.lm import TransformerLM
-from turnout.parallel.dist import all_reduce_sum, broadcast_object, device
-from turnout.parallel.expert_parallel import install_expert_parallel
+from turnout.parallel.dist import all_reduce_sum, device
 from turnout.parallel.groups import ParallelGroups
 from turnout.trainer import checkpoint
 from turnout.trainer.balance import BiasBalancer
 from turnout.trainer.compute import (
-    RunFlops,
     memory_kind,
     peak_memory_mb,
-    probe_dtype,
-    probe_peak_tflops,
-    run_flops,
 )
 from turnout.trainer.data import (
-    BatchSampler,
     bits_per_byte,
-    byte_unigram_entropy,
-    dataset_inputs,
-    open_tokens,
-    tracking_params,
 )
 from turnout.trainer.depth_eval import depth_eval
-from turnout.trainer.engine import build_engine, use_bf16
 from turnout.trainer.load_view import LoadMonitor
 from turnout.trainer.meter import Interval, IntervalMeter, RunMeter, due, mfu, model_tflops
 from turnout.trainer.metrics import StatsAccumulator
-from turnout.trainer.recovery import Attempt, begin_attempt, log_restart, run_folder
+from turnout.trainer.recovery import Attempt, begin_attempt, log_restart
 from turnout.trainer.resume_layout import resume_config
+from turnout.trainer.run_setup import Run, progress_bar, setup
 from turnout.trainer.skips import SkipCounter
 from turnout.trainer.step import NonFiniteLossError, evaluate, run_step
-from turnout.trainer.tracking import Tracker
 from turnout.trainer.tracking_store import record_run_id
-from turnout.trainer.tracking_system import SystemMetrics
-from turnout.trainer.upcycle import init_from
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
@@ -131,140 +112,6 @@ class TrainResult:
     """Automatic restarts of the job after a worker died (:mod:`turnout.trainer.recovery`)."""
     steps_redone: int = 0
     """Steps failed attempts trained after their last checkpoint, trained again."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _start_tracking(cfg: TurnoutConfig, rank: int, world: int, attach_to: str) -> Tracker:
-    """Collective: rank 0 opens (or attaches to) the MLflow run; if that fails, every rank
-    raises together."""
-    error = ""
-    tracker: Tracker | None = None
-    try:
-        tracker = Tracker(cfg, rank, world, attach_to=attach_to)
-    except Exception as e:  # an unreachable server, a bad store: stop all ranks, not just 0
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        error = f"cannot open the MLflow store {cfg.tracking.uri!r}: {first}"
-    error = str(broadcast_object(error if rank == 0 else "", name="tracking start"))
-    if error:
-        raise RunError(error, key="tracking.uri")
-    assert tracker is not None
-    return tracker
-
-
-def _progress(rank: int, total: int, initial: int) -> Any:
-    if rank != 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-@dataclass
-class Run:
-    """What :func:`setup` builds once on this rank, before the first step."""
-
-    cfg: TurnoutConfig
-    groups: ParallelGroups
-    engine: Any
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    sampler: BatchSampler
-    tracker: Tracker
-    system: SystemMetrics
-    """This node's system-metrics sampler (local rank 0; inactive elsewhere)."""
-    run_dir: Path
-    """Checkpoint folder of this run (the same on every rank)."""
-    unigram_entropy: float
-    flops: RunFlops
-    """Training FLOPs per token of the model and of its equal-shape dense twin."""
-    peak_tflops: float
-    """Peak TFLOP/s of one rank (given or measured, the same on every rank)."""
-    peak_measured: bool
-    val_tokens_per_byte: float
-    """Tokens per UTF-8 byte of the validation split (bits per byte = loss x this / ln 2)."""
-
-    @property
-    def rank(self) -> int:
-        return self.groups.rank
-
-    @property
-    def world(self) -> int:
-        return self.groups.world
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens one optimizer step trains on, over all ranks."""
-        t = self.cfg.train
-        return t.micro_batch_size * t.grad_accum * self.cfg.model.max_seq_len * self.world
-
-
-def setup(
-    cfg: TurnoutConfig,
-    data_path: Path,
-    groups: ParallelGroups,
-    attach_to: str = "",
-    run_dir: Path | None = None,
-) -> Run:
-    """Collective: data, model (expert-parallel when ``groups`` say so), engine, MLflow run
-    (opened here, or the launcher's run ``attach_to``); checkpoints go to ``run_dir``
-    (None: a fresh folder under ``train.ckpt_dir``)."""
-    t0 = time.perf_counter()
-    rank, world = groups.rank, groups.world
-    t = cfg.train
-    seed_everything(t.seed)
-    data = open_tokens(data_path, cfg.data.val_fraction)
-    sampler = BatchSampler(
-        data, cfg.model.max_seq_len, t.micro_batch_size, rank, world, t.seed, t.eval_batches
-    )
-    entropy = byte_unigram_entropy(data.train, data.vocab_size)
-    model = TransformerLM(cfg.model)
-    model.set_activation_checkpointing(t.activation_checkpointing)
-    if t.init_from and not t.resume:  # a resumed run has its own weights
-        init_from(model, cfg)
-    install_expert_parallel(model, groups)  # a no-op at ep_size 1
-    log.debug("rank %d: data and model ready after %.1fs", rank, time.perf_counter() - t0)
-    engine, scheduler = build_engine(model, cfg, groups)
-    log.debug("rank %d: engine ready after %.1fs", rank, time.perf_counter() - t0)
-    tracker = _start_tracking(cfg, rank, world, attach_to)
-    tracker.log_corpus(tracking_params(data), dataset_inputs(data))
-    log.debug("rank %d: tracking ready after %.1fs", rank, time.perf_counter() - t0)
-    run_id = str(broadcast_object(tracker.run_id if rank == 0 else "", name="run id"))
-    system = SystemMetrics(cfg, run_id)
-    here = str(run_dir or run_folder(cfg, run_id)) if rank == 0 else ""
-    run_dir = Path(str(broadcast_object(here, name="run folder")))
-    peak, measured = _peak_tflops(cfg, world)
-    log.debug("rank %d: peak %.3f TFLOP/s after %.1fs", rank, peak, time.perf_counter() - t0)
-    flops = run_flops(cfg)
-    return Run(
-        cfg,
-        groups,
-        engine,
-        scheduler,
-        sampler,
-        tracker,
-        system,
-        run_dir,
-        entropy,
-        flops,
-        peak,
-        measured,
-        data.val_tokens_per_byte,
-    )
-
-
-def _peak_tflops(cfg: TurnoutConfig, world: int) -> tuple[float, bool]:
-    """Collective when measured: (peak TFLOP/s of one rank, measured?). Every rank probes
-    its own device at once (as they will train) and they agree on the mean."""
-    if cfg.train.peak_tflops > 0:
-        return cfg.train.peak_tflops, False
-    dev = device()
-    own = probe_peak_tflops(dev, probe_dtype(dev, use_bf16(cfg.train.precision)))
-    total = all_reduce_sum(torch.tensor([own], dtype=torch.float64), "peak TFLOP/s probe")
-    return float(total[0]) / world, True
 
 
 def _log_start(run: Run, step: int) -> None:
@@ -393,7 +240,7 @@ def train(
         _log_start(run, start)
         log_restart(run.tracker, run.rank, attempt, start)
         loads = LoadMonitor(cfg, run.tracker, run.rank, start)
-        bar = _progress(run.rank, t.steps, start)
+        bar = progress_bar(run.rank, t.steps, start)
         for step in range(start, t.steps):
             done = step + 1
             lr = float(run.scheduler.get_last_lr()[0])

@@ -35,8 +35,8 @@ def _train_save_reference(
 ) -> dict:
     from turnout.parallel.groups import build_groups
     from turnout.trainer import checkpoint
-    from turnout.trainer.loop import setup
     from turnout.trainer.metrics import StatsAccumulator
+    from turnout.trainer.run_setup import setup
     from turnout.trainer.step import evaluate, run_step
 
     groups = build_groups(ep)

@@ -63,7 +63,7 @@ def test_export_then_from_pretrained(
 
 def _upcycled_forward(rank: int, world: int, items: list[str], data: str) -> dict:
     from turnout.parallel.groups import build_groups
-    from turnout.trainer.loop import setup
+    from turnout.trainer.run_setup import setup
 
     cfg = load_config("tiny", items)
     run = setup(cfg, Path(data), build_groups(cfg.parallel.ep_size))

@@ -60,9 +60,9 @@ def _phase(
     (the resumed step included: the loaded state, saved straight back)."""
     from turnout.parallel.groups import build_groups
     from turnout.trainer import checkpoint
-    from turnout.trainer.loop import setup
     from turnout.trainer.metrics import StatsAccumulator
     from turnout.trainer.resume_layout import resume_config
+    from turnout.trainer.run_setup import setup
     from turnout.trainer.step import run_step
 
     cfg = load_config("tiny", [*overrides, f"train.resume={resume}"])

@@ -18,7 +18,8 @@ from turnout.models.experts import ExpertBank
 from turnout.models.flops import forward_flops
 from turnout.models.lm import TransformerLM
 from turnout.models.params import count_params
-from turnout.trainer.plan import DEVICES, format_plan, plan
+from turnout.trainer.plan import DEVICES, plan
+from turnout.trainer.plan_format import format_plan
 
 pytestmark = pytest.mark.unit
 

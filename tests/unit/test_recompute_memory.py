@@ -116,7 +116,8 @@ def test_planner_full_is_inputs_plus_one_block() -> None:
 
 def test_turnout_plan_reports_the_mode_and_its_saving() -> None:
     from turnout.config.load import load_config
-    from turnout.trainer.plan import format_plan, plan
+    from turnout.trainer.plan import plan
+    from turnout.trainer.plan_format import format_plan
 
     plain = plan(load_config("tiny"))
     full = plan(load_config("tiny", ["train.activation_checkpointing=full"]))
