@@ -29,6 +29,7 @@ import torch
 
 from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
 from turnout.models.lm import TransformerLM
+from turnout.models.saved_bytes import saved_bytes_by_block
 from turnout.trainer.plan import activations
 
 MODES = ("none", "moe", "full")
@@ -58,28 +59,7 @@ def _model(cfg: ModelConfig, mode: str, device: torch.device) -> TransformerLM:
 
 def saved_bytes(model: TransformerLM, tokens: torch.Tensor) -> tuple[int, dict[int, int]]:
     """(bytes kept for backward after one forward, each block's own saved bytes)."""
-    seen: set[tuple[int, int]] = set()
-    owner: list[int | None] = [None]
-    per: dict[int | None, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key not in seen:
-            seen.add(key)
-            per[owner[0]] = per.get(owner[0], 0) + storage.nbytes()
-        return t
-
-    hooks = []
-    for i, layer in enumerate(model.layers):
-        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: owner.__setitem__(0, i)))
-        hooks.append(layer.register_forward_hook(lambda m, a, o: owner.__setitem__(0, None)))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(tokens[:, :-1], tokens[:, 1:])
-    for h in hooks:
-        h.remove()
-    assert out.loss is not None
-    out.loss.backward()
+    per = saved_bytes_by_block(model, tokens)
     blocks = {i: b for i, b in per.items() if i is not None}
     return sum(per.values()), blocks
 

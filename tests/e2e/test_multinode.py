@@ -25,22 +25,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_cli_train import SHORT
 from tests.ray_nodes import Cluster, base_env, start_cluster, stop_cluster
 from turnout.config.load import preset_dir
 from turnout.parallel.dist import free_port
 
 pytestmark = pytest.mark.e2e
 
-SHORT = [
-    "train.steps=4",
-    "train.eval_every=2",
-    "train.log_every=2",
-    "train.eval_batches=2",
-    "train.warmup_steps=1",
-    "train.micro_batch_size=4",
-    "model.max_seq_len=64",
-    "data.max_bytes=300000",
-]
 RANK_LINE = re.compile(r"^turnout: rank (\d+) on node (\d+) \(([^,]+), gloo on ([^)]+)\)", re.M)
 # Gloo's traffic for 4 steps of `tiny` (a ZeRO-2 reduce-scatter and all-gather of ~0.5 M
 # fp32 dense parameters a step, the expert all-to-all, the metric reductions) is several

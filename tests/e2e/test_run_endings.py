@@ -43,6 +43,20 @@ EXIT_WITHIN_S = 30.0
 GONE_WITHIN_S = 10.0
 
 
+def _start(tmp_path: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """``turnout train ARGS`` in ``tmp_path``, leading its own session (a terminal's job)."""
+    exe = str(Path(sys.executable).with_name("turnout"))
+    return subprocess.Popen(
+        [exe, "train", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def _training_run(db: Path, timeout: float) -> str:
     """The run id once the run logged a loss (training is under way)."""
     from mlflow import MlflowClient
@@ -78,16 +92,7 @@ def test_ctrl_c_stops_every_process_and_marks_the_run_killed(tmp_path: Path) -> 
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("RAY_ADDRESS", None)
-    exe = str(Path(sys.executable).with_name("turnout"))
-    train = subprocess.Popen(
-        [exe, "train", "tiny", *RUN],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    train = _start(tmp_path, ["tiny", *RUN], env)
     try:
         run_id = _training_run(tmp_path / "mlflow.db", timeout=300)
         job = psutil.Process(train.pid).children(recursive=True)
@@ -161,16 +166,7 @@ def test_torchrun_rank_killed_marks_the_run_failed(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    exe = str(Path(sys.executable).with_name("turnout"))
-    train = subprocess.Popen(
-        [exe, "train", "tiny", *RUN, "--launcher", "torchrun"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    train = _start(tmp_path, ["tiny", *RUN, "--launcher", "torchrun"], env)
     try:
         run_id = _training_run(tmp_path / "mlflow.db", timeout=300)
         # torchrun's ranks: the processes it gave a RANK (not torchrun itself).

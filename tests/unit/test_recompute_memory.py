@@ -1,9 +1,7 @@
 """The planner's activation estimate under checkpointing vs bytes really saved for backward.
 
-Saved bytes are measured with ``torch.autograd.graph.saved_tensors_hooks`` around a real
-forward, summing each storage once (views share one); forward hooks on the blocks say
-which block saved what. A checkpointed block's own hooks take over inside it, so what
-the outer hook sees there is exactly what checkpointing keeps: the block's inputs.
+Saved bytes are measured by ``models.saved_bytes.saved_bytes_by_block`` around a real
+forward (each storage once, attributed to the block that saved it).
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ import torch
 
 from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
 from turnout.models.lm import TransformerLM
+from turnout.models.saved_bytes import saved_bytes_by_block
 from turnout.trainer.plan import activations
 
 pytestmark = pytest.mark.unit
@@ -37,29 +36,7 @@ def _saved_bytes(mode: str) -> dict[int | None, int]:
     model = TransformerLM(CFG)
     model.set_activation_checkpointing(mode)
     tokens = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(1))
-    seen: set[tuple[int, int]] = set()
-    owner: list[int | None] = [None]
-    per: dict[int | None, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key not in seen:  # the graph holds every saved tensor: no address is reused
-            seen.add(key)
-            per[owner[0]] = per.get(owner[0], 0) + storage.nbytes()
-        return t
-
-    hooks = []
-    for i, layer in enumerate(model.layers):
-        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: owner.__setitem__(0, i)))
-        hooks.append(layer.register_forward_hook(lambda m, a, o: owner.__setitem__(0, None)))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(tokens[:, :-1], tokens[:, 1:])
-    for h in hooks:
-        h.remove()
-    assert out.loss is not None
-    out.loss.backward()  # the checkpointed graph is complete
-    return per
+    return saved_bytes_by_block(model, tokens)
 
 
 def test_checkpointing_keeps_only_block_inputs() -> None:
