@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.utils.checkpoint as ckpt
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from turnout.config.choices import Recompute
 from turnout.config.model import BlockKind
@@ -183,14 +184,48 @@ def regated(plan: RoutingPlan, logits_TE: torch.Tensor, normalize_gates: bool) -
     return dataclasses.replace(plan, gate_TK=gate_TK)
 
 
+class _Boundary(torch.autograd.Function):
+    """Identity on one differentiable output of a block that saves one (empty) tensor.
+
+    Unpacking a saved tensor is what makes ``torch.utils.checkpoint`` recompute, so the
+    recompute runs here, at the block's edge, before the backward of any module inside
+    it. Without it the first unpack can sit inside the last module's backward, after
+    ZeRO-3's pre-backward hook gathered that module's weights: the recompute's
+    post-forward hooks would then release them again and the gradient would be
+    accumulated into an empty parameter. One node per output: a joint node would pull
+    the backward into the block through an output that has no gradient (zeros).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(t.new_empty(0))
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        ctx.saved_tensors  # noqa: B018 - the unpack that triggers the recompute
+        return grad
+
+
+def _at_boundary(out: T) -> T:
+    """``out`` with every tensor that requires grad passed through a :class:`_Boundary`."""
+    leaves, spec = tree_flatten(out)
+    for i, v in enumerate(leaves):
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            leaves[i] = _Boundary.apply(v)
+    result: T = tree_unflatten(leaves, spec)
+    return result
+
+
 def checkpointed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` keeping only its inputs for backward; the backward runs it
-    again with the routing decisions of this call (see the module docstring)."""
+    again with the routing decisions of this call (see the module docstring), before the
+    backward of any module inside ``fn`` (see :class:`_Boundary`)."""
     tape = Tape()
 
     def run(*a: Any, **kw: Any) -> T:
         with tape.active():
-            return fn(*a, **kw)
+            return _at_boundary(fn(*a, **kw))
 
     with ckpt.set_checkpoint_early_stop(False):
         out: T = ckpt.checkpoint(run, *args, use_reentrant=False, **kwargs)

@@ -80,14 +80,6 @@ def validate(cfg: TurnoutConfig) -> None:
         raise ConfigError("parallel.backend", "nccl needs launch.use_gpu=true")
     validate_data(cfg.data)
     validate_train(cfg.train)
-    if cfg.train.activation_checkpointing != Recompute.NONE and cfg.parallel.zero_stage == 3:
-        # ZeRO-3 has released a block's partitioned weights when torch's checkpoint
-        # recomputes it in the backward (the recompute sees empty parameters).
-        raise ConfigError(
-            "train.activation_checkpointing",
-            "needs parallel.zero_stage 0, 1 or 2 (ZeRO-3 weights are released before the "
-            "recompute)",
-        )
     if cfg.train.activation_checkpointing == Recompute.MOE and not cfg.model.uses_moe():
         raise ConfigError(
             "train.activation_checkpointing",
