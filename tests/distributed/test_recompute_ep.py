@@ -4,8 +4,10 @@ Each rank trains the same model (seed 0) on its own batch with and without
 checkpointing; the recompute replays the forward's routing (MoD top-k, expert plan,
 capacity drops, the all-to-all counts), so the loss, the per-layer statistics and
 every gradient (also of the aux loss alone) must be equal, while capacity drops and MoD
-skips really happen. A short ``train()`` run with checkpointing then goes through
-DeepSpeed and logs every rank's peak memory each interval.
+skips really happen. The same comparison runs through a DeepSpeed ZeRO-3 engine (its
+hooks gather and release each module's partitioned weights around the recompute). A
+short ``train()`` run with checkpointing then goes through DeepSpeed and logs every
+rank's peak memory each interval.
 """
 
 from __future__ import annotations
@@ -127,6 +129,59 @@ def test_drops_and_skips_really_happen(results: list[dict]) -> None:
                 assert float(stats[i][Term.MOD_CAPACITY]) == 0.5
             # Experts of both ranks got rows: the all-to-all carried tokens both ways.
             assert all(r > 0 for r in results[rank][router_input, "none", "loss"]["rows"])
+
+
+def _zero3_worker(rank: int, world: int) -> dict:
+    from deepspeed.utils import safe_get_full_grad
+
+    from turnout.config import TurnoutConfig
+    from turnout.models.lm import TransformerLM
+    from turnout.models.moe import moe_layers
+    from turnout.parallel.expert_parallel import install_expert_parallel
+    from turnout.parallel.groups import build_groups
+    from turnout.trainer.engine import build_engine
+
+    cfg = TurnoutConfig()
+    cfg.model = _cfg("ffn")
+    cfg.parallel.ep_size, cfg.parallel.zero_stage = 2, 3
+    cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.precision = B, 1, "fp32"
+    cfg.launch.num_workers = world
+    groups = build_groups(2)
+    out: dict = {}
+    for mode in ("none", "full"):
+        torch.manual_seed(0)
+        model = TransformerLM(cfg.model)
+        with torch.no_grad():
+            for layer in moe_layers(model):
+                assert layer.expert_bias is not None
+                layer.expert_bias.copy_(torch.tensor([0.4, -0.3, 0.2, -0.3]))
+        install_expert_parallel(model, groups)
+        model.set_activation_checkpointing(mode)
+        engine, _ = build_engine(model, cfg, groups)
+        res = engine(*_batch(rank))
+        engine.backward(res.loss)
+        grads = {}
+        for name, p in engine.module.named_parameters():
+            g = safe_get_full_grad(p)
+            if g is not None:
+                grads[name] = g.detach().clone().reshape(p.ds_shape)
+        out[mode] = {"loss": res.loss.detach(), "grads": grads}
+    return out
+
+
+def test_gradients_equal_with_and_without_checkpointing_zero3_ep2() -> None:
+    """Under ZeRO-3 a recompute must run before any module inside the block gathers its
+    weights for backward; otherwise the recompute releases them again (empty weights)."""
+    for rank, res in enumerate(run_ranks(_zero3_worker, WORLD)):
+        want, got = res["none"], res["full"]
+        assert torch.equal(got["loss"], want["loss"]), rank
+        assert set(got["grads"]) == set(want["grads"]), rank
+        assert any("experts" in n for n in want["grads"]) and len(want["grads"]) > 20
+        for name, g in want["grads"].items():
+            assert float(g.abs().sum()) > 0 or "expert_bias" in name, (rank, name)
+            torch.testing.assert_close(
+                got["grads"][name], g, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}"
+            )
 
 
 def _train(rank: int, world: int, overrides: list[str], data: str) -> dict:
