@@ -60,7 +60,6 @@ class SystemMetrics:
         self._monitor: Any = None
         self._stopped = threading.Event()
         self._lock = threading.Lock()
-        self.restarts = 0
         t = cfg.tracking
         local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
         if not (t.enabled and t.system_metrics and run_id and local_rank == 0):
@@ -121,7 +120,6 @@ class SystemMetrics:
             with self._lock:
                 if not self._stopped.is_set():
                     self._monitor, fresh = fresh, None
-                    self.restarts += 1
             if fresh is not None:
                 fresh.finish()
 
