@@ -17,6 +17,10 @@ exit computes the token's keys and values from that state (in decode only the K/
 projection runs for it) and leaves its residual stream unchanged. Every block's cache
 therefore holds every token, and the exited token's logits through the final norm and
 head are its exit logits.
+
+The full-sequence causal pass and incremental decoding compute the same confidence from
+states that agree to float rounding, not bit for bit (other GEMM shapes); a confidence
+within rounding of ``threshold`` may exit in one and not in the other (design 3.4).
 """
 
 from __future__ import annotations
