@@ -12,6 +12,7 @@ TORCH_VERSION ?= 2.13.0
 PRESET ?= tiny
 ARGS   ?=
 PYTEST_ARGS ?=
+TEST_PATHS ?= tests
 
 .PHONY: all setup train test lint typecheck format clean
 
@@ -35,7 +36,7 @@ train: $(STAMP)
 	$(BIN)/turnout train $(PRESET) $(ARGS)
 
 test: $(STAMP)
-	@rc=0; $(BIN)/python -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(BIN)/python -m pytest $(TEST_PATHS) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; \
 	exit $$rc
 

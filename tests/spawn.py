@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.threads import intra_op_threads
 from turnout.parallel.dist import DEFAULT_TIMEOUT_S, free_port, init_distributed
 
 
@@ -30,7 +31,7 @@ def _entry(
         WORLD_SIZE=str(world),
         LOCAL_WORLD_SIZE=str(world),
     )
-    torch.set_num_threads(1)
+    torch.set_num_threads(intra_op_threads())
     path = os.path.join(outdir, f"rank{rank}.pt")
     try:
         init_distributed("gloo", timeout_s)
