@@ -35,6 +35,10 @@ bookkeeping of the sub-batch (a gather and an ``index_copy`` of the chosen rows)
 that the dense blocks' larger batched GEMMs run closer to the machine's peak than the
 routed blocks' small ones. The "whole batch skipped" figure is printed for reference.
 
+For the dense model it also prints the achieved TFLOP/s of prefill and of decode: the
+forward FLOPs of :mod:`turnout.models.flops` (decode: one token through every block with
+attention over the cached keys, averaged over the decode) over the measured seconds.
+
 ``--rerun N`` also times the old decode at batch 1, as a peer: one full causal-mode forward
 of the whole window per new token (masked-dense: attention over every position, the FFN
 on the chosen rows only), best of N.
@@ -53,6 +57,7 @@ import torch
 
 from turnout.config.model import MoDConfig, ModelConfig, validate_model
 from turnout.models.decode import DecodeState
+from turnout.models.flops import forward_flops
 from turnout.models.lm import TransformerLM
 from turnout.models.mod import CHOOSE_ABOVE_LOGIT, MoDBlock
 
@@ -97,6 +102,16 @@ def calibrate(model: TransformerLM, tokens_BS: torch.Tensor, capacity: float, ta
             x_BSD, _ = layer(x_BSD, pos_BS, routing="causal")
         else:
             x_BSD, _ = layer(x_BSD, pos_BS)
+
+
+def dense_flops(cfg: ModelConfig, prompt: int, new: int) -> tuple[float, float]:
+    """Forward FLOPs per token of the dense model ``cfg``: in the prefill of ``prompt``
+    positions, and in one decode step averaged over ``new`` steps (models/flops.py
+    conventions: attention scores over every key, ``4 D`` per key and block)."""
+    prefill = forward_flops(cfg, seq_len=prompt).per_token
+    one_key = forward_flops(cfg, seq_len=1).per_token
+    mean_keys = prompt + (new + 1) / 2
+    return prefill, one_key + cfg.n_layers * 4 * cfg.d_model * (mean_keys - 1)
 
 
 def _sync(device: torch.device) -> None:
@@ -233,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"MoD: layer_pattern [dense, mod], capacity {args.capacity:.1%}")
     header = f"{'batch':>5} {'model':>6} {'prefill ms':>11} {'decode tok/s':>13} {'processed':>10}"
+    prefill_fpt, decode_fpt = dense_flops(dense.cfg, P, N)
+    best_prefill = best_decode = 0.0
     for B in args.batches:
         prompt_BP = torch.randint(args.vocab, (B, P), generator=gen).to(dev)
         stream_BN = torch.randint(args.vocab, (B, N), generator=gen).to(dev)
@@ -255,6 +272,17 @@ def main(argv: list[str] | None = None) -> None:
             f"batch {B}: decode MoD/dense {min(t_dense) / min(t_mod):.2f}x (best), "
             f"{med:.2f}x (median); prefill MoD/dense {pre_dense / pre_mod:.2f}x"
         )
+        tf_prefill = prefill_fpt * B * P / pre_dense / 1e12
+        tf_decode = decode_fpt * B * N / min(t_dense) / 1e12
+        best_prefill, best_decode = max(best_prefill, tf_prefill), max(best_decode, tf_decode)
+        print(
+            f"batch {B}: dense model achieved {tf_prefill:.3g} TFLOP/s in prefill, "
+            f"{tf_decode:.3g} TFLOP/s in decode"
+        )
+    print(
+        f"\nbest achieved TFLOP/s (dense model): prefill {best_prefill:.3g}, "
+        f"decode {best_decode:.3g}"
+    )
     if args.rerun:
         prompt_1S = torch.randint(args.vocab, (1, args.context), generator=gen).to(dev)
         old_dense = rerun_seconds_per_token(dense, prompt_1S, args.rerun)

@@ -1,7 +1,7 @@
 """Benchmark: turnout's expert-parallel MoE layer vs DeepSpeed's ``deepspeed.moe.layer.MoE``.
 
 Two ranks (gloo on CPU, NCCL with one GPU per rank), identical settings (d, ffn, k,
-capacity factor, tokens per rank), forward + backward with gradients reset to None
+capacity factor, tokens per rank, dtype), forward + backward with gradients reset to None
 before each step (as a training step sees them), SwiGLU experts on both sides. Per E of
 the sweep (fixed T, so fixed active FLOPs) it times, in the same processes:
 
@@ -23,9 +23,18 @@ mmap'd pages each step; the ranks run with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's
 allocator then backs allocations >= 2 MiB with transparent huge pages) unless
 ``--no-thp``. It applies to every contender alike.
 
+``--ranks 1`` fits one GPU (or one CPU process): expert parallelism of size 1, so ours
+runs every expert through its single-process dispatcher, DeepSpeed's layer has
+``ep_size=1``, and the limit's all-to-alls are within the one rank (NCCL on a GPU).
+``--dtype bf16`` runs the layers, inputs and gradients in bf16 (routers compute in fp32 on
+both sides). After the table, each contender's achieved TFLOP/s per rank: the expert
+SwiGLU FLOPs of the ``T * k`` active rows, forward + backward (3x forward), over its
+median step time (capacity padding is work not counted).
+
     python benchmarks/moe_layer.py --quick
     python benchmarks/moe_layer.py                      # d=512 ffn=1024 T=2048, E 8..128
     python benchmarks/moe_layer.py --experts 8 128 --iters 5
+    python benchmarks/moe_layer.py --ranks 1 --dtype bf16 --d 2048 --ffn 4096 --tokens 8192
 """
 
 from __future__ import annotations
@@ -41,12 +50,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from turnout.models.flops import SWIGLU_MATMULS, TRAIN_FLOPS_PER_FORWARD
 from turnout.models.layers import SwiGLU
 from turnout.parallel.dist import free_port, init_distributed
 
 FASTER = 1.25  # ours / DeepSpeed speed-up goal
 NEAR_LIMIT = 1.15  # ours / limit goal
 FLAT = 1.15  # ours at E_max / ours at E_min goal
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 Step = Callable[[], None]
@@ -101,7 +112,7 @@ def _ours(args: argparse.Namespace, E: int, dropless: bool, x, gy, groups) -> St
 
     cf = None if dropless else args.cf
     torch.manual_seed(0)
-    layer = MoELayer(args.d, args.ffn, MoEConfig(E, args.k, cf, 4)).to(x.device)
+    layer = MoELayer(args.d, args.ffn, MoEConfig(E, args.k, cf, 4)).to(x.device, x.dtype)
     install_expert_parallel(layer, groups)
     one = torch.ones((), device=x.device)
 
@@ -120,14 +131,14 @@ def _deepspeed(args: argparse.Namespace, E: int, dropless: bool, x, gy) -> Step:
         hidden_size=args.d,
         expert=SwiGLU(args.d, args.ffn),
         num_experts=E,
-        ep_size=2,
+        ep_size=args.ranks,
         k=args.k,
         capacity_factor=args.cf,
         eval_capacity_factor=args.cf,
         min_capacity=4,
         drop_tokens=not dropless,
         use_rts=False,
-    ).to(x.device)
+    ).to(x.device, x.dtype)
     layer.set_deepspeed_parallelism()
     one = torch.ones((), device=x.device)
 
@@ -140,9 +151,10 @@ def _deepspeed(args: argparse.Namespace, E: int, dropless: bool, x, gy) -> Step:
 
 def _limit(args: argparse.Namespace, T: int, dev: torch.device, groups) -> Step:
     rows = T * args.k
-    dense = SwiGLU(args.d, args.ffn).to(dev)
-    xr = torch.randn(rows, args.d, device=dev, requires_grad=True)
-    gr = torch.randn(rows, args.d, device=dev)
+    dtype = DTYPES[args.dtype]
+    dense = SwiGLU(args.d, args.ffn).to(dev, dtype)
+    xr = torch.randn(rows, args.d, device=dev, dtype=dtype, requires_grad=True)
+    gr = torch.randn(rows, args.d, device=dev, dtype=dtype)
     out = torch.empty_like(gr)
 
     def run() -> None:
@@ -170,11 +182,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
 
     # DeepSpeed's MoE layer talks through deepspeed.comm: let it adopt our process group.
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False, verbose=False)
-    groups = build_groups(2)
+    groups = build_groups(world)
     T = args.tokens
     say = print if rank == 0 else (lambda *a, **k: None)
     say(
         f"d={args.d} ffn={args.ffn} k={args.k} cf={args.cf} T/rank={T} ranks={world} "
+        f"dtype={args.dtype} "
         f"backend={dist.get_backend()} device={dev.type} threads/rank={torch.get_num_threads()} "
         f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')} "
         f"iters={args.iters} (interleaved rounds; median of max over ranks; s per fwd+bwd step; "
@@ -187,8 +200,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     rows = []
     for E in args.experts:
         torch.manual_seed(0)
-        x = torch.randn(T, args.d, device=dev, requires_grad=True)
-        gy = torch.randn(T, args.d, device=dev)
+        dtype = DTYPES[args.dtype]
+        x = torch.randn(T, args.d, device=dev, dtype=dtype, requires_grad=True)
+        gy = torch.randn(T, args.d, device=dev, dtype=dtype)
         steps = dict(
             cap=_ours(args, E, False, x, gy, groups),
             drop=_ours(args, E, True, x, gy, groups),
@@ -209,8 +223,34 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             flush=True,
         )
     if rank == 0:
+        _tflops(args, rows)
         _verdicts(rows)
     dist.destroy_process_group()
+
+
+CONTENDERS = ("cap", "drop", "ds_cap", "ds_drop", "lim")
+
+
+def _tflops(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Achieved TFLOP/s per rank of each contender: the expert SwiGLU FLOPs of the T * k
+    active rows (forward + backward), over its median step time."""
+    flops = TRAIN_FLOPS_PER_FORWARD * 2 * args.tokens * args.k * SWIGLU_MATMULS * args.d * args.ffn
+    print(
+        f"\nTFLOP/s per rank ({flops / 1e12:.3g} TFLOP per step: expert SwiGLU of the T*k "
+        "active rows, fwd+bwd; padding not counted)"
+    )
+    print(f"{'E':>4} " + " ".join(f"{c:>7}" for c in CONTENDERS))
+    for r in rows:
+        print(f"{r['E']:>4} " + " ".join(f"{flops / r[c] / 1e12:7.2f}" for c in CONTENDERS))
+
+    def best(names: tuple[str, ...]) -> str:
+        t, name, E = min((r[c], c, r["E"]) for r in rows for c in names)
+        return f"{flops / t / 1e12:.2f} ({name}, E={E})"
+
+    print(
+        f"best achieved TFLOP/s per rank: ours {best(('cap', 'drop'))}, "
+        f"deepspeed {best(('ds_cap', 'ds_drop'))}, limit {best(('lim',))}"
+    )
 
 
 def _verdicts(rows: list[dict]) -> None:
@@ -259,12 +299,20 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     p.add_argument("--no-thp", action="store_true", help="leave THP_MEM_ALLOC_ENABLE unset")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="processes = expert-parallel size (1: one GPU, or one CPU process)",
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="layers and data")
     args = p.parse_args()
     if args.quick:
         args.d, args.ffn, args.tokens, args.experts, args.iters = 256, 512, 1024, [8, 32], 5
     if not args.no_thp:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by the spawned ranks
-    mp.spawn(_worker, args=(2, free_port(), args), nprocs=2, join=True)
+    mp.spawn(_worker, args=(args.ranks, free_port(), args), nprocs=args.ranks, join=True)
 
 
 if __name__ == "__main__":
