@@ -23,11 +23,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.margins import assert_clear, min_gap, topk_gap
+from tests.decisions import recorded
 from tests.spawn import run_ranks
 from tests.tiny import tiny_mode_cfg
 from turnout.models.lm import TransformerLM
-from turnout.models.routing import mod_capacity
 from turnout.parallel.groups import Layout
 
 pytestmark = pytest.mark.distributed
@@ -98,25 +97,13 @@ def _reference(world: int, cf: float | None) -> dict:
     torch.manual_seed(0)
     model = TransformerLM(tiny_mode_cfg(cf, 0.5, S))
     opt = _optimizer([{"params": list(model.parameters())}])
-    mode, gaps = model.layers[1], []
-    moe, k_mod = mode.block.ffn, mod_capacity(S, 0.5)
-
-    def mod_cut(_m: torch.nn.Module, _i: tuple, score_BS1: torch.Tensor) -> None:
-        gaps.append(topk_gap(score_BS1.squeeze(-1), k_mod))
-
-    def moe_cut(m: torch.nn.Module, args: tuple) -> None:
-        x_TD = args[0].reshape(-1, args[0].shape[-1])
-        gaps.append(topk_gap(torch.softmax(m.router_logits(x_TD), -1), m.top_k))
-
-    hooks = [mode.router.register_forward_hook(mod_cut), moe.register_forward_pre_hook(moe_cut)]
-    for step in range(STEPS):
-        opt.zero_grad()
-        loss = sum(model(*_batch(step, r)).loss for r in range(world)) / world
-        loss.backward()
-        opt.step()
-    for hook in hooks:
-        hook.remove()
-    assert_clear(min_gap(gaps), f"routing cuts, world {world}", ROUTING_MARGIN)
+    with recorded(model) as decisions:
+        for step in range(STEPS):
+            opt.zero_grad()
+            loss = sum(model(*_batch(step, r)).loss for r in range(world)) / world
+            loss.backward()
+            opt.step()
+    decisions.assert_clear(f"routing cuts, world {world}", ROUTING_MARGIN)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.decisions import recorded
 from tests.distributed.test_export import _train
 from tests.spawn import run_ranks
 from turnout.config.load import load_config
@@ -50,6 +51,7 @@ def test_export_then_from_pretrained(
     with torch.no_grad():
         for routing in ("topk", "causal"):
             got = loaded(TOKENS_BS, routing=routing).logits
+            # Bitwise: the same weights through the same modules and kernels, one process.
             torch.testing.assert_close(
                 got, source(TOKENS_BS, routing=routing).logits, atol=0, rtol=0
             )
@@ -91,9 +93,14 @@ def test_setup_upcycles_4_to_8_experts(trained: dict) -> None:
     data = prepare_corpus(load_config("tiny", items).data)
     res = run_ranks(_upcycled_forward, 2, items, str(data))
     source, _, _ = load_for_inference(folder)
-    with torch.no_grad():
+    with torch.no_grad(), recorded(source) as decisions:
         expected = source(TOKENS_BS).logits
+    # The upcycled top-4 cut (between the copies of the source's 2nd and 3rd expert) reads
+    # logits of a [D, 8] router GEMM, the source's top-2 those of a [D, 4] one. (The MoD
+    # top-k reads block 0's output, bitwise the same in both models: copied dense weights.)
+    decisions.only("moe").assert_clear("the source's expert top-2")
     for r in res:
+        # fp32 rounding of the expert copies' gate-weighted sums (and of EP's buckets).
         torch.testing.assert_close(r["logits"], expected, atol=1e-5, rtol=1e-5)
     import mlflow
 

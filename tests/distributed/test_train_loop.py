@@ -127,6 +127,7 @@ def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
     # The resumed run restored weights, optimizer, schedule and data position:
     # it ends exactly where the uninterrupted run ended, in a new run folder.
+    # The same layout repeats the same arithmetic (bitwise today); 1e-6 only absorbs ulps.
     assert second.final_val_loss == pytest.approx(first.final_val_loss, rel=1e-6, abs=1e-7)
     assert second.final_train_loss == pytest.approx(first.final_train_loss, rel=1e-6, abs=1e-7)
     assert Path(second.checkpoint).parent != run_dir
@@ -197,8 +198,9 @@ def _check_mlflow(tmp_path: Path, run_id: str, resumed_from: str) -> None:
         assert key in metrics, key
     # Layer 1 is the MoDE block: expert loads (summed over ranks) are fractions.
     loads = [metrics[f"layer1/expert{e}_load"] for e in range(4)]
-    assert sum(loads) == pytest.approx(1.0, abs=1e-6)
+    assert sum(loads) == pytest.approx(1.0, abs=1e-6)  # a float sum of fractions: ulps
     assert metrics["layer1/load_max"] == pytest.approx(max(loads))
+    # Exactly k of S per sequence, averaged in float: ulps.
     assert metrics["layer1/mod_capacity"] == pytest.approx(MOD_CAPACITY, abs=1e-6)
     assert 0.0 <= metrics["layer1/mod_pred_acc"] <= 1.0
     assert 0.0 <= metrics["layer1/drop_fraction"] <= 1.0
@@ -225,6 +227,7 @@ def _check_compute_metrics(client: Any, run_id: str, tmp_path: Path) -> None:
     fwd = forward_flops(
         cfg.model, cfg.model.max_seq_len, cfg.train.micro_batch_size, expert_padding=False
     )
+    # The same float64 formula on both sides.
     assert metrics["flops_per_token"] == pytest.approx(fwd.train_per_token, rel=1e-9)
     assert 0 < metrics["flop_fraction"] < 1  # the MoDE block saves against dense
     assert metrics["flop_fraction"] == pytest.approx(

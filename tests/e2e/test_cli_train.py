@@ -99,7 +99,8 @@ def test_train_through_ray_logs_to_mlflow(tmp_path: Path) -> None:
     assert tags["zero_stage"] == "2"
     assert tags.get("git_commit")
 
-    # Metrics by step; the printed final losses are the logged ones.
+    # Metrics by step; the printed final losses are the logged ones (printed with 4
+    # decimals, hence 1e-4).
     loss = client.get_metric_history(run_id, "loss")
     assert [m.step for m in loss] == [2, 4]
     assert loss[-1].value == pytest.approx(train_loss, abs=1e-4)
@@ -115,8 +116,11 @@ def test_train_through_ray_logs_to_mlflow(tmp_path: Path) -> None:
     assert moe_layers and mod_layers
     for i in moe_layers:
         loads = [metrics[f"layer{i}/expert{e}_load"] for e in range(cfg.model.moe.num_experts)]
+        # Fractions logged as fp32 each: their sum is 1 to ~E * 6e-8; 1e-4 is loose but
+        # a lost expert would be off by ~1/E.
         assert sum(loads) == pytest.approx(1.0, abs=1e-4)
         assert all(0.0 <= x <= 1.0 for x in loads)
+        # load_max and the loads are the same fp32 values, stored as float64 by MLflow.
         assert metrics[f"layer{i}/load_max"] == pytest.approx(max(loads), abs=1e-6)
         assert 0.0 <= metrics[f"layer{i}/drop_fraction"] <= 1.0
     for i in mod_layers:

@@ -15,9 +15,10 @@ from turnout.config.model import ExitConfig, MoDConfig, ModelConfig, MoEConfig, 
 from turnout.errors import ConfigError
 from turnout.models.exit import confidence
 from turnout.models.lm import TransformerLM
-from turnout.models.mod import CHOOSE_ABOVE_LOGIT, MoDBlock
+from turnout.models.mod import MoDBlock
 from turnout.models.terms import Term
 
+from ..decisions import recorded
 from ..margins import assert_clear, clear_threshold, min_gap, threshold_gap
 
 pytestmark = pytest.mark.unit
@@ -66,22 +67,10 @@ def _tokens(batch: int, seed: int = 1) -> torch.Tensor:
 def _decision_gap(model: TransformerLM, tokens_BS: torch.Tensor, threshold: float) -> float:
     """How far the causal pass at ``threshold`` stays from each of its decisions: every exit's
     confidence from the threshold and every MoD predictor logit from its boundary."""
-    logits: list[torch.Tensor] = []
-    hooks = [
-        (layer.predictor or layer.router).register_forward_hook(
-            lambda _m, _i, out: logits.append(out)
-        )
-        for layer in model.layers
-        if isinstance(layer, MoDBlock)
-    ]
-    try:
+    with recorded(model) as decisions:
         out = model(tokens_BS, routing="causal", threshold=threshold)
-    finally:
-        for hook in hooks:
-            hook.remove()
     gaps = [threshold_gap(confidence(x), threshold) for x in out.exit_logits.values()]
-    gaps += [threshold_gap(x, CHOOSE_ABOVE_LOGIT) for x in logits]
-    return min_gap(gaps)
+    return min_gap([*gaps, decisions.min_gap()])
 
 
 def _decode(model: TransformerLM, tokens_BS: torch.Tensor, prompt: int, threshold: float):

@@ -92,6 +92,12 @@ def test_routed_models_cost_less_than_their_dense_counterpart() -> None:
         assert forward_flops(cfg).fraction_of(dense) < 1.0
 
 
+# Both sides are integer FLOP counts of fixed shapes (capacity buckets, exactly k MoD
+# positions), so no float rounding or routing decision enters: they agree exactly today.
+# COUNT_REL (0.5%) only leaves room for an op another torch's FlopCounterMode counts.
+COUNT_REL = 0.005
+
+
 def _counted_flops_per_token(cfg: ModelConfig, batch: int) -> tuple[float, TransformerLM]:
     """FlopCounterMode's forward FLOPs per token of a fresh model of ``cfg`` (and the model)."""
     torch.manual_seed(0)
@@ -120,7 +126,7 @@ def test_agrees_with_torch_flop_counter(pattern: list[str], moe: dict, predictor
     cfg.mod.predictor = predictor
     B = 3
     counted, _ = _counted_flops_per_token(cfg, B)
-    assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=0.005)
+    assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=COUNT_REL)
 
 
 def test_grouped_query_attention_hand_count() -> None:
@@ -147,7 +153,7 @@ def test_grouped_query_attention_agrees_with_torch_flop_counter(
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         model(tokens)
     counted = fc.get_total_flops() / (B * cfg.max_seq_len)
-    assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=0.005)
+    assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=COUNT_REL)
     mha = forward_flops(dataclasses.replace(cfg, n_kv_heads=0), batch=B).per_token
     assert forward_flops(cfg, batch=B).per_token < mha
 
@@ -178,7 +184,7 @@ def test_exit_and_ponder_full_depth_agree_with_torch_flop_counter(
     validate_model(cfg)
     B = 2
     counted, model = _counted_flops_per_token(cfg, B)
-    assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=0.005)
+    assert forward_flops(cfg, batch=B).per_token == pytest.approx(counted, rel=COUNT_REL)
     assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
 
 

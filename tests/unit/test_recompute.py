@@ -133,6 +133,8 @@ def test_gradients_equal_with_and_without_checkpointing(
     cfg = CASES[case]
     ref_out, ref_grads = _run(cfg, Recompute.NONE.value)
     out, grads = _run(cfg, mode)
+    # Bitwise: a checkpointed forward runs the same ops on the same inputs (and so takes the
+    # same routing decisions; the recompute replays them rather than deciding again).
     torch.testing.assert_close(out.logits, ref_out.logits, rtol=0, atol=0)
     torch.testing.assert_close(out.loss, ref_out.loss, rtol=0, atol=0)
     _assert_equal_grads(grads, ref_grads)
