@@ -52,7 +52,7 @@ from torch import nn
 
 from turnout.models.flops import SWIGLU_MATMULS, TRAIN_FLOPS_PER_FORWARD
 from turnout.models.layers import SwiGLU
-from turnout.parallel.dist import free_port, init_distributed
+from turnout.parallel.dist import free_port, init_distributed, leave_process_group
 
 FASTER = 1.25  # ours / DeepSpeed speed-up goal
 NEAR_LIMIT = 1.15  # ours / limit goal
@@ -225,7 +225,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     if rank == 0:
         _tflops(args, rows)
         _verdicts(rows)
-    dist.destroy_process_group()
+    leave_process_group(finished=True)
 
 
 CONTENDERS = ("cap", "drop", "ds_cap", "ds_drop", "lim")

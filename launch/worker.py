@@ -77,13 +77,6 @@ def train_on_group(
     return result_to_dict(train(cfg, data_path, groups, attach_to=attach_to, run_dir=run_dir))
 
 
-def destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def run_worker(
     cfg: TurnoutConfig, data_path: Path | str, run_id: str = "", run_dir: str = ""
 ) -> dict[str, Any]:
@@ -91,13 +84,18 @@ def run_worker(
     groups, train; returns the TrainResult as a dict. ``run_id``: the MLflow run the
     launcher opened (rank 0 logs to it; the launcher ends it). ``run_dir``: the job's
     checkpoint run folder, the same for every attempt ('' = a fresh one, no recovery)."""
+    from turnout.parallel.dist import leave_process_group
+
     quiet_worker(cfg)
     init_process_group(cfg)
+    finished = False
     try:
         folder = Path(run_dir) if run_dir else None
-        return train_on_group(cfg, Path(data_path), attach_to=run_id, run_dir=folder)
+        result = train_on_group(cfg, Path(data_path), attach_to=run_id, run_dir=folder)
+        finished = True
+        return result
     finally:
-        destroy_process_group()
+        leave_process_group(finished)
 
 
 def write_traceback(log_dir: Path, rank: int, exc: BaseException) -> Path | None:
@@ -342,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     if rank == 0:
         print(format_summary(cfg, res), flush=True)
-    destroy_process_group()
+    from turnout.parallel.dist import leave_process_group
+
+    leave_process_group(finished=True)
     return EXIT_OK
 
 

@@ -162,3 +162,15 @@ def barrier(name: str = "barrier") -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         with collective(name):
             dist.barrier()
+
+
+def leave_process_group(finished: bool) -> None:
+    """Tear the process group down. A rank that ``finished`` first meets the others at a
+    barrier: a rank that closed its gloo connections while a peer still read its last
+    messages would abort that peer ('Connection reset by peer' thrown on gloo's own
+    thread: SIGABRT). After a failure there is no barrier (a peer may be gone)."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        barrier("leave")
+    dist.destroy_process_group()

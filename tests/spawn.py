@@ -13,11 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.threads import intra_op_threads
-from turnout.parallel.dist import DEFAULT_TIMEOUT_S, free_port, init_distributed
+from turnout.parallel.dist import (
+    DEFAULT_TIMEOUT_S,
+    free_port,
+    init_distributed,
+    leave_process_group,
+)
 
 
 def _entry(
@@ -33,16 +37,17 @@ def _entry(
     )
     torch.set_num_threads(intra_op_threads())
     path = os.path.join(outdir, f"rank{rank}.pt")
+    finished = False
     try:
         init_distributed("gloo", timeout_s)
         result = fn(rank, world, *args)
         torch.save({"ok": True, "result": result}, path)
+        finished = True
     except BaseException:
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(finished)
 
 
 def run_ranks(
