@@ -1,7 +1,7 @@
 """Dense building blocks: RMSNorm, rotary embeddings, causal attention, SwiGLU.
 
 Shape legend: B batch, S sequence (or the compacted chosen positions), D width,
-H query heads, G key/value heads, Hd head dim, L keys, F FFN hidden.
+H query heads, G key/value heads, Hd head dim, C = G * Hd, L keys, F FFN hidden.
 """
 
 from __future__ import annotations
@@ -71,9 +71,26 @@ class Attention(nn.Module):
         kv_dim = self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x_BSD).split([D, kv_dim, kv_dim], dim=-1)
         q_BHSd = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGSd = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v_BGSd = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return self.rotary(q_BHSd, pos_BS), self.rotary(k_BGSd, pos_BS), v_BGSd
+        k_BGSd, v_BGSd = self._kv_heads(k, v, pos_BS)
+        return self.rotary(q_BHSd, pos_BS), k_BGSd, v_BGSd
+
+    def kv(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only ``k_BGSd``, ``v_BGSd`` of ``x`` (RoPE at ``pos_BS``): the K/V columns of the
+        fused projection, without the queries. What a row that serves only as a key needs
+        (an exited token's state propagated into a later block's cache)."""
+        D = x_BSD.shape[-1]
+        kv = F.linear(x_BSD, self.qkv.weight[D:])
+        k, v = kv.split(kv.shape[-1] // 2, dim=-1)
+        return self._kv_heads(k, v, pos_BS)
+
+    def _kv_heads(
+        self, k_BSC: torch.Tensor, v_BSC: torch.Tensor, pos_BS: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values ``[B, S, G * Hd]`` as heads, RoPE on the keys."""
+        B, S, _ = k_BSC.shape
+        k_BGSd = k_BSC.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGSd = v_BSC.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return self.rotary(k_BGSd, pos_BS), v_BGSd
 
     def attend(
         self,

@@ -36,6 +36,8 @@ from turnout.models.routing import (
     router_z_loss,
 )
 
+_LOCAL = LocalDispatcher()
+
 
 @dataclass
 class MoEAux:
@@ -126,6 +128,13 @@ class MoELayer(nn.Module):
             self.num_experts,
             self.selection_bias(),
         )
+
+    def dropless_local(self, x_TD: torch.Tensor, logits_TE: torch.Tensor) -> torch.Tensor:
+        """The layer's output for these tokens, dropless, on this process's experts,
+        whatever ``capacity_factor`` and the installed dispatcher say: how it decodes
+        (design §3.4, "MoE decodes dropless")."""
+        plan = self.plan(logits_TE, None)  # with the selection bias when there is one
+        return _LOCAL(x_TD, plan, self.experts).to(x_TD.dtype)
 
     def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return x_TD.float() @ self.router_DE.float()
