@@ -13,10 +13,11 @@ Decoding (``routing="causal"`` and :mod:`turnout.models.decode`): a token exits 
 first exit whose confidence, the max softmax probability of its exit logits (fp32), is
 above ``threshold``; its logits are that exit's. The later blocks still see it as a key:
 CALM-style state propagation copies the exit hidden state forward, so a block after the
-exit computes the token's keys and values from that state (in decode only the K/V
-projection runs for it) and leaves its residual stream unchanged. Every block's cache
-therefore holds every token, and the exited token's logits through the final norm and
-head are its exit logits.
+exit computes the token's keys and values from that state (in decode no FFN or MoE runs
+for it; once every row of a call has exited, each block's ``propagate`` runs the K/V
+projection alone, no router, predictor or halting head either) and leaves its residual
+stream unchanged. Every later block's cache, MoD-routed or ponder, therefore holds every
+exited token, and its logits through the final norm and head are its exit logits.
 
 The full-sequence causal pass and incremental decoding compute the same confidence from
 states that agree to float rounding, not bit for bit (other GEMM shapes); a confidence

@@ -7,10 +7,13 @@ key/value heads, Hd head dim, L cache slots, M new rows per sequence in one appe
 Sequences of a batch may hold different numbers of cached tokens (a Mixture-of-Depths
 block caches only the tokens it processed), so the buffer is padded to ``L`` slots and
 each sequence has its own length; :meth:`KVCache.append` returns the boolean key mask
-that hides the slots a query may not see.
+that hides the slots a query may not see. :class:`LayerState` is one block's decode state
+(its caches and work counters), which the block's own ``decode_step`` fills.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -111,3 +114,25 @@ class KVCache:
         slot_L = torch.arange(L, device=device)
         mask_bML = slot_L.view(1, 1, L) < visible_bM.unsqueeze(-1)
         return keys_bGLd, values_bGLd, mask_bML
+
+
+@dataclass
+class LayerState:
+    """One block's caches and its work counters (token-blocks, summed over sequences)."""
+
+    cache: KVCache
+    routed: bool = False
+    """A MoD-routed block (mod, mode): the predictor decides which tokens run."""
+    processed: int = 0
+    skipped: int = 0
+    more: list[KVCache] = field(default_factory=list)
+    """A ponder block's caches of applications 2..N (``cache`` is application 1's)."""
+    propagated: int = 0
+    """Token-blocks whose K/V came from a propagated exit state (early exit)."""
+    steps_BS: Tensor | None = None
+    """A ponder block: the applications each position of the last call took."""
+
+    @property
+    def caches(self) -> list[KVCache]:
+        """Every cache of the block, application order (one unless it is a ponder block)."""
+        return [self.cache, *self.more]

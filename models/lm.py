@@ -162,16 +162,21 @@ class TransformerLM(nn.Module):
         drop = self.training and not causal and cfg.exit.layer_dropout > 0
         for i, layer in enumerate(self.layers):
             x_in = x_BSD
+            # Exited tokens are keys of every later block, routed ones included (CALM).
+            keys_only = exited_BS if causal and self.exit_w else None
             if isinstance(layer, PonderBlock):
                 if causal:
-                    x_BSD, steps_BS, p_NBS, aux = layer.causal(x_BSD, pos_BS, thr)
-                    depth_BS = steps_BS + (cfg.n_layers - 1)
+                    x_BSD, steps_BS, p_NBS, aux = layer.causal(x_BSD, pos_BS, thr, keys_only)
+                    used_BS = steps_BS + (cfg.n_layers - 1)
+                    if depth_BS is not None:  # exited tokens keep their exit depth
+                        used_BS = torch.where(exited_BS, depth_BS, used_BS)
+                    depth_BS = used_BS
                 else:
                     h_NBSD, p_NBS, aux = self._run(i, layer.unroll, x_BSD, pos_BS)
                     x_BSD = h_NBSD.flatten(0, 1)  # the N steps along the batch
                     pos_BS = pos_BS.repeat(layer.max_steps, 1)
             elif isinstance(layer, MoDBlock) and causal:
-                x_BSD, aux = layer(x_BSD, pos_BS, routing=routing)
+                x_BSD, aux = layer(x_BSD, pos_BS, routing=routing, exited_BS=keys_only)
             else:  # a checkpointed block replays its routing decisions in the recompute
                 x_BSD, aux = self._run(i, layer, x_BSD, pos_BS)
             if causal and self.exit_w:  # an exited token keeps its exit state (CALM)

@@ -20,9 +20,18 @@ fused op (``ops.mode_plan``) gives the MoD choice and the expert plan of the cho
 tokens together; the block's MoE then runs that plan. In causal routing the plan comes
 from the chosen rows of the same block-input logits. The aux losses use the logits of
 the routed (chosen) rows only. Shape N = B * S rows, E router columns, T = routed rows.
+
+Decoding (:meth:`MoDBlock.decode_step`, design §3.4): the predictor's decision per new
+token; a skipped token does no work and writes nothing to the block's cache. Early exit:
+an exited token is a key in every later block, routed ones included, whatever the
+predictor would say (its K/V from its exit state, nothing else), in decode and in the
+causal pass alike, so once every row of a decode call has exited the block runs neither
+predictor nor router (:meth:`MoDBlock.propagate`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +41,7 @@ from turnout.config.choices import Predictor, RouterGate, RouterInput, Routing
 from turnout.config.model import ModelConfig
 from turnout.models import ops
 from turnout.models.block import Block
+from turnout.models.kvcache import KVCache, LayerState
 from turnout.models.moe import Routed
 from turnout.models.routing import chosen_rows, mod_capacity
 from turnout.models.terms import Aux, Term
@@ -79,8 +89,13 @@ class MoDBlock(nn.Module):
         return self.block.moe().router_logits(x_BSD.reshape(B * S, D))
 
     def forward(
-        self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, routing: str = Routing.TOPK
+        self,
+        x_BSD: torch.Tensor,
+        pos_BS: torch.Tensor,
+        routing: str = Routing.TOPK,
+        exited_BS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Aux]:
+        """``exited_BS``: causal routing's early-exited tokens (keys only; see above)."""
         B, S, D = x_BSD.shape
         if routing not in Routing.values():
             raise ValueError(f"routing must be {Routing.spelled()}, got {routing!r}")
@@ -99,13 +114,43 @@ class MoDBlock(nn.Module):
             out_BSD, aux = self._compact(x_BSD, pos_BS, score_BS, idx_BM, routed)
         else:
             chosen_BS = pred_BS > CHOOSE_ABOVE_LOGIT
-            out_BSD, aux = masked_dense(self, x_BSD, pos_BS, score_BS, chosen_BS)
+            out_BSD, aux = masked_dense(self, x_BSD, pos_BS, score_BS, chosen_BS, exited_BS)
         target_BS = topk_BS.float()
         aux[Term.MOD_PRED_LOSS] = F.binary_cross_entropy_with_logits(pred_BS, target_BS)
         aux[Term.MOD_CAPACITY] = chosen_BS.float().mean().detach()
         agree_BS = (pred_BS > CHOOSE_ABOVE_LOGIT) == topk_BS
         aux[Term.MOD_PRED_ACC] = agree_BS.float().mean().detach()
         return out_BSD, aux
+
+    def new_decode_state(self, cache: Callable[[], KVCache]) -> LayerState:
+        """Empty decode state: one cache, holding the tokens the block processes."""
+        return LayerState(cache(), routed=True)
+
+    def decode_step(
+        self,
+        x_BSD: torch.Tensor,
+        pos_BS: torch.Tensor,
+        state: LayerState,
+        exited_BS: torch.Tensor | None = None,
+        threshold: float = 1.0,
+    ) -> torch.Tensor:
+        """New positions through the block: the chosen ones run (``x + g * increment``),
+        the others do no work and write nothing to the cache; exited ones (``exited_BS``,
+        None: none) only write their K/V. ``threshold``: the ponder block's, unused."""
+        score_BS = self.scores(x_BSD)
+        chosen_BS = self.causal_logits(x_BSD, score_BS) > CHOOSE_ABOVE_LOGIT
+        keys_BS, work_BS = chosen_BS, None
+        if exited_BS is not None:
+            keys_BS, work_BS = chosen_BS | exited_BS, chosen_BS & ~exited_BS
+        block_input = self.routes_from_block_input
+        g_BS = self.gate(score_BS)
+        return self.block.cached_step(
+            x_BSD, pos_BS, state, state.cache, keys_BS, work_BS, g_BS, block_input
+        )
+
+    def propagate(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, state: LayerState) -> None:
+        """Every row has exited: only their K/V into the cache (no predictor, no router)."""
+        self.block.propagate(x_BSD, pos_BS, state)
 
     def _fused_plan(
         self, x_BSD: torch.Tensor, score_BS: torch.Tensor, k: int
@@ -150,22 +195,27 @@ def masked_dense(
     pos_BS: torch.Tensor,
     score_BS: torch.Tensor,
     chosen_BS: torch.Tensor,
+    exited_BS: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Aux]:
     """The MoD block with every token computed and attention keys masked to the chosen.
 
     Unchosen outputs are replaced by the input. For a top-k choice this equals the
     compacted form; for any other per-token choice it is the definition of the block.
     A block routing from its input plans the chosen rows of its block-input logits.
+    ``exited_BS`` (early exit): keys whatever their choice, never run (output: input).
     """
     B, S, _ = x_BSD.shape
+    keys_BS, work_BS = chosen_BS, chosen_BS
+    if exited_BS is not None:
+        keys_BS, work_BS = chosen_BS | exited_BS, chosen_BS & ~exited_BS
     causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
     eye_SS = torch.eye(S, dtype=torch.bool, device=x_BSD.device)
-    # A query attends earlier chosen keys; the diagonal keeps unchosen rows finite.
-    mask_BSS = (causal_SS & chosen_BS.unsqueeze(1)) | eye_SS
+    # A query attends earlier keys; the diagonal keeps the other rows finite.
+    mask_BSS = (causal_SS & keys_BS.unsqueeze(1)) | eye_SS
     routed = None
     if mod.routes_from_block_input:
-        routed = Routed(mod.block_logits(x_BSD)[chosen_BS.reshape(-1)])
-    delta_BSD, aux = mod.block.increment(x_BSD, pos_BS, mask_BSS, chosen_BS, routed)
+        routed = Routed(mod.block_logits(x_BSD)[work_BS.reshape(-1)])
+    delta_BSD, aux = mod.block.increment(x_BSD, pos_BS, mask_BSS, work_BS, routed)
     g_BS1 = mod.gate(score_BS).unsqueeze(-1).to(x_BSD.dtype)
-    out_BSD = torch.where(chosen_BS.unsqueeze(-1), x_BSD + g_BS1 * delta_BSD, x_BSD)
+    out_BSD = torch.where(work_BS.unsqueeze(-1), x_BSD + g_BS1 * delta_BSD, x_BSD)
     return out_BSD, aux

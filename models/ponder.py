@@ -19,18 +19,23 @@ after the first step whose cumulative halting probability ``1 - prod_{j<=n}(1 - 
 is above ``model.ponder.threshold`` (1.0 never halts early). A halted token does no more
 work and writes nothing to the caches of the later applications: application n's keys
 are the tokens that reached n (the masked-dense form of MoD's skip), and the token leaves
-the block with its halted state.
+the block with its halted state. :meth:`PonderBlock.decode_step` is the cached form (one
+cache per application). An early-exited token (no configuration combines exits with a
+ponder block, but the block states the rule) is a key in every application and runs
+none; :meth:`PonderBlock.propagate` writes it once every row of a call has exited.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from turnout.config.model import ModelConfig
 from turnout.models.block import Block
+from turnout.models.kvcache import KVCache, LayerState
 from turnout.models.terms import Aux, Term
 
 
@@ -80,22 +85,30 @@ class PonderBlock(nn.Module):
         }
 
     def causal(
-        self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, threshold: float
+        self,
+        x_BSD: torch.Tensor,
+        pos_BS: torch.Tensor,
+        threshold: float,
+        exited_BS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Aux]:
         """Thresholded halting (what decoding does): the output, ``steps_BS``, the
-        halting distribution ``p_NBS`` of the states each token reached, and aux terms."""
+        halting distribution ``p_NBS`` of the states each token reached, and aux terms.
+        ``exited_BS``: early-exited tokens, keys of every application, never run."""
         B, S, _ = x_BSD.shape
         device = x_BSD.device
         causal_SS = torch.ones(S, S, dtype=torch.bool, device=device).tril()
         eye_SS = torch.eye(S, dtype=torch.bool, device=device)
         active_BS = torch.ones(B, S, dtype=torch.bool, device=device)
+        if exited_BS is not None:
+            active_BS = ~exited_BS
         survive_BS = torch.ones(B, S, dtype=torch.float32, device=device)
         steps_BS = torch.zeros(B, S, dtype=torch.long, device=device)
         lams = []
         h_BSD = x_BSD
         for n in range(self.max_steps):
             # Keys: the tokens that reached this application (the diagonal keeps rows finite).
-            mask_BSS = (causal_SS & active_BS.unsqueeze(1)) | eye_SS
+            keys_BS = active_BS if exited_BS is None else active_BS | exited_BS
+            mask_BSS = (causal_SS & keys_BS.unsqueeze(1)) | eye_SS
             delta_BSD, _ = self.block.increment(h_BSD, pos_BS, mask_BSS, active_BS)
             h_BSD = torch.where(active_BS.unsqueeze(-1), h_BSD + delta_BSD, h_BSD)
             steps_BS = steps_BS + active_BS.long()
@@ -106,6 +119,46 @@ class PonderBlock(nn.Module):
             survive_BS, active_BS = halt_step(lam_BS, survive_BS, active_BS, threshold)
         p_NBS = halting_distribution(lams, (B, S), device)
         return h_BSD, steps_BS, p_NBS, self.terms(p_NBS)
+
+    def new_decode_state(self, cache: Callable[[], KVCache]) -> LayerState:
+        """Empty decode state: one cache per application (``more``: applications 2..N)."""
+        return LayerState(cache(), more=[cache() for _ in range(self.max_steps - 1)])
+
+    def decode_step(
+        self,
+        x_BSD: torch.Tensor,
+        pos_BS: torch.Tensor,
+        state: LayerState,
+        exited_BS: torch.Tensor | None = None,
+        threshold: float = 1.0,
+    ) -> torch.Tensor:
+        """Apply the block until each new token halts at ``threshold``; application n
+        attends over (and fills) cache n. ``state.steps_BS``: the applications taken.
+        Exited rows (``exited_BS``, None: none) only write their K/V to every cache."""
+        B, S, _ = x_BSD.shape
+        active_BS = torch.ones(B, S, dtype=torch.bool, device=x_BSD.device)
+        if exited_BS is not None:
+            active_BS = ~exited_BS
+        survive_BS = torch.ones(B, S, dtype=torch.float32, device=x_BSD.device)
+        steps_BS = torch.zeros(B, S, dtype=torch.long, device=x_BSD.device)
+        for n, cache in enumerate(state.caches):
+            running = (n == 0 and exited_BS is None) or bool(active_BS.any())
+            if not running and exited_BS is None:
+                state.skipped += B * S * (self.max_steps - n)
+                break
+            keys_BS, work_BS = active_BS, None
+            if exited_BS is not None:
+                keys_BS, work_BS = active_BS | exited_BS, active_BS
+            x_BSD = self.block.cached_step(x_BSD, pos_BS, state, cache, keys_BS, work_BS)
+            steps_BS = steps_BS + active_BS.long()
+            if running and n < self.max_steps - 1:
+                survive_BS, active_BS = halt_step(self.lam(x_BSD), survive_BS, active_BS, threshold)
+        state.steps_BS = steps_BS
+        return x_BSD
+
+    def propagate(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, state: LayerState) -> None:
+        """Every row has exited: their K/V (one projection) into every application's cache."""
+        self.block.propagate(x_BSD, pos_BS, state)
 
 
 def halt_step(

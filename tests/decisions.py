@@ -13,8 +13,8 @@ boundary (:mod:`tests.margins`). Recorded, per call of a layer's ``forward``:
 The gaps are measured on logits: the top-k of a softmax is the top-k of its logits, and
 logits are the scores of order 1 that ``DECISION_MARGIN`` is sized for. The hooks recompute
 each score from the layer's own input with the layer's own method, so they read the very
-numbers the forward decides on. Decode (``models/decode.py``) calls the layers' pieces,
-not their ``forward``: nothing is recorded there.
+numbers the forward decides on. Decode (the blocks' ``decode_step``) calls the layers'
+pieces, not their ``forward``: nothing is recorded there.
 """
 
 from __future__ import annotations
