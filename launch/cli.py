@@ -5,6 +5,7 @@
     turnout presets
     turnout show [PRESET|file.yaml] [key=value ...]
     turnout keys [--markdown]
+    turnout metrics [--markdown]
     turnout plan [PRESET|file.yaml] [key=value ...] [--gpus N] [--gpu h100|h200|a100]
     turnout generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T]
                      [--seed S] [--device cpu|cuda] [--exit-threshold P] [--halt-threshold P]
@@ -93,9 +94,22 @@ def cmd_presets(_: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from turnout.launch.keys import markdown_table, plain_listing
+    from turnout.launch.keys import markdown_page, plain_listing
 
-    print(markdown_table() if args.markdown else plain_listing())
+    if args.markdown:
+        sys.stdout.write(markdown_page())
+    else:
+        print(plain_listing())
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from turnout.launch.metrics_doc import markdown_page, plain_listing
+
+    if args.markdown:
+        sys.stdout.write(markdown_page())
+    else:
+        print(plain_listing())
     return EXIT_OK
 
 
@@ -267,8 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("keys", help="list every config key with its default and meaning")
-    p.add_argument("--markdown", action="store_true", help="as a Markdown table (README)")
+    p.add_argument("--markdown", action="store_true", help="as the Markdown page docs/config.md")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser(
+        "metrics", help="list the aux-loss and per-layer MLflow metrics and what they mean"
+    )
+    p.add_argument("--markdown", action="store_true", help="as the Markdown page docs/metrics.md")
+    p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("show", help="print the resolved, validated config as YAML")
     p.add_argument(

@@ -3,8 +3,9 @@
 Every block returns ``Aux = dict[Term, Tensor]``. :data:`TERMS` says, per name, whether
 it is a loss (then the config coefficient that weighs it into the training loss), how
 the trainer turns it into MLflow metrics, and what it means. The model (which terms are
-losses), the metrics (which metric names) and the README's metric list (kept equal by
-a test) all read this table; a name missing from it raises instead of vanishing.
+losses), the metrics (which metric names) and the metric page ``docs/metrics.md``
+(generated from it by ``turnout metrics --markdown``; a test fails when it is stale) all
+read this table; a name missing from it raises instead of vanishing.
 
 Metric names: ``layer<i>/...`` per layer ``i``; ``aux/<name>`` for a loss summed over
 layers. The MoE counts become per-expert loads: ``expert<e>`` stands for each expert
@@ -50,6 +51,20 @@ LOAD_CV = "load_cv"
 LOAD_ENTROPY = "load_entropy"
 DEAD_EXPERTS = "dead_experts"
 
+#: What each of them means, in the order the metric page lists them.
+LOAD_METRICS: dict[str, str] = {
+    LOAD_MAX: "the largest expert's share",
+    LOAD_MAX_OVER_MEAN: "the largest expert's share over the mean share (1 = balanced)",
+    LOAD_MIN_OVER_MEAN: "the smallest expert's share over the mean share (1 = balanced)",
+    LOAD_CV: "coefficient of variation of the shares: std over mean (0 = balanced)",
+    LOAD_ENTROPY: "entropy of the shares over log E (1 = balanced)",
+    DEAD_EXPERTS: "experts that got no token in the interval (each newly dead expert is "
+    "also warned about once in the log)",
+    EXPERT_LOAD: "each expert's share, logged only while the experts of all MoE layers "
+    "number at most tracking.expert_series_max (64), so 128 experts x 12 layers do not "
+    "make 1,536 series",
+}
+
 
 @dataclass(frozen=True)
 class TermSpec:
@@ -59,6 +74,8 @@ class TermSpec:
     metrics: tuple[str, ...]
     """Per-layer metric names (``layer<i>/`` + each)."""
     meaning: str
+    where: str
+    """Which layers log it (the metric page's column)."""
 
     @property
     def is_loss(self) -> bool:
@@ -91,83 +108,87 @@ TERMS: dict[Term, TermSpec] = {
             "moe.aux_loss_coef",
             ("moe_lb",),
             "load-balance loss E * sum_e f_e * P_e (unweighted)",
+            "MoE layers (moe, mode, imode)",
         ),
         TermSpec(
             Term.MOE_Z,
             "moe.z_loss_coef",
             ("moe_z",),
             "router z-loss mean(logsumexp(logits)^2) (unweighted)",
+            "MoE layers (moe, mode, imode)",
         ),
         TermSpec(
             Term.MOE_COUNTS,
             None,
-            (
-                EXPERT_LOAD,
-                LOAD_MAX,
-                LOAD_MAX_OVER_MEAN,
-                LOAD_MIN_OVER_MEAN,
-                LOAD_CV,
-                LOAD_ENTROPY,
-                DEAD_EXPERTS,
-            ),
+            tuple(LOAD_METRICS),
             "fraction of the assignments routed to each expert over the log interval and "
             "all ranks (before drops; per expert only when tracking.expert_series_max "
             "allows), its max, max and min over the mean, coefficient of variation, "
             "entropy over log E, and how many experts got no token",
+            "MoE layers (moe, mode, imode)",
         ),
         TermSpec(
             Term.MOE_DROP,
             None,
             ("drop_fraction",),
             "fraction of the real-expert assignments dropped for capacity",
+            "MoE layers (moe, mode, imode)",
         ),
         TermSpec(
             Term.MOE_NOOP,
             None,
             ("noop_fraction",),
             "fraction of the assignments that chose a no-op expert (imode blocks)",
+            "imode layers",
         ),
         TermSpec(
             Term.MOD_PRED_LOSS,
             "mod.predictor_loss_coef",
             ("mod_pred_loss",),
             "BCE of the causal predictor against top-k membership (unweighted)",
+            "MoD layers (mod, mode)",
         ),
         TermSpec(
             Term.MOD_CAPACITY,
             None,
             ("mod_capacity",),
             "realised fraction of positions the MoD block processed",
+            "MoD layers (mod, mode)",
         ),
         TermSpec(
             Term.MOD_PRED_ACC,
             None,
             ("mod_pred_acc",),
             "how often the causal predictor agrees with the top-k choice",
+            "MoD layers (mod, mode)",
         ),
         TermSpec(
             Term.EXIT_CE,
             None,
             ("exit_ce",),
             "cross-entropy of the early exit after this layer (shared norm and head)",
+            "exit points (the layer each follows)",
         ),
         TermSpec(
             Term.EXIT_LOSS,
             "exit.loss_coef",
             (),
             "the exits' cross-entropies weighted by model.exit.loss_weights, summed",
+            "the model (early exit)",
         ),
         TermSpec(
             Term.PONDER_KL,
             "ponder.kl_coef",
             ("ponder_kl",),
             "KL of the halting distribution to the truncated geometric prior (unweighted)",
+            "ponder layers",
         ),
         TermSpec(
             Term.PONDER_STEPS,
             None,
             ("ponder_steps",),
             "expected applications of the ponder block under its halting distribution",
+            "ponder layers",
         ),
     )
 }

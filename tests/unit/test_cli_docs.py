@@ -1,4 +1,4 @@
-"""The README's key table and `turnout keys` come from the config dataclasses."""
+"""docs/config.md and `turnout keys` come from the config dataclasses."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 
 from turnout.config.load import flatten, load_config, to_yaml
 from turnout.config.model import MoEConfig
-from turnout.launch.keys import config_keys, field_docs
+from turnout.launch.keys import COMMAND, config_keys, field_docs, markdown_page
 
 pytestmark = pytest.mark.unit
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+CONFIG_DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
 
 def test_every_key_is_listed_and_documented() -> None:
@@ -29,10 +29,17 @@ def test_field_docs_reads_the_string_below_each_field() -> None:
     assert "dropless" in docs["capacity_factor"]
 
 
-def test_readme_lists_every_key() -> None:
-    text = README.read_text()
+def test_config_doc_lists_every_key() -> None:
+    text = CONFIG_DOC.read_text()
     missing = [k for k, _, _ in config_keys() if f"`{k}`" not in text]
-    assert not missing, f"README lacks {missing}; regenerate with `turnout keys --markdown`"
+    assert not missing, f"docs/config.md lacks {missing}; regenerate with `{COMMAND}`"
+
+
+def test_config_doc_is_fresh() -> None:
+    assert CONFIG_DOC.read_text() == markdown_page(), (
+        f"docs/config.md is stale (the config dataclasses or launch/keys.py changed); "
+        f"regenerate it with `{COMMAND}`"
+    )
 
 
 def test_resolved_yaml_is_a_loadable_config(tmp_path: Path) -> None:
@@ -40,3 +47,16 @@ def test_resolved_yaml_is_a_loadable_config(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("command", "page"),
+    [(["keys", "--markdown"], "config.md"), (["metrics", "--markdown"], "metrics.md")],
+)
+def test_the_regenerate_commands_print_the_pages(
+    command: list[str], page: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from turnout.launch.cli import main
+
+    assert main(command) == 0
+    assert capsys.readouterr().out == (CONFIG_DOC.parent / page).read_text()

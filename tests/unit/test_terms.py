@@ -1,4 +1,4 @@
-"""The aux-term table (models/terms.py) serves the model, the metrics and the README."""
+"""The aux-term table (models/terms.py) serves the model, the metrics and docs/metrics.md."""
 
 from __future__ import annotations
 
@@ -10,26 +10,26 @@ import pytest
 import torch
 
 from turnout.config.model import ExitConfig, MoDConfig, ModelConfig, MoEConfig, PonderConfig
+from turnout.launch.metrics_doc import COMMAND, markdown_page
 from turnout.models.lm import LMOutput, TransformerLM
 from turnout.models.terms import TERMS, Term, mlflow_metrics, spec
 from turnout.trainer.metrics import StatsAccumulator
 
 pytestmark = pytest.mark.unit
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+METRICS_DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
-def _readme_metric_section() -> str:
-    text = README.read_text()
-    start = text.index("## Metrics logged to MLflow")
-    end = text.index("\n## ", start + 1)
-    return text[start:end]
-
-
-def test_readme_metric_list_equals_the_table() -> None:
-    section = _readme_metric_section()
-    listed = set(re.findall(r"`((?:layer<i>|aux)/[^`]+)`", section))
+def test_metric_page_lists_the_table() -> None:
+    listed = set(re.findall(r"`((?:layer<i>|aux)/[^`]+)`", METRICS_DOC.read_text()))
     assert listed == mlflow_metrics()
+
+
+def test_metric_page_is_fresh() -> None:
+    assert METRICS_DOC.read_text() == markdown_page(), (
+        f"docs/metrics.md is stale (models/terms.py or launch/metrics_doc.py changed); "
+        f"regenerate it with `{COMMAND}`"
+    )
 
 
 def test_every_term_has_one_row_and_losses_name_a_real_coefficient() -> None:
