@@ -23,11 +23,10 @@ import torch
 from turnout.config import TurnoutConfig
 from turnout.config.load import load_config
 from turnout.errors import CheckpointError, ConfigError
+from turnout.files import CONFIG_FILE
 from turnout.models.lm import TransformerLM
 
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.json"
 #: safetensors metadata key holding the optimizer step the weights were saved at.
 STEP_KEY = "turnout.step"
 #: State-dict key left out of the file when the output projection is tied to the embedding.

@@ -47,7 +47,6 @@ Assumes ``ckpt_dir`` is one filesystem shared by all ranks.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, cast
@@ -58,6 +57,7 @@ from torch import nn
 from turnout.config import TurnoutConfig
 from turnout.config.load import to_yaml
 from turnout.errors import CheckpointError, ConfigError
+from turnout.files import CONFIG_FILE, step_tag, tag_step
 from turnout.parallel.dist import all_gather_object, barrier
 from turnout.parallel.expert_parallel import expert_bank_params
 from turnout.parallel.groups import ParallelGroups
@@ -73,15 +73,10 @@ from turnout.trainer.master_state import (
 )
 
 LATEST = "latest"
-CONFIG_FILE = "config.yaml"
 META_FILE = "meta.pt"
 DENSE_FILE = "dense.pt"
 FORMAT = "turnout-ckpt-2"
 """Format tag in ``meta.pt``: per-parameter fp32 masters + moments, experts by global index."""
-
-
-def tag_for(step: int) -> str:
-    return f"step{step}"
 
 
 def expert_slice_file(folder: Path, ep_rank: int) -> Path:
@@ -107,7 +102,7 @@ def resolve_resume(path: str | os.PathLike) -> tuple[Path, str]:
             tag = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
             tag = ""
-        if not re.fullmatch(r"step\d+", tag):
+        if tag_step(tag) is None:
             raise ConfigError(
                 "train.resume",
                 f"{latest} is damaged (it should name a step folder, e.g. 'step20', and holds "
@@ -169,7 +164,7 @@ def save(
     ``cfg`` (the run's resolved config) is written as ``config.yaml`` beside the weights;
     without it the checkpoint can only be resumed by a run that knows its config.
     """
-    tag = tag_for(step)
+    tag = step_tag(step)
     tmp_tag = f".tmp-{tag}"
     rank = groups.rank
     folder = run_dir / tmp_tag

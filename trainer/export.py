@@ -21,7 +21,6 @@ naming the path.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,9 @@ import torch
 from turnout.config import TurnoutConfig
 from turnout.config.load import load_config
 from turnout.errors import CheckpointError, ConfigError
+from turnout.files import CONFIG_FILE, tag_step
 from turnout.models.lm import TransformerLM
-from turnout.trainer.checkpoint import CONFIG_FILE, consolidated_master, resolve_resume
+from turnout.trainer.checkpoint import consolidated_master, resolve_resume
 
 KEY = "checkpoint"
 """What our errors name: the CHECKPOINT argument."""
@@ -72,10 +72,10 @@ def checkpoint_config(folder: Path) -> TurnoutConfig:
         raise ConfigError(KEY, f"{path}: {e}") from None
 
 
-def _tag_step(folder: Path) -> int:
-    """The step a ``step<N>`` folder name says (-1 for another name)."""
-    match = re.fullmatch(r"step(\d+)", folder.name)
-    return int(match.group(1)) if match else -1
+def _saved_step(meta: dict, folder: Path) -> int:
+    """The step in ``meta.pt``, else the one the ``step<N>`` folder name says (-1: neither)."""
+    named = tag_step(folder.name)
+    return int(meta.get("step", -1 if named is None else named))
 
 
 def _module_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -98,7 +98,7 @@ def consolidated_state(
     folder = step_folder(path)
     cfg = checkpoint_config(folder)
     state, meta = _module_state(folder)
-    return state, cfg, int(meta.get("step", _tag_step(folder)))
+    return state, cfg, _saved_step(meta, folder)
 
 
 def load_for_inference(

@@ -18,13 +18,8 @@ import torch
 from turnout.config import TurnoutConfig
 from turnout.config.load import to_yaml
 from turnout.errors import ConfigError
-from turnout.models.pretrained import (
-    CONFIG_FILE,
-    STEP_KEY,
-    TIED_KEY,
-    TOKENIZER_FILE,
-    WEIGHTS_FILE,
-)
+from turnout.files import CONFIG_FILE, TOKENIZER_FILE
+from turnout.models.pretrained import STEP_KEY, TIED_KEY, WEIGHTS_FILE
 from turnout.trainer.export import KEY, consolidated_state, step_folder
 from turnout.trainer.hf_format import write_hf
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from turnout.config import TurnoutConfig
+from turnout.files import tag_step
 
 if TYPE_CHECKING:
     from turnout.trainer.tracking import Tracker
@@ -58,9 +58,9 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
     try:
         steps = [
-            (int(p.name.removeprefix("step")), p)
+            (step, p)
             for p in run_dir.iterdir()
-            if p.is_dir() and re.fullmatch(r"step\d+", p.name)
+            if p.is_dir() and (step := tag_step(p.name)) is not None
         ]
     except OSError:
         return None
@@ -75,8 +75,7 @@ def _checkpoint_step(path: str) -> int:
     from turnout.trainer.checkpoint import resolve_resume
 
     _, tag = resolve_resume(path)
-    digits = tag.removeprefix("step")
-    return int(digits) if digits.isdigit() else 0
+    return tag_step(tag) or 0
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ import torch
 from turnout.config import TurnoutConfig
 from turnout.config.load import flatten, load_config
 from turnout.errors import CheckpointError, ConfigError
+from turnout.files import CONFIG_FILE
 from turnout.models.lm import TransformerLM
 from turnout.trainer import manifest
-from turnout.trainer.checkpoint import CONFIG_FILE, read_meta, resolve_resume
+from turnout.trainer.checkpoint import read_meta, resolve_resume
 
 log = logging.getLogger("turnout.trainer")
 KEY = "train.resume"

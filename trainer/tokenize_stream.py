@@ -36,6 +36,7 @@ import numpy as np
 
 from turnout.config.train import DataConfig
 from turnout.errors import ConfigError
+from turnout.files import TOKENIZER_FILE
 from turnout.trainer.corpus import (
     PIECE_BYTES,
     Source,
@@ -54,12 +55,7 @@ from turnout.trainer.tokenizer import (
 )
 
 CACHE_VERSION = 2
-TOKENS, META, TOKENIZER_FILE, TOKEN_BYTES = (
-    "tokens.bin",
-    "meta.json",
-    "tokenizer.json",
-    "token_bytes.npy",
-)
+TOKENS, META, TOKEN_BYTES = "tokens.bin", "meta.json", "token_bytes.npy"
 _COPY_TOKENS = 1 << 18
 
 

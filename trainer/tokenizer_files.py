@@ -16,9 +16,9 @@ from pathlib import Path
 
 from turnout.config import TurnoutConfig
 from turnout.errors import ConfigError
+from turnout.files import TOKENIZER_FILE
 from turnout.trainer.tokenizer import ByteTokenizer, Tokenizer, from_json
 
-TOKENIZER_FILE = "tokenizer.json"
 _active: Path | None = None
 log = logging.getLogger("turnout.trainer")
 

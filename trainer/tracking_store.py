@@ -34,6 +34,7 @@ from typing import Any
 from turnout.config import TurnoutConfig
 from turnout.config.load import flatten, to_yaml
 from turnout.errors import RunError
+from turnout.files import CONFIG_FILE
 from turnout.trainer.tracking_uri import local_sqlite_uri, sqlite_artifact_root, sqlite_db_path
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -187,7 +188,7 @@ def open_run(cfg: TurnoutConfig, world: int) -> str:
     items = list(flatten(cfg).items())
     for i in range(0, len(items), 90):  # MLflow caps one batch at 100 params
         client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in items[i : i + 90]])
-    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    client.log_text(run_id, to_yaml(cfg), CONFIG_FILE)
     return run_id
 
 

@@ -18,9 +18,9 @@ from tests.decisions import recorded
 from tests.distributed.test_export import _train
 from tests.spawn import run_ranks
 from turnout.config.load import load_config
+from turnout.files import TOKENIZER_FILE
 from turnout.launch.cli import main
 from turnout.models.lm import TransformerLM
-from turnout.models.pretrained import TOKENIZER_FILE
 from turnout.trainer.export import load_for_inference
 
 pytestmark = pytest.mark.distributed

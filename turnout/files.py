@@ -1,0 +1,27 @@
+"""File and folder names more than one layer reads or writes: each defined here, once.
+
+- :data:`CONFIG_FILE`: the run's resolved config, in a checkpoint step folder, an export
+  folder and the MLflow run's artifacts;
+- :data:`TOKENIZER_FILE`: the Hugging Face tokenizer, in a token cache, a checkpoint step
+  folder and an export folder;
+- ``step<N>``: the name of a checkpoint step folder (:func:`step_tag`, :func:`tag_step`).
+"""
+
+from __future__ import annotations
+
+import re
+
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+_STEP_TAG = re.compile(r"step(\d+)")
+
+
+def step_tag(step: int) -> str:
+    """The name of the checkpoint step folder saved after optimizer step ``step``."""
+    return f"step{step}"
+
+
+def tag_step(name: str) -> int | None:
+    """The step a ``step<N>`` folder name says; None for any other name."""
+    match = _STEP_TAG.fullmatch(name)
+    return int(match.group(1)) if match else None
