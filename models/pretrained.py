@@ -65,9 +65,15 @@ def read_export(
             step = int((f.metadata() or {}).get(STEP_KEY, -1))
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line
         raise CheckpointError(f"cannot read {weights}: {type(e).__name__}: {e}", key) from None
+    return restore_tied(state, cfg), cfg, step
+
+
+def restore_tied(state: dict[str, torch.Tensor], cfg: TurnoutConfig) -> dict[str, torch.Tensor]:
+    """``state`` with the tied output projection (stored once, as ``embed.weight``) put
+    back under :data:`TIED_KEY` when ``model.tie_embeddings``; changed in place."""
     if cfg.model.tie_embeddings and TIED_KEY not in state and "embed.weight" in state:
         state[TIED_KEY] = state["embed.weight"]
-    return state, cfg, step
+    return state
 
 
 def check_state(

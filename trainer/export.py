@@ -31,6 +31,7 @@ from turnout.config.load import load_config
 from turnout.errors import CheckpointError, ConfigError
 from turnout.files import CONFIG_FILE, tag_step
 from turnout.models.lm import TransformerLM
+from turnout.models.pretrained import check_state
 from turnout.trainer.checkpoint import consolidated_master, resolve_resume
 
 KEY = "checkpoint"
@@ -110,20 +111,7 @@ def load_for_inference(
     ep_size, stage = cfg.parallel.ep_size, cfg.parallel.zero_stage
     saved_dtype = next((v.dtype for v in state.values() if v.is_floating_point()), dtype)
     model = TransformerLM(cfg.model)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        detail = (
-            f"missing {missing[:3]}"
-            if missing
-            else f"unexpected {unexpected[:3]}"
-            if unexpected
-            else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, "
-            f"the config builds {tuple(expected[wrong[0]].shape)}"
-        )
-        raise CheckpointError(f"{folder} does not match its {CONFIG_FILE}: {detail}", KEY)
+    check_state(model, state, str(folder), KEY)
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype).eval()
     num_params = sum(p.numel() for p in model.parameters())

@@ -43,7 +43,7 @@ from turnout.config import TurnoutConfig
 from turnout.config.model import ModelConfig
 from turnout.errors import ConfigError
 from turnout.models.lm import TransformerLM
-from turnout.models.pretrained import TIED_KEY, export_config, is_export, read_export
+from turnout.models.pretrained import export_config, is_export, read_export, restore_tied
 from turnout.trainer.export import checkpoint_config, consolidated_state, step_folder
 
 KEY = "train.init_from"
@@ -95,9 +95,7 @@ def read_source(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Turno
             state, cfg, step = consolidated_state(path)
     except ConfigError as e:
         raise _rekey(e) from None
-    if cfg.model.tie_embeddings and TIED_KEY not in state and "embed.weight" in state:
-        state[TIED_KEY] = state["embed.weight"]
-    return state, cfg, step
+    return restore_tied(state, cfg), cfg, step
 
 
 def _mismatch(key: str, here: object, there: object, path: str) -> ConfigError:
