@@ -158,11 +158,15 @@ def save(
     client_state: dict,
     groups: ParallelGroups,
     cfg: TurnoutConfig | None = None,
+    tokenizer_file: Path | None = None,
 ) -> Path:
     """Collective: write checkpoint ``step<step>`` atomically; return its folder.
 
     ``cfg`` (the run's resolved config) is written as ``config.yaml`` beside the weights;
-    without it the checkpoint can only be resumed by a run that knows its config.
+    without it the checkpoint can only be resumed by a run that knows its config. With it,
+    the run's ``tokenizer.json`` goes beside it too: ``tokenizer_file`` (the token cache's,
+    ``TokenData.tokenizer_file``), else the file ``data.tokenizer`` names
+    (:func:`turnout.trainer.tokenizer_files.save`).
     """
     tag = step_tag(step)
     tmp_tag = f".tmp-{tag}"
@@ -194,7 +198,7 @@ def save(
             (folder / CONFIG_FILE).write_text(to_yaml(cfg))
             from turnout.trainer import tokenizer_files
 
-            tokenizer_files.save(folder, cfg)  # tokenizer.json beside config.yaml
+            tokenizer_files.save(folder, cfg, tokenizer_file)
     known: dict[str, dict[str, Any]] = {}
     for entries in all_gather_object(hashed, name="checkpoint manifest"):
         known.update(cast(dict[str, dict[str, Any]], entries))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from turnout.errors import ConfigError
+from turnout.files import TOKENIZER_FILE
 from turnout.trainer.tokenize_stream import prepare_corpus
 
 __all__ = ["BatchSampler", "TokenData", "open_tokens", "prepare_corpus"]
@@ -44,6 +45,8 @@ class TokenData:
     """UTF-8 bytes the validation tokens stand for (0 = unknown)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """The training cache's meta.json (tokenizer, fingerprint, counts)."""
+    tokenizer_file: Path | None = None
+    """The training cache's tokenizer.json, which a checkpoint saves (None: it has none)."""
 
     @property
     def val_tokens_per_byte(self) -> float:
@@ -76,6 +79,7 @@ def open_tokens(path: str | os.PathLike, val_fraction: float = 0.02) -> TokenDat
     validation corpus) is validation."""
     path = Path(path)
     meta = _meta(path)
+    train_dir = path
     if "train" in meta:  # data.val_corpus: a pair of caches
         train_dir, val_dir = Path(meta["train"]), Path(meta["val"])
         meta, val_meta = _meta(train_dir), _meta(val_dir)
@@ -87,10 +91,16 @@ def open_tokens(path: str | os.PathLike, val_fraction: float = 0.02) -> TokenDat
         n_val = max(1, int(round(tokens.size * val_fraction)))
         train, val = tokens[: tokens.size - n_val], tokens[tokens.size - n_val :]
     vocab = int(meta["vocab_size"])
-    from turnout.trainer import tokenizer_files
-
-    tokenizer_files.remember(train_dir if "train" in _meta(path) else path)
-    return TokenData(train, val, vocab, path, _bytes_of(val, val_dir, vocab), meta)
+    tokenizer = train_dir / TOKENIZER_FILE
+    return TokenData(
+        train,
+        val,
+        vocab,
+        path,
+        _bytes_of(val, val_dir, vocab),
+        meta,
+        tokenizer if tokenizer.is_file() else None,
+    )
 
 
 def byte_unigram_entropy(tokens: np.ndarray, vocab_size: int = VOCAB_SIZE) -> float:

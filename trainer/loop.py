@@ -200,7 +200,9 @@ def _checkpoint(run: Run, done: int) -> str:
     """Collective: save the state after step ``done``; return the checkpoint folder."""
     state = {"step": done, "seed": run.cfg.train.seed, "world_size": run.world}
     t0 = time.perf_counter()
-    folder = checkpoint.save(run.engine, run.run_dir, done, state, run.groups, run.cfg)
+    folder = checkpoint.save(
+        run.engine, run.run_dir, done, state, run.groups, run.cfg, run.tokenizer_file
+    )
     log.debug("rank %d: checkpoint %.1fs", run.rank, time.perf_counter() - t0)
     if run.tracker.run_id:  # rank 0: the run a resume from this folder appends to
         record_run_id(run.run_dir, run.tracker.run_id)

@@ -98,6 +98,8 @@ class Run:
     peak_measured: bool
     val_tokens_per_byte: float
     """Tokens per UTF-8 byte of the validation split (bits per byte = loss x this / ln 2)."""
+    tokenizer_file: Path | None
+    """The token cache's tokenizer.json, saved with every checkpoint (None: it has none)."""
 
     @property
     def rank(self) -> int:
@@ -165,6 +167,7 @@ def setup(
         peak,
         measured,
         data.val_tokens_per_byte,
+        data.tokenizer_file,
     )
 
 

@@ -49,7 +49,9 @@ def _train_save_reference(
             run_step(
                 run.engine, run.sampler, step, cfg.train.grad_accum, StatsAccumulator(), rank, world
             )
-        folder = checkpoint.save(run.engine, run.run_dir, STEPS, {"step": STEPS}, groups, cfg)
+        folder = checkpoint.save(
+            run.engine, run.run_dir, STEPS, {"step": STEPS}, groups, cfg, run.tokenizer_file
+        )
         val = evaluate(run.engine, run.sampler, cfg.train.eval_batches, "topk")
         val_causal = evaluate(run.engine, run.sampler, cfg.train.eval_batches, "causal")
         run.engine.eval()

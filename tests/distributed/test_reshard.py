@@ -82,7 +82,7 @@ def _phase(
         for step in range(start, stop + 1):
             if step in save_at:
                 folder = checkpoint.save(
-                    run.engine, Path(out_dir), step, {"step": step}, groups, cfg
+                    run.engine, Path(out_dir), step, {"step": step}, groups, cfg, run.tokenizer_file
                 )
                 folders[step] = str(folder)
             if step == stop:

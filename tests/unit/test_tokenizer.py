@@ -163,7 +163,7 @@ def test_checkpoint_carries_the_tokenizer_and_generate_uses_it(tmp_path: Path) -
 
     data_cfg = _bpe_cfg(tmp_path)
     path = prepare_corpus(data_cfg, 512)
-    open_tokens(path)  # what a worker does: this process now trains with that tokenizer
+    data = open_tokens(path)  # what a worker does: it trains with that cache's tokenizer
     cfg = load_config(
         "tiny",
         [
@@ -175,7 +175,7 @@ def test_checkpoint_carries_the_tokenizer_and_generate_uses_it(tmp_path: Path) -
     )
     folder = tmp_path / "step1"
     folder.mkdir()
-    tokenizer_files.save(folder, cfg)
+    tokenizer_files.save(folder, cfg, data.tokenizer_file)
     assert (folder / "tokenizer.json").read_text() == (path / "tokenizer.json").read_text()
     tok = tokenizer_files.load(folder, cfg)
     assert isinstance(tok, HFTokenizer) and tok.encode(TEXT) == load_file(
@@ -191,7 +191,7 @@ def test_checkpoint_carries_the_tokenizer_and_generate_uses_it(tmp_path: Path) -
     assert out.text.startswith(prompt) and out.new_tokens == 10
     # A byte run's checkpoint holds the byte tokenizer's json; no file is needed to load it.
     byte_cfg = load_config("tiny")
-    tokenizer_files.save(folder, byte_cfg)
+    tokenizer_files.save(folder, byte_cfg, None)
     assert (folder / "tokenizer.json").read_text() == ByteTokenizer().to_json()
     (folder / "tokenizer.json").unlink()
     assert isinstance(tokenizer_files.load(folder, byte_cfg), ByteTokenizer)
