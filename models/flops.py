@@ -24,6 +24,10 @@ Conventions (also in docs/design.md, "FLOP accounting"):
   assignments under balanced routing, capped by the buckets (``k'`` below). Dropless
   mode counts the ``k'`` real rows per token either way, ``k' = k * E / (E + noop)``
   (assignments to no-op experts cost nothing: their share under balanced routing).
+  That is what the expert-parallel exchange runs, but not the single-process
+  dispatcher: dropless at ``ep_size = 1`` it sizes its buckets by the busiest expert and
+  computes ``E x`` that many rows, which depends on the routing; the count is the
+  balanced-routing value, a lower bound on what runs.
 - Early exit (training, static shapes): every exit runs the shared head on every
   token, ``2 D V`` per exit (the final norm is not counted).
 - A ponder block (training, static shapes) runs its block ``N = ponder.max_steps`` times
@@ -114,7 +118,9 @@ def moe_rows(cfg: ModelConfig, tokens: int, noop: int, expert_padding: bool = Tr
     """Expert rows computed for ``tokens`` tokens reaching a MoE layer.
 
     ``expert_padding``: the experts compute their whole capacity buckets (the
-    single-process dispatcher), not only the kept rows (the expert-parallel exchange)."""
+    single-process dispatcher), not only the kept rows (the expert-parallel exchange).
+    Dropless: the real rows either way (at ``ep_size = 1`` the dispatcher runs
+    ``E x`` the busiest expert's rows; see the module docstring)."""
     moe = cfg.moe
     E, k = moe.num_experts, moe.top_k
     real = tokens * k * E / (E + noop)

@@ -64,7 +64,8 @@ class AllToAllDispatcher:
         self.rows_sent = int(send_ND.shape[0])
         recv_RD = all_to_all(send_ND, self.group, out_splits, in_splits)
         per_expert = recv_counts_PL.sum(0).tolist()
-        if P == 1 or L == 1:  # received rows are already expert-major
+        # install_expert_parallel only installs this dispatcher at ep_size > 1, so P > 1.
+        if L == 1:  # one expert per rank: the received [p][0] blocks are expert-major
             y_RD = experts.grouped(recv_RD, per_expert)
         else:
             gather_R = _expert_major_rows(recv_counts_PL)

@@ -182,8 +182,9 @@ def prepare_for_deepspeed(model: nn.Module, groups: ParallelGroups, zero_stage: 
             for p in layer.experts.parameters():
                 p.ds_zero_placement_family = "autoep_expert"  # type: ignore[attr-defined]
                 p.ds_zero_partition_group_name = groups.name  # type: ignore[attr-defined]
-                # The dropless path reads the weights without calling the bank module;
-                # gather them whenever the MoE layer runs.
+                # The all-to-all dispatcher (both modes) reads the weights through
+                # ExpertBank.grouped, not the bank's forward: gather them whenever the
+                # MoE layer runs.
                 register_external_parameter(layer, p)
     if not hasattr(model, MARKER_NAME):
         marker = _marker_class(zero_stage == 3)(groups, layers[0].num_experts)

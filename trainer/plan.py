@@ -23,18 +23,22 @@ Everything is arithmetic on the config; nothing is built or run. The estimates:
   (``B ceil(capacity S)`` for a MoD-routed block: the MoD reduction); attention saves
   its input, normed input, Q/K/V, output and projection (``5 D + 2 G Hd``); a dense
   FFN its input, normed input and the four SwiGLU tensors (``2 D + 4 F``); a MoE FFN
-  the same per expert row (``r (2 D + 4 Fe)``, ``r`` expert rows per token as in the
-  FLOP count) plus the router logits; a MoD-routed block also keeps, for all ``N``
-  tokens, its scattered output, router score and predictor hidden (``D + 1 + h``).
+  the same per expert row (``r (2 D + 4 Fe)``) plus the router logits, ``r`` being the
+  single-process dispatcher's rows at every ``ep`` (capacity mode: the ``E C`` bucket
+  rows, padding included, even at ``ep > 1`` where only kept rows run and the FLOP count
+  takes those; dropless: the ``k'`` real rows, :func:`turnout.models.flops.moe_rows`); a
+  MoD-routed block also keeps, for all ``N`` tokens, its scattered output, router score
+  and predictor hidden (``D + 1 + h``).
   With ``train.activation_checkpointing`` a recomputed block keeps only its input
   (``N D`` values) and its routing decisions (the tape of ``models/recompute.py``: 21
   bytes per expert choice and 8 per expert of a MoE layer, 9 per chosen MoD position
   and 1 per position), and the backward holds one recomputed block's activations at a
   time: the largest recomputed block's values are added once.
 - **All-to-all** (``ep > 1`` only), per rank per step: each MoE layer exchanges its
-  expert buffer four times per micro step (dispatch and combine, forward and
-  backward): ``E C D`` values in capacity mode, the ``k T D`` real rows dropless
-  (``T`` the tokens reaching the layer). ``(ep - 1) / ep`` of it leaves the rank.
+  kept rows four times per micro step (dispatch and combine, forward and backward),
+  ``D`` values each: ``min(k' T, E C)`` rows in capacity mode (no bucket padding
+  travels), the ``k' T`` real rows dropless (``T`` the tokens reaching the layer, ``k'``
+  as in :mod:`turnout.models.flops`). ``(ep - 1) / ep`` of it leaves the rank.
 - **Step-time lower bound**: ``max(compute, all-to-all)``, compute = training FLOPs
   per rank at the device's dense peak, all-to-all = off-rank bytes at its link
   bandwidth. Data-parallel gradient traffic and kernel efficiency are not counted, so
