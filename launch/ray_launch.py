@@ -30,7 +30,12 @@ from typing import Any, cast
 from turnout.config import TurnoutConfig
 from turnout.errors import WorkerError, one_line
 from turnout.launch.cluster import check_reachable, cluster_address, join_cluster
-from turnout.launch.restarts import FinalWorkerError, stop_on_final_callback, worker_failure
+from turnout.launch.restarts import (
+    CollectiveWorkerError,
+    FinalWorkerError,
+    stop_on_final_callback,
+    worker_failure,
+)
 from turnout.launch.worker import run_worker
 from turnout.trainer.recovery import run_folder
 
@@ -45,8 +50,6 @@ _RAY_NOISE = (
     # c10d, when a peer on another node has no reverse-DNS name: harmless.
     "The hostname of the client socket cannot be retrieved",
 )
-# The key of a CollectiveError record (turnout.parallel.dist): a peer's failed collective.
-_COLLECTIVE_KEY = "parallel.timeout_s"
 # How often a progress bar is echoed when the driver's stderr is not a terminal.
 _BAR_EVERY_S = 10.0
 
@@ -190,7 +193,7 @@ def find_worker_error(exc: BaseException, log_dir: Path) -> WorkerError:
     records = {r: e for r, e in failures.items() if isinstance(e, WorkerError)}
     crashes = {r: e for r, e in failures.items() if r not in records}
     # A peer's failed collective is the echo of a worker that died: name the dead one.
-    causes = {r: e for r, e in records.items() if e.key != _COLLECTIVE_KEY} or (
+    causes = {r: e for r, e in records.items() if not isinstance(e, CollectiveWorkerError)} or (
         {} if crashes else records
     )
     if causes:

@@ -31,6 +31,12 @@ class FinalWorkerError(WorkerError):
     """A worker failure a restart would only repeat (see the module doc)."""
 
 
+class CollectiveWorkerError(WorkerError):
+    """A worker's record of a failed collective (a
+    :class:`~turnout.parallel.dist.CollectiveError`): often the echo of a peer that died,
+    so the driver names the dead worker when there is one. Never final."""
+
+
 def is_final(error: BaseException) -> bool:
     """Whether a restart would only meet ``error`` again (see the module doc)."""
     from turnout.models.kernels import KernelMismatchError
@@ -49,10 +55,14 @@ def worker_failure(error: BaseException, rank: int, log_dir: Path) -> WorkerErro
     """``error`` raised on worker ``rank`` as the record the driver gets (final or not),
     its traceback written to ``log_dir``."""
     from turnout.launch.worker import worker_error
+    from turnout.parallel.dist import CollectiveError
 
     record = worker_error(error, rank, log_dir)
+    fields = (record.kind, record.message, record.rank, record.key, record.log)
+    if isinstance(error, CollectiveError):
+        return CollectiveWorkerError(*fields)
     if is_final(error) and not isinstance(record, FinalWorkerError):
-        return FinalWorkerError(record.kind, record.message, record.rank, record.key, record.log)
+        return FinalWorkerError(*fields)
     return record
 
 
