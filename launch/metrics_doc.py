@@ -31,7 +31,7 @@ One MLflow run per job, logged by rank 0 (experiment `tracking.experiment`, defa
   (the source of `train.init_from`, also logged as a param); the experiment is tagged
   `mlflow.experimentKind=custom_model_development` (MLflow 3's training view);
 - metrics by step (every `train.log_every` steps, averaged over the interval and all
-  ranks): `loss` (cross-entropy, nats/byte), `lr`, `grad_norm`, `tokens_per_s`,
+  ranks): `loss` (cross-entropy, nats/token), `lr`, `grad_norm`, `tokens_per_s`,
   `unigram_entropy`, the aux losses and the per-layer metrics of the two tables below
   (generated from the term table in `models/terms.py`: exactly what the trainer logs);
 - image `expert_load` (every `tracking.load_image_every` steps, default 100, at the first

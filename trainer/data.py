@@ -103,8 +103,12 @@ def open_tokens(path: str | os.PathLike, val_fraction: float = 0.02) -> TokenDat
     )
 
 
-def byte_unigram_entropy(tokens: np.ndarray, vocab_size: int = VOCAB_SIZE) -> float:
-    """Entropy of the unigram token distribution, nats per token: -sum_v p_v log p_v."""
+def token_unigram_entropy(tokens: np.ndarray, vocab_size: int = VOCAB_SIZE) -> float:
+    """Entropy of the unigram token distribution, nats per token: -sum_v p_v log p_v.
+
+    Per token of the run's tokenizer (a byte only for ``data.tokenizer=byte``): the loss of
+    a model that knows token frequencies and nothing else, the baseline ``unigram_entropy``
+    logs."""
     counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

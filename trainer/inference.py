@@ -32,7 +32,7 @@ from turnout.config.choices import Routing
 from turnout.errors import ConfigError
 from turnout.models import decode
 from turnout.models.lm import TransformerLM
-from turnout.trainer.data import BatchSampler, bits_per_byte, byte_unigram_entropy, open_tokens
+from turnout.trainer.data import BatchSampler, bits_per_byte, open_tokens, token_unigram_entropy
 from turnout.trainer.tokenize_stream import prepare_corpus
 from turnout.trainer.tokenizer import ByteTokenizer, Tokenizer
 
@@ -197,7 +197,7 @@ def evaluate_model(
     return Evaluation(
         loss=losses[Routing.TOPK],
         loss_causal=losses.get(Routing.CAUSAL, math.nan),
-        unigram_entropy=byte_unigram_entropy(data.train, data.vocab_size),
+        unigram_entropy=token_unigram_entropy(data.train, data.vocab_size),
         bits_per_byte=bits_per_byte(losses[Routing.TOPK], data.val_tokens_per_byte),
         windows=n_batches * per_batch,
         seq_len=seq_len,

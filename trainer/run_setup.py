@@ -30,9 +30,9 @@ from turnout.parallel.groups import ParallelGroups
 from turnout.trainer.compute import RunFlops, probe_dtype, probe_peak_tflops, run_flops
 from turnout.trainer.data import (
     BatchSampler,
-    byte_unigram_entropy,
     dataset_inputs,
     open_tokens,
+    token_unigram_entropy,
     tracking_params,
 )
 from turnout.trainer.engine import build_engine, use_bf16
@@ -134,7 +134,7 @@ def setup(
     sampler = BatchSampler(
         data, cfg.model.max_seq_len, t.micro_batch_size, rank, world, t.seed, t.eval_batches
     )
-    entropy = byte_unigram_entropy(data.train, data.vocab_size)
+    entropy = token_unigram_entropy(data.train, data.vocab_size)
     model = TransformerLM(cfg.model)
     model.set_activation_checkpointing(t.activation_checkpointing)
     if t.init_from and not t.resume:  # a resumed run has its own weights

@@ -15,8 +15,8 @@ from turnout.errors import ConfigError
 from turnout.trainer.data import (
     BatchSampler,
     TokenData,
-    byte_unigram_entropy,
     open_tokens,
+    token_unigram_entropy,
 )
 from turnout.trainer.tokenize_stream import prepare_corpus
 
@@ -167,13 +167,13 @@ def test_too_small_corpus_is_a_config_error() -> None:
 
 
 def test_unigram_entropy_matches_the_formula(tmp_path: Path) -> None:
-    assert byte_unigram_entropy(np.frombuffer(b"aaaa", dtype=np.uint8)) == 0.0
+    assert token_unigram_entropy(np.frombuffer(b"aaaa", dtype=np.uint8)) == 0.0
     # b"aab": p(a) = 2/3, p(b) = 1/3.
-    h = byte_unigram_entropy(np.frombuffer(b"aab", dtype=np.uint8))
+    h = token_unigram_entropy(np.frombuffer(b"aab", dtype=np.uint8))
     assert h == pytest.approx(-(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3))
     # Four equiprobable bytes: ln 4. Computed on the training split only (val = tail).
     f = tmp_path / "c.txt"
     f.write_bytes(b"abcd" * 100 + b"zzzzzzzzzz")
     data = open_tokens(prepare_corpus(_cfg(tmp_path, f)), val_fraction=11 / 411)
     assert data.val.tobytes() == b"z" * 10 + b"\0"
-    assert byte_unigram_entropy(data.train) == pytest.approx(math.log(4))
+    assert token_unigram_entropy(data.train) == pytest.approx(math.log(4))
