@@ -16,6 +16,7 @@ collective, so the job's one error line says which rank stalled where.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -168,9 +169,12 @@ def leave_process_group(finished: bool) -> None:
     """Tear the process group down. A rank that ``finished`` first meets the others at a
     barrier: a rank that closed its gloo connections while a peer still read its last
     messages would abort that peer ('Connection reset by peer' thrown on gloo's own
-    thread: SIGABRT). After a failure there is no barrier (a peer may be gone)."""
+    thread: SIGABRT). After a failure there is no barrier (a peer may be gone); nor is a
+    failed barrier an error (the work is done; a rank that caught a failed collective
+    itself may finish with a broken group)."""
     if not dist.is_initialized():
         return
     if finished:
-        barrier("leave")
+        with contextlib.suppress(CollectiveError):
+            barrier("leave")
     dist.destroy_process_group()
