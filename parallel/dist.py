@@ -16,11 +16,10 @@ collective, so the job's one error line says which rank stalled where.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 
 import torch
@@ -175,6 +174,6 @@ def leave_process_group(finished: bool) -> None:
     if not dist.is_initialized():
         return
     if finished:
-        with contextlib.suppress(CollectiveError):
+        with suppress(CollectiveError):
             barrier("leave")
     dist.destroy_process_group()
