@@ -171,6 +171,7 @@ def extend(model: TransformerLM, tokens_BS: Tensor, state: DecodeState) -> Tenso
     exited_BS: Tensor | None = None  # the rows that have exited (early exit); None: none
     all_exited = False
     blocks_BS: Tensor | None = None
+    exit_logits_BSV: Tensor | None = None
     for i, (layer, layer_state) in enumerate(zip(cached_layers(model), state.layers, strict=True)):
         if all_exited:  # the rows only serve as keys: the K/V projection alone
             layer.propagate(x_BSD, pos_BS, layer_state)
@@ -182,7 +183,8 @@ def extend(model: TransformerLM, tokens_BS: Tensor, state: DecodeState) -> Tenso
                 used_BS = torch.where(exited_BS, blocks_BS, used_BS)
             blocks_BS = used_BS
         if i + 1 in model.exit_w:
-            now_BS = exits_now(model.head(model.norm(x_BSD)), state.threshold)
+            exit_logits_BSV = model.head(model.norm(x_BSD))
+            now_BS = exits_now(exit_logits_BSV, state.threshold)
             if exited_BS is not None:
                 now_BS = now_BS & ~exited_BS
             if blocks_BS is None:
@@ -196,6 +198,8 @@ def extend(model: TransformerLM, tokens_BS: Tensor, state: DecodeState) -> Tenso
         _count_depth(state, blocks_BS)
     state.position += S
     state.steps.append(S)
+    if all_exited and exit_logits_BSV is not None:  # no state moved since the last exit
+        return exit_logits_BSV
     return model.head(model.norm(x_BSD))
 
 
