@@ -274,6 +274,17 @@ class Block(nn.Module):
         cache.append(k_bGMd, v_bGMd, counts, None if every else rows)
 
 
+def keys_and_work(
+    run_BS: torch.Tensor, exited_BS: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Early exit's rule for a block that runs the positions ``run_BS``: an exited token is
+    a key (its K/V enter the cache) and does no work. ``(keys_BS, work_BS)``; ``work_BS``
+    is None when nothing has exited (every key works)."""
+    if exited_BS is None:
+        return run_BS, None
+    return run_BS | exited_BS, run_BS & ~exited_BS
+
+
 def _compacted(
     keys_bS: torch.Tensor, counts: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

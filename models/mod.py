@@ -40,7 +40,7 @@ from torch import nn
 from turnout.config.choices import Predictor, RouterGate, RouterInput, Routing
 from turnout.config.model import ModelConfig
 from turnout.models import ops
-from turnout.models.block import Block
+from turnout.models.block import Block, keys_and_work
 from turnout.models.kvcache import KVCache, LayerState
 from turnout.models.moe import Routed
 from turnout.models.routing import chosen_rows, mod_capacity
@@ -139,9 +139,7 @@ class MoDBlock(nn.Module):
         None: none) only write their K/V. ``threshold``: the ponder block's, unused."""
         score_BS = self.scores(x_BSD)
         chosen_BS = self.causal_logits(x_BSD, score_BS) > CHOOSE_ABOVE_LOGIT
-        keys_BS, work_BS = chosen_BS, None
-        if exited_BS is not None:
-            keys_BS, work_BS = chosen_BS | exited_BS, chosen_BS & ~exited_BS
+        keys_BS, work_BS = keys_and_work(chosen_BS, exited_BS)
         block_input = self.routes_from_block_input
         g_BS = self.gate(score_BS)
         return self.block.cached_step(
@@ -205,9 +203,9 @@ def masked_dense(
     ``exited_BS`` (early exit): keys whatever their choice, never run (output: input).
     """
     B, S, _ = x_BSD.shape
-    keys_BS, work_BS = chosen_BS, chosen_BS
-    if exited_BS is not None:
-        keys_BS, work_BS = chosen_BS | exited_BS, chosen_BS & ~exited_BS
+    keys_BS, work_BS = keys_and_work(chosen_BS, exited_BS)
+    if work_BS is None:
+        work_BS = chosen_BS
     causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
     eye_SS = torch.eye(S, dtype=torch.bool, device=x_BSD.device)
     # A query attends earlier keys; the diagonal keeps the other rows finite.

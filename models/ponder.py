@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from turnout.config.model import ModelConfig
-from turnout.models.block import Block
+from turnout.models.block import Block, keys_and_work
 from turnout.models.kvcache import KVCache, LayerState
 from turnout.models.terms import Aux, Term
 
@@ -107,7 +107,7 @@ class PonderBlock(nn.Module):
         h_BSD = x_BSD
         for n in range(self.max_steps):
             # Keys: the tokens that reached this application (the diagonal keeps rows finite).
-            keys_BS = active_BS if exited_BS is None else active_BS | exited_BS
+            keys_BS, _ = keys_and_work(active_BS, exited_BS)
             mask_BSS = (causal_SS & keys_BS.unsqueeze(1)) | eye_SS
             delta_BSD, _ = self.block.increment(h_BSD, pos_BS, mask_BSS, active_BS)
             h_BSD = torch.where(active_BS.unsqueeze(-1), h_BSD + delta_BSD, h_BSD)
@@ -146,9 +146,7 @@ class PonderBlock(nn.Module):
             if not running and exited_BS is None:
                 state.skipped += B * S * (self.max_steps - n)
                 break
-            keys_BS, work_BS = active_BS, None
-            if exited_BS is not None:
-                keys_BS, work_BS = active_BS | exited_BS, active_BS
+            keys_BS, work_BS = keys_and_work(active_BS, exited_BS)
             x_BSD = self.block.cached_step(x_BSD, pos_BS, state, cache, keys_BS, work_BS)
             steps_BS = steps_BS + active_BS.long()
             if running and n < self.max_steps - 1:
