@@ -25,6 +25,7 @@ import argparse
 import os
 import subprocess
 import sys
+from types import ModuleType
 
 from turnout.config import TurnoutConfig
 from turnout.config.load import (
@@ -94,22 +95,23 @@ def cmd_presets(_: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from turnout.launch.keys import markdown_page, plain_listing
+    from turnout.launch import keys
 
-    if args.markdown:
-        sys.stdout.write(markdown_page())
-    else:
-        print(plain_listing())
-    return EXIT_OK
+    return _print_reference(keys, args.markdown)
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from turnout.launch.metrics_doc import markdown_page, plain_listing
+    from turnout.launch import metrics_doc
 
-    if args.markdown:
-        sys.stdout.write(markdown_page())
+    return _print_reference(metrics_doc, args.markdown)
+
+
+def _print_reference(page: ModuleType, markdown: bool) -> int:
+    """A reference module's plain listing, or with ``markdown`` its docs/ page verbatim."""
+    if markdown:
+        sys.stdout.write(page.markdown_page())
     else:
-        print(plain_listing())
+        print(page.plain_listing())
     return EXIT_OK
 
 
