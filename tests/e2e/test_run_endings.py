@@ -57,23 +57,37 @@ def _start(tmp_path: Path, args: list[str], env: dict[str, str]) -> subprocess.P
     )
 
 
-def _training_run(db: Path, timeout: float) -> str:
-    """The run id once the run logged a loss (training is under way)."""
+def _training_run(db: Path, timeout: float, train: subprocess.Popen) -> str:
+    """The run id once the run logged a loss (training is under way).
+
+    The poll opens the store under turnout's own store lock: an MLflow client that opens a
+    store creates its tables when they are missing, and one that did so while the driver
+    was still creating them left a store without the driver's experiment (training never
+    started, seen once in six fresh-clone runs)."""
     from mlflow import MlflowClient
 
+    from turnout.trainer.tracking_store import store_lock
+
+    uri = f"sqlite:///{db}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if train.poll() is not None:
+            out, err = train.communicate()
+            pytest.fail(f"turnout train exited ({train.returncode}) first:\n{(out + err)[-3000:]}")
         if db.exists():
             try:
-                client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-                exp = client.get_experiment_by_name("interrupt")
-                runs = client.search_runs([exp.experiment_id]) if exp else []
+                with store_lock(uri):
+                    client = MlflowClient(tracking_uri=uri)
+                    exp = client.get_experiment_by_name("interrupt")
+                    runs = client.search_runs([exp.experiment_id]) if exp else []
             except Exception:
                 runs = []
             if runs and "loss" in runs[0].data.metrics:
                 return str(runs[0].info.run_id)
         time.sleep(1.0)
-    pytest.fail(f"training did not start within {timeout} s")
+    os.killpg(train.pid, signal.SIGKILL)
+    out, err = train.communicate()
+    pytest.fail(f"training did not start within {timeout} s:\n{(out + err)[-3000:]}")
 
 
 def _alive(procs: list[psutil.Process]) -> list[str]:
@@ -94,7 +108,7 @@ def test_ctrl_c_stops_every_process_and_marks_the_run_killed(tmp_path: Path) -> 
     env.pop("RAY_ADDRESS", None)
     train = _start(tmp_path, ["tiny", *RUN], env)
     try:
-        run_id = _training_run(tmp_path / "mlflow.db", timeout=300)
+        run_id = _training_run(tmp_path / "mlflow.db", 300, train)
         job = psutil.Process(train.pid).children(recursive=True)
         assert any("RayTrainWorker" in " ".join(p.cmdline()) for p in job), job
         t0 = time.monotonic()
@@ -168,7 +182,7 @@ def test_torchrun_rank_killed_marks_the_run_failed(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     train = _start(tmp_path, ["tiny", *RUN, "--launcher", "torchrun"], env)
     try:
-        run_id = _training_run(tmp_path / "mlflow.db", timeout=300)
+        run_id = _training_run(tmp_path / "mlflow.db", 300, train)
         # torchrun's ranks: the processes it gave a RANK (not torchrun itself).
         ranks = {}
         for p in psutil.Process(train.pid).children(recursive=True):
