@@ -30,7 +30,7 @@ import torch
 from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
 from turnout.models.lm import TransformerLM
 from turnout.models.saved_bytes import saved_bytes_by_block
-from turnout.trainer.plan import activations
+from turnout.trainer.planner.memory import activations
 
 MODES = ("none", "moe", "full")
 

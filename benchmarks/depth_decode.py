@@ -29,8 +29,8 @@ import torch
 from turnout.config.choices import Routing
 from turnout.models import decode
 from turnout.models.flops import expected_flops, forward_flops
-from turnout.trainer.data import BatchSampler, open_tokens, prepare_corpus
-from turnout.trainer.export import load_for_inference
+from turnout.trainer.data.batches import BatchSampler, open_tokens, prepare_corpus
+from turnout.trainer.weights.from_checkpoint import load_for_inference
 
 
 def main(argv: list[str] | None = None) -> int:

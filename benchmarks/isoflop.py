@@ -21,7 +21,7 @@ blocks 1-3, each exit's loss weighted 0.25) and ponder (3 layers, the last a pon
 of up to 3 steps: up to 5 block applications). The exit and ponder rows' FLOPs are their
 static training forward (every exit head, all ponder steps); their validation loss is
 the static one (final exit; PonderNet's expected loss), and the child runs also log
-``val_loss_causal`` and ``val_depth_mean`` (the decode rule's, see trainer/depth_eval.py).
+``val_loss_causal`` and ``val_depth_mean`` (the decode rule's, see trainer/eval/depth.py).
 
     python benchmarks/isoflop.py --quick --models exit ponder   # just these rows, tiny budget
 """

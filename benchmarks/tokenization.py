@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from turnout.config.train import DataConfig
-from turnout.trainer.corpus import list_sources
-from turnout.trainer.tokenize_stream import resolve_tokenizer, tokenize_corpus
+from turnout.trainer.data.corpus import list_sources
+from turnout.trainer.data.token_cache import tokenize_corpus
+from turnout.trainer.data.tokenizer_choice import resolve_tokenizer
 
 
 def main() -> None:

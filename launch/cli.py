@@ -122,8 +122,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from turnout.trainer.plan import plan
-    from turnout.trainer.plan_format import format_plan
+    from turnout.trainer.planner.plan import plan
+    from turnout.trainer.planner.text import format_plan
 
     cfg = _load(args.items)
     print(format_plan(plan(cfg, gpus=args.gpus, gpu=args.gpu)))
@@ -131,7 +131,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_replay_tracking(args: argparse.Namespace) -> int:
-    from turnout.trainer.tracking_records import replay
+    from turnout.trainer.tracking.records import replay
 
     done = replay(args.file, args.uri)
     print(
@@ -185,11 +185,11 @@ def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args.items, args.address)
     from turnout.launch.paths import resolve_paths
-    from turnout.launch.worker import preflight
+    from turnout.launch.preflight import preflight
 
     cfg = resolve_paths(cfg)
     if args.launcher == "ray":
-        from turnout.launch.cluster import check_reachable, cluster_address
+        from turnout.launch.ray.cluster import check_reachable, cluster_address
 
         if cluster_address(cfg):  # an address nobody answers on: one line, at once
             check_reachable(cluster_address(cfg))
@@ -197,9 +197,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.launcher == "torchrun":
         return _train_torchrun(args, cfg)
 
-    from turnout.launch.ray_launch import run_ray
+    from turnout.launch.ray.run import run_ray
+    from turnout.launch.summary import format_summary
     from turnout.launch.tracked_run import open_tracked_run
-    from turnout.launch.worker import format_summary
 
     tracked = open_tracked_run(cfg)
     where = cfg.launch.address or os.environ.get("RAY_ADDRESS") or "an embedded local Ray cluster"
@@ -228,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from turnout.launch.submit import submit
+    from turnout.launch.ray.submit import submit
 
     return submit(args.items, args.address, wait=not args.no_wait)
 

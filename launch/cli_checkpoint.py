@@ -24,10 +24,10 @@ def _device(name: str) -> str:
 
 
 def _load_checkpoint(args: argparse.Namespace) -> tuple:
-    from turnout.trainer.export import load_for_inference
+    from turnout.trainer.weights.from_checkpoint import load_for_inference
 
     model, cfg, info = load_for_inference(args.checkpoint, _device(args.device))
-    from turnout.trainer import tokenizer_files
+    from turnout.trainer.data import tokenizer_files
 
     tokenizer = tokenizer_files.load(info.folder, cfg)
     print(
@@ -41,12 +41,12 @@ def _load_checkpoint(args: argparse.Namespace) -> tuple:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from turnout.trainer.inference import encode, sample_text
+    from turnout.trainer.eval.inference import encode, sample_text
 
     if args.max_new_tokens < 0:
         raise ConfigError("--max-new-tokens", f"must be >= 0, got {args.max_new_tokens}")
-    from turnout.trainer import tokenizer_files
-    from turnout.trainer.export import checkpoint_config, step_folder
+    from turnout.trainer.data import tokenizer_files
+    from turnout.trainer.weights.from_checkpoint import checkpoint_config, step_folder
 
     # A prompt that cannot fit fails before the weights are read.
     folder = step_folder(args.checkpoint)
@@ -104,7 +104,7 @@ def _threshold(args: argparse.Namespace, kind: str | None) -> float | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from turnout.trainer.inference import evaluate_model
+    from turnout.trainer.eval.inference import evaluate_model
 
     model, cfg, tok = _load_checkpoint(args)
     ev = evaluate_model(model, cfg, args.corpus, args.batches, tokenizer=tok)
@@ -120,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from turnout.trainer.export_files import export
+    from turnout.trainer.weights.export import export
 
     done = export(args.checkpoint, args.out, args.format, args.allow_dropless)
     print(

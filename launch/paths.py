@@ -12,7 +12,7 @@ import copy
 from pathlib import Path
 
 from turnout.config import TurnoutConfig
-from turnout.trainer.tracking_uri import absolute_tracking_uri
+from turnout.trainer.tracking.uri import absolute_tracking_uri
 
 
 def _abs(path: str, base: Path) -> str:

@@ -1,7 +1,7 @@
 """The launcher's hold on the MLflow run: opened before any worker starts, ended honestly.
 
 :func:`open_tracked_run` opens the run (a new one, or the one the ``train.resume``
-checkpoint recorded; see :mod:`turnout.trainer.tracking_store`) on the launcher, so an
+checkpoint recorded; see :mod:`turnout.trainer.tracking.store`) on the launcher, so an
 unreachable store is one line naming ``tracking.uri`` before Ray starts, and returns
 its id, which the workers get: rank 0 attaches to that run and only logs.
 :meth:`TrackedRun.end` marks it FINISHED, FAILED (any failure, a killed worker
@@ -30,7 +30,7 @@ class TrackedRun:
         """Mark the run ``status``; a store that does not answer costs one warning line."""
         if not self.run_id:
             return
-        from turnout.trainer.tracking_store import end_run
+        from turnout.trainer.tracking.store import end_run
 
         why = end_run(self.uri, self.run_id, status, END_TIMEOUT_S)
         if why:
@@ -45,7 +45,7 @@ def open_tracked_run(cfg: TurnoutConfig) -> TrackedRun:
     """Open the job's MLflow run on the launcher (run_id '' when tracking is off)."""
     if not cfg.tracking.enabled:
         return TrackedRun(cfg.tracking.uri, "")
-    from turnout.trainer.tracking_store import open_run
+    from turnout.trainer.tracking.store import open_run
 
     try:
         run_id = open_run(cfg, cfg.launch.num_workers)

@@ -1,6 +1,6 @@
 """The export folder: one safetensors file of the whole model plus the config it was built with.
 
-``turnout export CHECKPOINT OUT/`` writes (``turnout.trainer.export_files``)
+``turnout export CHECKPOINT OUT/`` writes (``turnout.trainer.weights.export``)
 
 - ``config.yaml``: the run's resolved :class:`TurnoutConfig` (its ``model`` section builds
   the model);

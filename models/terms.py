@@ -10,7 +10,7 @@ read this table; a name missing from it raises instead of vanishing.
 Metric names: ``layer<i>/...`` per layer ``i``; ``aux/<name>`` for a loss summed over
 layers. The MoE counts become per-expert loads: ``expert<e>`` stands for each expert
 (logged only while the experts of all MoE layers number at most
-``tracking.expert_series_max``) and the load summaries of ``trainer/load_stats.py``.
+``tracking.expert_series_max``) and the load summaries of ``trainer/metrics/load_stats.py``.
 """
 
 from __future__ import annotations

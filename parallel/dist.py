@@ -3,7 +3,7 @@
 ``init_distributed`` is the one place a turnout process creates its default process
 group; the worker entry (``turnout.launch.worker``) calls it once per process. It reads
 the rendezvous environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK),
-which torchrun sets, and which turnout's Ray backend (``turnout.launch.ray_backend``)
+which torchrun sets, and which turnout's Ray backend (``turnout.launch.ray.backend``)
 sets on every Ray Train worker; with none set it creates a single-process group of
 world 1. It refuses to run twice, so no other code path can have created the group.
 

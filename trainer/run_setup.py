@@ -1,12 +1,12 @@
 """What a training run builds once on every rank before its first step (:func:`setup`).
 
 Seeds, the token data and its sampler, ``TransformerLM(cfg.model)`` (initialised from
-``train.init_from`` when set, :mod:`turnout.trainer.upcycle`), expert parallelism when
+``train.init_from`` when set, :mod:`turnout.trainer.weights.upcycle`), expert parallelism when
 ``groups.ep_size > 1``, the DeepSpeed engine, the MLflow run (opened on rank 0, or the
 launcher's run attached to), this node's system-metrics sampler, the checkpoint run
-folder, the training FLOPs per token (:mod:`turnout.trainer.compute`) and the device's
+folder, the training FLOPs per token (:mod:`turnout.trainer.metrics.compute`) and the device's
 peak TFLOP/s (given, or probed on every rank at once). The loop itself is
-:mod:`turnout.trainer.loop`.
+:mod:`turnout.trainer.train`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from turnout.models.lm import TransformerLM
 from turnout.parallel.dist import all_reduce_sum, broadcast_object, device
 from turnout.parallel.expert_parallel import install_expert_parallel
 from turnout.parallel.groups import ParallelGroups
-from turnout.trainer.compute import RunFlops, probe_dtype, probe_peak_tflops, run_flops
-from turnout.trainer.data import (
+from turnout.trainer.data.batches import (
     BatchSampler,
     dataset_inputs,
     open_tokens,
@@ -36,10 +35,11 @@ from turnout.trainer.data import (
     tracking_params,
 )
 from turnout.trainer.engine import build_engine, use_bf16
-from turnout.trainer.recovery import run_folder
-from turnout.trainer.tracking import Tracker
-from turnout.trainer.tracking_system import SystemMetrics
-from turnout.trainer.upcycle import init_from
+from turnout.trainer.metrics.compute import RunFlops, probe_dtype, probe_peak_tflops, run_flops
+from turnout.trainer.resume.recovery import run_folder
+from turnout.trainer.tracking.system import SystemMetrics
+from turnout.trainer.tracking.tracker import Tracker
+from turnout.trainer.weights.upcycle import init_from
 
 log = logging.getLogger("turnout.trainer")
 

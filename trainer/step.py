@@ -1,4 +1,4 @@
-"""One optimizer step and one validation pass of the DeepSpeed engine (both collective).
+"""One optimizer step of the DeepSpeed engine (collective).
 
 :func:`run_step` runs ``grad_accum`` micro steps on this rank's shard. After each micro
 step's forward, :func:`agree_finite` makes one all-reduce carry a per-rank non-finite
@@ -22,8 +22,8 @@ import torch
 
 from turnout.parallel.dist import all_reduce_sum, collective
 from turnout.trainer.balance import BiasBalancer
-from turnout.trainer.data import BatchSampler
-from turnout.trainer.metrics import StatsAccumulator
+from turnout.trainer.data.batches import BatchSampler
+from turnout.trainer.metrics.routing import StatsAccumulator
 
 
 class NonFiniteLossError(RuntimeError):
@@ -96,18 +96,3 @@ def run_step(
         balancer.step()
     skipped = not bool(engine.was_step_applied())
     return StepResult(loss=ce, seconds=time.perf_counter() - t0, skipped=skipped)
-
-
-@torch.no_grad()
-def evaluate(engine: Any, sampler: BatchSampler, batches: int, routing: str) -> float:
-    """Collective: mean validation cross-entropy over all ranks' fixed windows."""
-    engine.eval()
-    total = 0.0
-    for i in range(batches):
-        tokens, targets = sampler.eval_batch(i)
-        out = engine(tokens.to(engine.device), targets.to(engine.device), routing=routing)
-        total += float(out.ce)
-    engine.train()
-    mean = all_reduce_sum(torch.tensor([total / batches], dtype=torch.float64), "validation loss")
-    world = torch.distributed.get_world_size()
-    return float(mean[0]) / world

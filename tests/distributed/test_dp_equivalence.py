@@ -36,7 +36,7 @@ from tests.spawn import run_ranks
 from turnout.config import TurnoutConfig
 from turnout.models.lm import TransformerLM
 from turnout.parallel.groups import build_groups
-from turnout.trainer.data import BatchSampler, TokenData
+from turnout.trainer.data.batches import BatchSampler, TokenData
 from turnout.trainer.engine import build_engine, optimizer_param_groups
 from turnout.trainer.schedule import build_scheduler
 

@@ -19,9 +19,9 @@ from tests.distributed.test_train_loop import _overrides
 from tests.spawn import run_ranks
 from turnout.config.load import load_config
 from turnout.launch.cli import main
-from turnout.trainer.data import prepare_corpus
-from turnout.trainer.export import load_for_inference
-from turnout.trainer.inference import evaluate_model
+from turnout.trainer.data.batches import prepare_corpus
+from turnout.trainer.eval.inference import evaluate_model
+from turnout.trainer.weights.from_checkpoint import load_for_inference
 
 pytestmark = pytest.mark.distributed
 
@@ -34,10 +34,11 @@ def _train_save_reference(
     rank: int, world: int, base: list[str], data: str, ep: int, stages: tuple[int, ...]
 ) -> dict:
     from turnout.parallel.groups import build_groups
-    from turnout.trainer import checkpoint
-    from turnout.trainer.metrics import StatsAccumulator
+    from turnout.trainer.checkpoint import collective as checkpoint
+    from turnout.trainer.eval.validation import evaluate
+    from turnout.trainer.metrics.routing import StatsAccumulator
     from turnout.trainer.run_setup import setup
-    from turnout.trainer.step import evaluate, run_step
+    from turnout.trainer.step import run_step
 
     groups = build_groups(ep)
     tokens_BS = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(7))

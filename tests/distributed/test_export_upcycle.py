@@ -21,7 +21,7 @@ from turnout.config.load import load_config
 from turnout.files import TOKENIZER_FILE
 from turnout.launch.cli import main
 from turnout.models.lm import TransformerLM
-from turnout.trainer.export import load_for_inference
+from turnout.trainer.weights.from_checkpoint import load_for_inference
 
 pytestmark = pytest.mark.distributed
 
@@ -78,7 +78,7 @@ def _upcycled_forward(rank: int, world: int, items: list[str], data: str) -> dic
 
 def test_setup_upcycles_4_to_8_experts(trained: dict) -> None:
     from tests.distributed.test_train_loop import _overrides
-    from turnout.trainer.data import prepare_corpus
+    from turnout.trainer.data.batches import prepare_corpus
 
     tmp: Path = trained["tmp"]
     folder = trained["stages"][1]["folder"]

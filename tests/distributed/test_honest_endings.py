@@ -17,7 +17,7 @@ import torch
 
 from tests.spawn import run_ranks
 from turnout.config.load import load_config
-from turnout.trainer.data import prepare_corpus
+from turnout.trainer.data.batches import prepare_corpus
 
 pytestmark = pytest.mark.distributed
 
@@ -71,8 +71,8 @@ def _overrides(tmp_path: Path) -> list[str]:
 
 def _train_expect_skips(rank: int, world: int, overrides: list[str], data: str) -> str:
     from turnout.parallel.groups import build_groups
-    from turnout.trainer.loop import train
     from turnout.trainer.skips import SkippedStepsError
+    from turnout.trainer.train import train
 
     cfg = load_config("tiny", overrides)
     try:

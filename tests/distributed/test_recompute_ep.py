@@ -192,7 +192,7 @@ def test_gradients_equal_with_and_without_checkpointing_zero3_ep2() -> None:
 def _train(rank: int, world: int, overrides: list[str], data: str) -> dict:
     from turnout.config.load import load_config
     from turnout.parallel.groups import build_groups
-    from turnout.trainer.loop import train
+    from turnout.trainer.train import train
 
     cfg = load_config("tiny", overrides)
     res = train(cfg, Path(data), build_groups(cfg.parallel.ep_size))
@@ -203,7 +203,7 @@ def test_train_with_checkpointing_logs_each_ranks_peak_memory(tmp_path: Path) ->
     import mlflow
 
     from turnout.config.load import load_config
-    from turnout.trainer.data import prepare_corpus
+    from turnout.trainer.data.batches import prepare_corpus
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"route {i % 7} tokens to expert {i % 4} now" for i in range(800)))

@@ -20,8 +20,8 @@ from tests.distributed.test_train_loop import _overrides
 from tests.margins import assert_clear
 from tests.spawn import run_ranks
 from turnout.config.load import load_config
-from turnout.trainer.checkpoint import consolidated_master
-from turnout.trainer.data import prepare_corpus
+from turnout.trainer.checkpoint.files import consolidated_master
+from turnout.trainer.data.batches import prepare_corpus
 
 pytestmark = pytest.mark.distributed
 
@@ -66,9 +66,9 @@ def _phase(
     """Train (from ``resume`` when given) up to step ``stop``; save at ``save_at`` steps
     (the resumed step included: the loaded state, saved straight back)."""
     from turnout.parallel.groups import build_groups
-    from turnout.trainer import checkpoint
-    from turnout.trainer.metrics import StatsAccumulator
-    from turnout.trainer.resume_layout import resume_config
+    from turnout.trainer.checkpoint import collective as checkpoint
+    from turnout.trainer.metrics.routing import StatsAccumulator
+    from turnout.trainer.resume.layout import resume_config
     from turnout.trainer.run_setup import setup
     from turnout.trainer.step import run_step
 
@@ -208,7 +208,7 @@ def test_launcher_refuses_what_cannot_resume(
         err = capsys.readouterr().err
         assert err.startswith(f"turnout: error: {key}") and err.count("\n") == 1, err
     # A layout that can resume passes the preflight; grad_accum is set in the workers.
-    from turnout.trainer.resume_layout import resume_config
+    from turnout.trainer.resume.layout import resume_config
 
     cfg = load_config("tiny", [*base, *_layout(4, 4, 1), "train.grad_accum=7"])
     assert resume_config(cfg).train.grad_accum == 1

@@ -20,7 +20,7 @@ PROCESSES = 3
 _SCRIPT = """
 import sys, time
 from turnout.config.load import load_config
-from turnout.trainer.tracking_store import open_run
+from turnout.trainer.tracking.store import open_run
 import mlflow  # imported before the start line, so the processes meet the store together
 cfg = load_config("tiny", [f"tracking.uri=sqlite:///{sys.argv[1]}", "tracking.experiment=race"])
 while time.time() < float(sys.argv[2]):

@@ -12,7 +12,7 @@ import torch
 from tests.distributed.test_train_loop import WORLD, _overrides
 from tests.spawn import run_ranks
 from turnout.config.load import load_config
-from turnout.trainer.data import prepare_corpus
+from turnout.trainer.data.batches import prepare_corpus
 
 pytestmark = pytest.mark.distributed
 
@@ -33,7 +33,7 @@ def _balance_overrides(tmp_path: Path) -> list[str]:
 
 def _train_then_resume(rank: int, world: int, overrides: list[str], data: str) -> tuple:
     from turnout.parallel.groups import build_groups
-    from turnout.trainer.loop import train
+    from turnout.trainer.train import train
 
     cfg = load_config("tiny", overrides)
     groups = build_groups(cfg.parallel.ep_size)
@@ -46,7 +46,7 @@ def _train_then_resume(rank: int, world: int, overrides: list[str], data: str) -
 
 
 def test_bias_trains_saves_resumes_and_shows(tmp_path: Path) -> None:
-    from turnout.trainer.export import consolidated_state
+    from turnout.trainer.weights.from_checkpoint import consolidated_state
 
     overrides = _balance_overrides(tmp_path)
     data = prepare_corpus(load_config("tiny", overrides).data)

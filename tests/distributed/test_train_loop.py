@@ -14,7 +14,7 @@ import pytest
 from tests.spawn import run_ranks
 from turnout.config.load import load_config
 from turnout.errors import ConfigError
-from turnout.trainer.data import prepare_corpus
+from turnout.trainer.data.batches import prepare_corpus
 
 pytestmark = pytest.mark.distributed
 
@@ -76,7 +76,7 @@ def _overrides(tmp_path: Path, steps: int = 6) -> list[str]:
 
 def _train_then_resume(rank: int, world: int, overrides: list[str], data: str) -> tuple:
     from turnout.parallel.groups import build_groups
-    from turnout.trainer.loop import train
+    from turnout.trainer.train import train
 
     cfg = load_config("tiny", overrides)
     groups = build_groups(cfg.parallel.ep_size)  # once per process, as the worker entry does
@@ -137,7 +137,7 @@ def test_train_checkpoint_and_exact_resume(tmp_path: Path) -> None:
 
 def _check_damage_is_named(tmp_path: Path, run_dir: Path, overrides: list[str]) -> None:
     """The launcher's preflight names the first bad file of a damaged checkpoint."""
-    from turnout.launch.worker import preflight
+    from turnout.launch.preflight import preflight
 
     def refusal(resume: Path) -> str:
         with pytest.raises(ConfigError) as info:
@@ -266,7 +266,7 @@ def _check_compute_metrics(client: Any, run_id: str, tmp_path: Path) -> None:
 
 def _train_expect_nonfinite(rank: int, world: int, overrides: list[str], data: str) -> str:
     from turnout.parallel.groups import build_groups
-    from turnout.trainer.loop import NonFiniteLossError, train
+    from turnout.trainer.train import NonFiniteLossError, train
 
     cfg = load_config("tiny", overrides)
     try:

@@ -169,7 +169,7 @@ def test_worker_config_error_reaches_the_launcher_as_data(
     back through Ray as the worker's own WorkerError record: kind 'config', exit code 2."""
     from turnout.errors import EXIT_CONFIG, WorkerError, error_line
     from turnout.launch.paths import resolve_paths
-    from turnout.launch.ray_launch import run_ray
+    from turnout.launch.ray.run import run_ray
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

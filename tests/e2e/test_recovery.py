@@ -27,8 +27,8 @@ import psutil
 import pytest
 import torch
 
-from turnout.trainer.export import consolidated_state
-from turnout.trainer.recovery import RECOVERY_FILE
+from turnout.trainer.resume.recovery import RECOVERY_FILE
+from turnout.trainer.weights.from_checkpoint import consolidated_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

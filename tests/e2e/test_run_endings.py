@@ -66,7 +66,7 @@ def _training_run(db: Path, timeout: float, train: subprocess.Popen) -> str:
     started, seen once in six fresh-clone runs)."""
     from mlflow import MlflowClient
 
-    from turnout.trainer.tracking_store import store_lock
+    from turnout.trainer.tracking.store import store_lock
 
     uri = f"sqlite:///{db}"
     deadline = time.monotonic() + timeout

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from turnout.trainer.compute import peak_memory_mb, probe_dtype, probe_peak_tflops
+from turnout.trainer.metrics.compute import peak_memory_mb, probe_dtype, probe_peak_tflops
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

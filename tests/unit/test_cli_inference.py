@@ -14,8 +14,8 @@ import torch
 from turnout.config.load import load_config, to_yaml
 from turnout.errors import CheckpointError, ConfigError
 from turnout.launch.cli import main
-from turnout.trainer.checkpoint import DENSE_FILE, FORMAT, META_FILE
-from turnout.trainer.export import load_for_inference
+from turnout.trainer.checkpoint.files import DENSE_FILE, FORMAT, META_FILE
+from turnout.trainer.weights.from_checkpoint import load_for_inference
 
 pytestmark = pytest.mark.unit
 
@@ -95,7 +95,7 @@ def test_bad_generate_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_sample_text_counts_the_decode_steps_only() -> None:
     from turnout.models.lm import TransformerLM
-    from turnout.trainer.inference import sample_text
+    from turnout.trainer.eval.inference import sample_text
 
     cfg = load_config("tiny", ["model.layer_pattern=[dense,mod]", "model.max_seq_len=32"]).model
     torch.manual_seed(0)

@@ -11,13 +11,13 @@ import torch
 
 from turnout.config.load import load_config
 from turnout.models.flops import dense_counterpart, forward_flops
-from turnout.trainer.compute import (
+from turnout.trainer.meter import mfu, model_tflops
+from turnout.trainer.metrics.compute import (
     peak_memory_mb,
     probe_dtype,
     probe_peak_tflops,
     run_flops,
 )
-from turnout.trainer.meter import mfu, model_tflops
 
 pytestmark = pytest.mark.unit
 

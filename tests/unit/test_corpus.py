@@ -20,8 +20,8 @@ import pytest
 from turnout.config.train import DataConfig
 from turnout.errors import ConfigError
 from turnout.launch.cli import main
-from turnout.trainer.data import open_tokens, tracking_params
-from turnout.trainer.tokenize_stream import prepare_corpus
+from turnout.trainer.data.batches import open_tokens, tracking_params
+from turnout.trainer.data.token_cache import prepare_corpus
 
 pytestmark = pytest.mark.unit
 
@@ -187,7 +187,7 @@ def test_train_preflight_exits_2_before_workers(
 _KILLED = """
 import sys
 from turnout.config.train import DataConfig
-from turnout.trainer.tokenize_stream import prepare_corpus
+from turnout.trainer.data.token_cache import prepare_corpus
 prepare_corpus(DataConfig(corpus=sys.argv[1], cache_dir=sys.argv[2], workers=1,
                           tokenizer="bpe", max_bytes=0), 512)
 """

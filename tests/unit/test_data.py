@@ -12,13 +12,13 @@ import torch
 
 from turnout.config.train import DataConfig
 from turnout.errors import ConfigError
-from turnout.trainer.data import (
+from turnout.trainer.data.batches import (
     BatchSampler,
     TokenData,
     open_tokens,
     token_unigram_entropy,
 )
-from turnout.trainer.tokenize_stream import prepare_corpus
+from turnout.trainer.data.token_cache import prepare_corpus
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Validation depth metrics of early-exit / ponder models (trainer/depth_eval.py)."""
+"""Validation depth metrics of early-exit / ponder models (trainer/eval/depth.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from turnout.config.model import ExitConfig, ModelConfig, PonderConfig
 from turnout.models.flops import expected_flops
 from turnout.models.lm import TransformerLM
-from turnout.trainer.data import BatchSampler, TokenData
-from turnout.trainer.depth_eval import depth_eval
+from turnout.trainer.data.batches import BatchSampler, TokenData
+from turnout.trainer.eval.depth import depth_eval
 
 pytestmark = pytest.mark.unit
 

@@ -19,7 +19,7 @@ from turnout.errors import (
     error_line,
     one_line,
 )
-from turnout.launch.ray_launch import find_worker_error
+from turnout.launch.ray.failures import find_worker_error
 from turnout.launch.worker import worker_error
 
 pytestmark = pytest.mark.unit

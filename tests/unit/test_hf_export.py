@@ -17,7 +17,7 @@ from turnout.config import TurnoutConfig
 from turnout.config.model import ModelConfig, MoEConfig
 from turnout.errors import ConfigError
 from turnout.models.lm import TransformerLM
-from turnout.trainer.hf_format import HF_CONFIG, HF_WEIGHTS, write_hf
+from turnout.trainer.weights.hf_format import HF_CONFIG, HF_WEIGHTS, write_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,13 +9,14 @@ import sys
 import pytest
 
 from turnout.config.load import load_config
-from turnout.launch.ray_launch import _WorkerLogPrinter
-from turnout.launch.worker import format_summary, result_to_dict
+from turnout.launch.ray.logs import WorkerLogPrinter
+from turnout.launch.summary import format_summary
+from turnout.launch.worker import result_to_dict
 
 pytestmark = pytest.mark.unit
 
 
-def _feed(printer: _WorkerLogPrinter, lines: list[str], actor: str = "RayTrainWorker") -> None:
+def _feed(printer: WorkerLogPrinter, lines: list[str], actor: str = "RayTrainWorker") -> None:
     printer({"actor_name": actor, "is_err": False, "lines": lines, "pid": 1})
 
 
@@ -25,7 +26,7 @@ def test_log_printer_keeps_worker_output_and_drops_ray_chatter(
     out, err = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stderr", err)
-    p = _WorkerLogPrinter()
+    p = WorkerLogPrinter()
     _feed(p, ["Requesting resources: {'CPU': 1} * 2"], actor="TrainController")
     _feed(p, ["Setting up process group for: env:// [rank=0, world_size=2]"])
     _feed(p, ["step 100: val_loss 2.7 (unigram entropy 3.3)"])

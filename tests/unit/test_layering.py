@@ -78,7 +78,7 @@ def test_no_import_runs_up_the_order(layer: int, path: Path) -> None:
 
 def test_the_checker_catches_an_upward_import(tmp_path: Path) -> None:
     f = tmp_path / "x.py"
-    f.write_text("def f():\n    from turnout.trainer.loop import train\n")
+    f.write_text("def f():\n    from turnout.trainer.train import train\n")
     assert [layer_of_module(m) for _, m in imports(f)] == [3]
     assert layer_of_module("turnout.config.model") == 0
     assert layer_of_module("torch.nn") is None

@@ -15,8 +15,8 @@ import torch
 from turnout.config import TurnoutConfig
 from turnout.models.lm import LMOutput
 from turnout.models.terms import Term
-from turnout.trainer.load_stats import DeadExpertWatch, load_stats
-from turnout.trainer.load_view import (
+from turnout.trainer.metrics.load_stats import DeadExpertWatch, load_stats
+from turnout.trainer.metrics.load_view import (
     IMAGE_KEY,
     LoadMonitor,
     image_due,
@@ -24,8 +24,8 @@ from turnout.trainer.load_view import (
     png_bytes,
     render_heatmap,
 )
-from turnout.trainer.metrics import StatsAccumulator
-from turnout.trainer.tracking import Tracker
+from turnout.trainer.metrics.routing import StatsAccumulator
+from turnout.trainer.tracking.tracker import Tracker
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from turnout.errors import CheckpointError
-from turnout.trainer import manifest
+from turnout.trainer.checkpoint import manifest
 
 
 def _folder(tmp_path: Path) -> Path:

@@ -7,7 +7,7 @@ import torch
 
 from turnout.models.lm import LMOutput
 from turnout.models.terms import Term
-from turnout.trainer.metrics import StatsAccumulator
+from turnout.trainer.metrics.routing import StatsAccumulator
 
 pytestmark = pytest.mark.unit
 

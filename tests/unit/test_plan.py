@@ -1,4 +1,4 @@
-"""The compute planner (trainer/plan.py) and parameter counts (models/params.py).
+"""The compute planner (trainer/planner/plan.py) and parameter counts (models/params.py).
 
 Hand counts use small configs whose numbers are worked out in the comments; the
 parameter counts are also checked exactly against the real models' ``numel``.
@@ -18,8 +18,9 @@ from turnout.models.experts import ExpertBank
 from turnout.models.flops import forward_flops
 from turnout.models.lm import TransformerLM
 from turnout.models.params import count_params
-from turnout.trainer.plan import DEVICES, plan
-from turnout.trainer.plan_format import format_plan
+from turnout.trainer.planner.devices import DEVICES
+from turnout.trainer.planner.plan import plan
+from turnout.trainer.planner.text import format_plan
 
 pytestmark = pytest.mark.unit
 

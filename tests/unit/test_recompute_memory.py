@@ -12,7 +12,7 @@ import torch
 from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
 from turnout.models.lm import TransformerLM
 from turnout.models.saved_bytes import saved_bytes_by_block
-from turnout.trainer.plan import activations
+from turnout.trainer.planner.memory import activations
 
 pytestmark = pytest.mark.unit
 
@@ -93,8 +93,8 @@ def test_planner_full_is_inputs_plus_one_block() -> None:
 
 def test_turnout_plan_reports_the_mode_and_its_saving() -> None:
     from turnout.config.load import load_config
-    from turnout.trainer.plan import plan
-    from turnout.trainer.plan_format import format_plan
+    from turnout.trainer.planner.plan import plan
+    from turnout.trainer.planner.text import format_plan
 
     plain = plan(load_config("tiny"))
     full = plan(load_config("tiny", ["train.activation_checkpointing=full"]))

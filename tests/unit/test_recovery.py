@@ -11,14 +11,14 @@ import torch
 
 from turnout.config.load import load_config
 from turnout.errors import ConfigError, RunError, WorkerError
-from turnout.launch.ray_launch import _gave_up, find_worker_error
-from turnout.launch.restarts import FinalWorkerError, is_final, worker_failure
-from turnout.launch.worker import format_summary
+from turnout.launch.ray.failures import find_worker_error, gave_up
+from turnout.launch.ray.restarts import FinalWorkerError, is_final, worker_failure
+from turnout.launch.summary import format_summary
 from turnout.models.kernels import KernelMismatchError
 from turnout.parallel.dist import CollectiveError
-from turnout.trainer import manifest
-from turnout.trainer.checkpoint import LATEST, META_FILE
-from turnout.trainer.recovery import (
+from turnout.trainer.checkpoint import manifest
+from turnout.trainer.checkpoint.files import LATEST, META_FILE
+from turnout.trainer.resume.recovery import (
     begin_attempt,
     newest_checkpoint,
     read_recovery,
@@ -131,15 +131,15 @@ def test_a_final_record_survives_pickling_and_wins_the_report(tmp_path: Path) ->
         controller_failure = back
 
     assert find_worker_error(ControllerFailed(), tmp_path) is back
-    assert _gave_up(back, 3) is back  # no 'restarts did not help' on a final error
+    assert gave_up(back, 3) is back  # no 'restarts did not help' on a final error
     plain = worker_failure(RuntimeError("gloo: connection reset"), 0, tmp_path)
     assert not isinstance(plain, FinalWorkerError)
 
 
 def test_a_failure_restarts_did_not_cure_says_so() -> None:
     crash = WorkerError("crash", "ActorDiedError: the actor died", 1, log="/logs")
-    assert "(no restart: launch.max_failures=0)" in _gave_up(crash, 0).text()
-    assert "after 3 restart(s), launch.max_failures=3" in _gave_up(crash, 3).text()
+    assert "(no restart: launch.max_failures=0)" in gave_up(crash, 0).text()
+    assert "after 3 restart(s), launch.max_failures=3" in gave_up(crash, 3).text()
 
 
 def test_max_failures_is_checked() -> None:

@@ -13,7 +13,7 @@ from turnout.config.model import ExitConfig, MoDConfig, ModelConfig, MoEConfig, 
 from turnout.launch.metrics_doc import COMMAND, markdown_page
 from turnout.models.lm import LMOutput, TransformerLM
 from turnout.models.terms import TERMS, Term, mlflow_metrics, spec
-from turnout.trainer.metrics import StatsAccumulator
+from turnout.trainer.metrics.routing import StatsAccumulator
 
 pytestmark = pytest.mark.unit
 

@@ -19,10 +19,10 @@ import torch
 from turnout.config.load import load_config
 from turnout.config.train import DataConfig
 from turnout.errors import ConfigError
-from turnout.trainer import tokenizer_files
-from turnout.trainer.data import bits_per_byte, open_tokens
-from turnout.trainer.tokenize_stream import prepare_corpus
-from turnout.trainer.tokenizer import BPE_EOD, ByteTokenizer, HFTokenizer, load_file
+from turnout.trainer.data import tokenizer_files
+from turnout.trainer.data.batches import bits_per_byte, open_tokens
+from turnout.trainer.data.token_cache import prepare_corpus
+from turnout.trainer.data.tokenizer import BPE_EOD, ByteTokenizer, HFTokenizer, load_file
 
 pytestmark = pytest.mark.unit
 
@@ -135,7 +135,7 @@ def test_user_tokenizer_json_and_vocab_checks(tmp_path: Path) -> None:
     ],
 )
 def test_vocab_checks_at_train_preflight_name_the_key(overrides: list[str]) -> None:
-    from turnout.launch.worker import prepare_data
+    from turnout.launch.preflight import prepare_data
 
     cfg = load_config("tiny", overrides)  # a config alone may have any vocabulary
     with pytest.raises(ConfigError) as err:
@@ -159,7 +159,7 @@ def test_static_tokenizer_checks_name_the_key(overrides: list[str], key: str) ->
 
 def test_checkpoint_carries_the_tokenizer_and_generate_uses_it(tmp_path: Path) -> None:
     from turnout.models.lm import TransformerLM
-    from turnout.trainer.inference import encode, sample_text
+    from turnout.trainer.eval.inference import encode, sample_text
 
     data_cfg = _bpe_cfg(tmp_path)
     path = prepare_corpus(data_cfg, 512)
@@ -207,7 +207,7 @@ import gzip, json, resource, sys
 from pathlib import Path
 import numpy as np
 from turnout.config.train import DataConfig
-from turnout.trainer.tokenize_stream import prepare_corpus
+from turnout.trainer.data.token_cache import prepare_corpus
 import tokenizers, pyarrow.parquet  # noqa: F401 - imported before the limit is set
 
 corpus, cache, tokenizer, vocab, headroom = sys.argv[1:6]

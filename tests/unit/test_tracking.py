@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from turnout.config import TurnoutConfig
-from turnout.trainer.tracking import Tracker, git_commit
+from turnout.trainer.tracking.tracker import Tracker, git_commit
 
 pytestmark = pytest.mark.unit
 
@@ -85,8 +85,8 @@ def test_attached_tracker_leaves_the_status_to_the_launcher(
 
 def test_resume_appends_to_the_checkpoints_run(tmp_path: Path) -> None:
     from turnout.errors import RunError
-    from turnout.trainer.checkpoint import META_FILE
-    from turnout.trainer.tracking_store import end_run, open_run, previous_run_id, record_run_id
+    from turnout.trainer.checkpoint.files import META_FILE
+    from turnout.trainer.tracking.store import end_run, open_run, previous_run_id, record_run_id
 
     first = open_run(_cfg(tmp_path), 2)
     assert end_run(f"sqlite:///{tmp_path / 'mlflow.db'}", first, "KILLED", 30) == ""

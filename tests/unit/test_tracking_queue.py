@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from turnout.trainer.skips import SkipCounter, SkippedStepsError
-from turnout.trainer.tracking_queue import Outbox, Record
+from turnout.trainer.tracking.queue import Outbox, Record
 
 pytestmark = pytest.mark.unit
 

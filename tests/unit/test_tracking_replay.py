@@ -10,8 +10,8 @@ import pytest
 
 from turnout.errors import ConfigError, RunError
 from turnout.launch.cli import main
-from turnout.trainer.tracking_queue import Outbox
-from turnout.trainer.tracking_store import client_for
+from turnout.trainer.tracking.queue import Outbox
+from turnout.trainer.tracking.store import client_for
 
 
 def _down(record: dict) -> None:
@@ -62,7 +62,7 @@ def test_replay_sends_every_record_in_order(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_a_failed_replay_keeps_only_the_unsent_records(tmp_path: Path) -> None:
-    from turnout.trainer.tracking_records import replay
+    from turnout.trainer.tracking.records import replay
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = client_for(uri)
@@ -79,7 +79,7 @@ def test_a_failed_replay_keeps_only_the_unsent_records(tmp_path: Path) -> None:
 
 
 def test_a_file_that_is_not_tracking_records_is_named(tmp_path: Path) -> None:
-    from turnout.trainer.tracking_records import read_records
+    from turnout.trainer.tracking.records import read_records
 
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'{"kind": "metrics", "run_id": "a", "metrics": []}\n\xff\xfe\n')

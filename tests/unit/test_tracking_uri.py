@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from turnout.errors import ConfigError
-from turnout.trainer.tracking_uri import (
+from turnout.trainer.tracking.uri import (
     absolute_tracking_uri,
     check_tracking_uri,
     local_sqlite_uri,

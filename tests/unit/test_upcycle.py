@@ -2,7 +2,7 @@
 
 Sources are written with the export writer from a live model (the same files
 ``turnout export`` writes); the new model is built from its own config and seed, then
-:func:`init_from` maps the source in. The claims of :mod:`turnout.trainer.upcycle`:
+:func:`init_from` maps the source in. The claims of :mod:`turnout.trainer.weights.upcycle`:
 dense -> MoE with renormalised gates, dropless; E -> 2E with top_k doubled, under
 capacity dropping too (the test checks assignments really are dropped).
 """
@@ -24,8 +24,8 @@ from turnout.launch.cli import main
 from turnout.models.lm import TransformerLM
 from turnout.models.pretrained import WEIGHTS_FILE
 from turnout.models.terms import Term
-from turnout.trainer.export_files import write_turnout
-from turnout.trainer.upcycle import check_init_from, init_from
+from turnout.trainer.weights.export import write_turnout
+from turnout.trainer.weights.upcycle import check_init_from, init_from
 
 
 def _model_cfg(pattern: list[str], **moe: object) -> ModelConfig:
