@@ -1,0 +1,9 @@
+"""Where tokens come from: corpus -> tokenizer -> token cache -> per-rank batches.
+
+``token_cache.prepare_corpus`` runs once on the launcher; ``batches.open_tokens`` and
+``BatchSampler`` serve every rank; ``tokenizer`` / ``tokenizer_files`` are what a checkpoint
+carries so generate and eval read text as training did. ``corpus`` (files, shards,
+documents) and ``tokenizer_choice`` (which tokenizer, BPE training) are the cache's own.
+"""
+
+__all__ = ["batches", "token_cache", "tokenizer", "tokenizer_files"]

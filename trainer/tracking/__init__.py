@@ -1,0 +1,9 @@
+"""MLflow tracking: the run's life, what is logged, and a store that may be away.
+
+``uri`` is the one reader of ``tracking.uri``; ``store`` opens, reopens and ends the run
+honestly; ``tracker`` is what the loop logs through (rank 0); ``records`` turns a record
+into MLflow calls (also replaying a spool); ``system`` samples system metrics per node.
+``queue`` (the background sender) is the tracker's own.
+"""
+
+__all__ = ["records", "store", "system", "tracker", "uri"]
