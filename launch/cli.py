@@ -2,6 +2,7 @@
 
     turnout train [PRESET|file.yaml] [key=value ...] [--address ADDR] [--launcher ray|torchrun]
     turnout submit [PRESET|file.yaml] [key=value ...] --address http://HEAD:8265 [--no-wait]
+    turnout sweep SPEC.yaml [--address ADDR] [--report]
     turnout presets
     turnout show [PRESET|file.yaml] [key=value ...]
     turnout keys [--markdown]
@@ -233,6 +234,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit(args.items, args.address, wait=not args.no_wait)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.report:
+        from turnout.launch.sweep.driver import report_sweep
+
+        return report_sweep(args.spec)
+    from turnout.launch.sweep.driver import run_sweep
+
+    return run_sweep(args.spec, args.address)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="turnout",
@@ -278,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-wait", action="store_true", help="return once the job is queued; do not follow it"
     )
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "sweep",
+        help="train a grid of configs at fixed FLOP budgets as Ray Tune trials (resumable)",
+    )
+    p.add_argument("spec", metavar="SPEC.yaml", help="the sweep spec (see docs/sweeps.md)")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster to run the trials on; default a local one"
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="fit and plot the finished trials (JSON, Markdown, PNG) instead of running",
+    )
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("presets", help="list the presets in configs/")
     p.set_defaults(func=cmd_presets)

@@ -16,6 +16,7 @@ traceback in a log file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import traceback
@@ -119,6 +120,20 @@ def worker_error(exc: BaseException, rank: int, log_dir: Path) -> WorkerError:
 #: The MLflow run ``turnout train --launcher torchrun`` opened for the job ('' = rank 0
 #: opens and ends one itself, as under a bare ``torchrun``).
 ATTACH_ENV = "TURNOUT_MLFLOW_RUN_ID"
+#: Where rank 0 writes the run's result as JSON when it finishes ('' = nowhere): how
+#: ``turnout sweep`` reads a trial's losses and times without parsing the summary.
+RESULT_ENV = "TURNOUT_RESULT_FILE"
+
+
+def write_result(path: str, res: dict[str, Any]) -> None:
+    """``res`` as JSON at ``path`` (no-op for ''), atomically: a reader sees all or none."""
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(res, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, target)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -178,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     if rank == 0:
         print(format_summary(cfg, res), flush=True)
+        write_result(os.environ.get(RESULT_ENV, ""), res)
     from turnout.parallel.dist import leave_process_group
 
     leave_process_group(finished=True)

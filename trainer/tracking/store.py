@@ -156,6 +156,8 @@ def _run_tags(cfg: TurnoutConfig, world: int) -> dict[str, str]:
         tags[RESUMED_FROM_TAG] = cfg.train.resume
     if cfg.train.init_from:  # the run this one's weights came from
         tags["turnout.parent"] = cfg.train.init_from
+    if cfg.tracking.parent_run_id:  # MLflow's own nesting tag: a sweep's trial
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
     return tags
 
 

@@ -118,6 +118,9 @@ class TrackingConfig:
     run_id: str = ""
     """Append to this existing MLflow run ('' = a new run, or the run that wrote the
     train.resume checkpoint)."""
+    parent_run_id: str = ""
+    """Open a new run as a child of this MLflow run ('' = a top-level run); turnout sweep
+    sets it to the sweep's run."""
     flush_timeout_s: float = 30.0
     """At the end of a run, wait at most this long for the MLflow store to take the
     queued metrics; the rest go to a local file named in a warning."""
