@@ -266,6 +266,8 @@ def train(
                 val = _validate(run, done, bar)
             if due(done, t.ckpt_every, t.steps):
                 ckpt = _checkpoint(run, done)
+        if start >= t.steps:  # resumed at its last step: nothing to train, still measured
+            val = _validate(run, t.steps, bar)
         memory = _peak_memory(run)
         end = _end_metrics(run, whole, memory, t.steps - start)
         end["skipped_steps"] = float(skips.total)

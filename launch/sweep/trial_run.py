@@ -72,6 +72,15 @@ def command(trial: dict[str, Any], folder: Path, parent_run_id: str) -> list[str
     return [*cli, *overrides, "--launcher", "torchrun"]
 
 
+def _training_seconds(trial: dict[str, Any], res: dict[str, Any]) -> float | None:
+    """Seconds the trial's steps take (no start-up, validation or checkpoints): all its
+    tokens at the rate its last attempt trained at, so a resumed trial counts whole."""
+    rate = res.get("tokens_per_s")
+    if not rate or not trial.get("train_flops_per_token"):
+        return None
+    return float(trial["train_flops"] / trial["train_flops_per_token"] / rate)
+
+
 def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     """The Tune trainable: train one trial (or find it trained) and report its record."""
     from ray import tune
@@ -95,6 +104,8 @@ def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> d
     cmd = command(trial, folder, parent_run_id)
     resumed = any(item.startswith("train.resume=") for item in cmd)
     env = dict(os.environ, **{RESULT_ENV: str(result_file)})
+    # Each rank uses the CPUs the trial holds for it, not every core of the machine.
+    env.setdefault("OMP_NUM_THREADS", str(trial["threads"]))
     start = time.perf_counter()
     with open(folder / LOG_FILE, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
@@ -123,8 +134,8 @@ def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> d
         "depth_mean": res.get("final_depth_mean"),
         "train_loss": res.get("final_train_loss"),
         "tokens_per_s": res.get("tokens_per_s"),
-        "wall_s": res.get("wall_s", wall),
-        "trial_wall_s": wall,
+        "wall_s": _training_seconds(trial, res),
+        "process_wall_s": wall,
         "run_id": res.get("run_id", ""),
         "resumed": resumed,
         "status": "done",

@@ -45,6 +45,8 @@ class Trial:
     lr: float
     workers: int
     """``launch.num_workers x launch.cpus_per_worker``: the CPUs the trial holds."""
+    threads: int
+    """``launch.cpus_per_worker``: the threads each of its ranks runs."""
 
     @property
     def folder(self) -> str:
@@ -114,6 +116,7 @@ def _grid_trials(spec: SweepSpec, index: int, grid: SweepGrid) -> list[Trial]:
                     n_layers=cfg.model.n_layers,
                     lr=cfg.train.lr,
                     workers=cfg.launch.num_workers * cfg.launch.cpus_per_worker,
+                    threads=cfg.launch.cpus_per_worker,
                 )
             )
     return out

@@ -31,6 +31,7 @@ SPEC = """\
 name: two
 source: tiny
 dir: {dir}
+max_concurrent: 1
 overrides:
   - model.d_model=32
   - model.n_layers=2
@@ -137,6 +138,7 @@ def test_a_killed_sweep_resumes_from_its_finished_trials(tmp_path: Path) -> None
     assert [r["id"] for r in records] == ["family=dense|b3e+09|s0", "family=moe|b3e+09|s0"]
     assert all(r["status"] == "done" and r["val_loss"] > 0 for r in records), records
     assert records[1]["resumed"] is True
+    assert all(r["wall_s"] > 0 and r["process_wall_s"] > 0 for r in records)
 
     from mlflow import MlflowClient
 
