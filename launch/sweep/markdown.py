@@ -132,8 +132,7 @@ def render(doc: dict[str, Any], png_name: str) -> str:
     lines += equal_wall_table(doc) + ["", "## Learning rates", ""]
     lines += lr_table(doc) + ["", "## Verdict", ""]
     v = doc["verdict"]
-    if v.get("win_rule"):
-        lines += [f"Rules: {v['win_rule']} (best dynamic family); MoE: {v['spread_rule']}.", ""]
+    lines += [f"Rules: {v['win_rule']} (best dynamic family); MoE: {v['spread_rule']}.", ""]
     lines += [f"- {s}" for s in v["sentences"]]
     lines += ["", f"![isoFLOP curves]({png_name})", "", "## Runs", ""]
     return "\n".join(lines + run_table(doc)) + "\n"

@@ -148,12 +148,12 @@ def trend_sentence(t: dict[str, Any], budget: float) -> str:
 def verdict(optima: list[Optimum]) -> dict[str, Any]:
     """The verdict from the optima (see the module docstring)."""
     dense_at = {o["budget"]: o for o in optima if o["family"] == DENSE}
-    if not dense_at:
-        return {"budget": None, "sentences": ["No dense optimum in the data: no verdict."]}
-    budget = max(dense_at)
-    dynamic = [o for o in optima if o["budget"] == budget and o["family"] != DENSE]
+    budget = max(dense_at, default=None)
     out: dict[str, Any] = {"budget": budget, "win_rule": WIN_RULE, "spread_rule": SPREAD_RULE}
     out |= {"best_dynamic": None, "moe_vs_dense": None, "trends": []}
+    if budget is None:
+        return out | {"sentences": ["No dense optimum in the data: no verdict."]}
+    dynamic = [o for o in optima if o["budget"] == budget and o["family"] != DENSE]
     if not dynamic:
         return out | {"sentences": [f"No dynamic family has an optimum at {budget:.3g}."]}
     rows = [compare(o, dense_at[budget], WIN_MARGIN) for o in dynamic]

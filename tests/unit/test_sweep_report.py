@@ -232,6 +232,16 @@ def test_a_small_lead_inside_the_rule_is_not_a_win() -> None:
     assert v["moe_vs_dense"]["outcome"] == "win"  # no margin, zero spread: MoE is lower
 
 
+def test_without_dense_or_without_any_loss_the_report_says_so(tmp_path: Path) -> None:
+    only_moe = write_report(curve("moe", 1e13, 0.3, 6.0, 2.0), tmp_path / "m", CMD, "t").doc
+    assert only_moe["verdict"]["sentences"] == ["No dense optimum in the data: no verdict."]
+    assert only_moe["equal_wall"] == [] and only_moe["verdict"]["best_dynamic"] is None
+    dead = [record("dense", "m", 6.0, 1e13, 0, float("nan"), status="failed")]
+    nothing = write_report(dead, tmp_path / "d", CMD, "t")
+    assert nothing.doc["optima"] == [] and nothing.doc["method"]["n_failed"] == 1
+    assert nothing.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ----------------------------------------------------------------------------- files
 
 
