@@ -9,4 +9,7 @@ hold on the MLflow run), ``paths``, ``cli_checkpoint`` (generate / eval / export
 ``ray/`` holds everything Ray: running a job on an embedded or joined cluster, the
 driver's log printer, failure mapping and restart policy, the rendezvous backend, and
 ``turnout submit``.
+
+``sweep/`` holds ``turnout sweep``: configs at fixed training-FLOP budgets as Ray Tune
+trials, and the report that turns their records into the isoFLOP study.
 """
