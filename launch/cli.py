@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from types import ModuleType
@@ -43,12 +44,14 @@ from turnout.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     ConfigError,
     RunError,
     WorkerError,
     error_line,
 )
 from turnout.launch.cli_checkpoint import add_checkpoint_commands
+from turnout.launch.processes import die_with_parent
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,7 +150,9 @@ def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
 
     The MLflow run is the launcher's here too: opened before torchrun starts, handed to
     the workers (rank 0 attaches and logs), and ended by torchrun's exit: FINISHED,
-    KILLED (Ctrl-C) or FAILED (anything else, a SIGKILLed rank included)."""
+    KILLED (Ctrl-C, or SIGTERM to this launcher, which it forwards to torchrun) or FAILED
+    (anything else, a SIGKILLed rank included). torchrun gets SIGTERM if this launcher
+    dies (:func:`turnout.launch.processes.die_with_parent`)."""
     from turnout.launch.tracked_run import open_tracked_run
     from turnout.launch.worker import ATTACH_ENV
 
@@ -165,9 +170,18 @@ def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
         f"tracking.uri={cfg.tracking.uri}",
     ]
     env = dict(os.environ, **{ATTACH_ENV: tracked.run_id})
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+    terminated: list[int] = []
+
+    def _forward(signum: int, _frame: object) -> None:  # SIGTERM: stop torchrun's job too
+        terminated.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, _forward)
     try:
         code = proc.wait()
+        if terminated:  # torchrun stops its ranks on SIGTERM; wait for that to finish
+            code = EXIT_TERMINATED
     except KeyboardInterrupt:  # the terminal's SIGINT reached torchrun's group as well
         code = EXIT_INTERRUPTED
         try:
@@ -175,8 +189,13 @@ def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    interrupted = code in (EXIT_INTERRUPTED, -2)  # -2: torchrun ended by SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    interrupted = code in (EXIT_INTERRUPTED, EXIT_TERMINATED, -2)  # -2: torchrun's SIGINT
     tracked.end("FINISHED" if code == 0 else "KILLED" if interrupted else "FAILED")
+    if code == EXIT_TERMINATED:
+        print("turnout: terminated (SIGTERM): every rank stopped", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED
     if interrupted:
         print("turnout: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

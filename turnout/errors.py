@@ -19,6 +19,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
+#: SIGTERM (128 + 15): stopped from outside, e.g. a sweep driver or a scheduler.
+EXIT_TERMINATED = 143
 
 WorkerErrorKind = Literal["config", "runtime", "crash"]
 

@@ -162,8 +162,22 @@ def collect(folder: Path, trials: list[Trial]) -> list[dict[str, Any]]:
     return out
 
 
+def spec_file(name: str | Path) -> Path:
+    """A spec path, or the name of a spec shipped in ``configs/sweeps/`` (``isoflop``)."""
+    text = str(name)
+    if text.endswith((".yaml", ".yml")) or os.sep in text:
+        return Path(text)
+    from turnout.config.load import preset_dir
+
+    shipped = preset_dir() / "sweeps" / f"{text}.yaml"
+    if not shipped.is_file():
+        raise ConfigError("sweep", f"no spec file {text!r} and no shipped spec of that name")
+    return shipped
+
+
 def run_sweep(spec_path: str | Path, address: str | None = None) -> int:
     """Run (or resume) the sweep; exit 0 when every trial finished, 1 otherwise."""
+    spec_path = spec_file(spec_path)
     spec = load_spec(spec_path)
     trials = expand(spec)
     cfgs = _configs(spec, trials)
@@ -226,6 +240,7 @@ def report_sweep(spec_path: str | Path) -> int:
     """Fit and plot the sweep's finished trials into ``<report>.json/.md/.png``."""
     from turnout.launch.sweep.report import write_report
 
+    spec_path = spec_file(spec_path)
     spec = load_spec(spec_path)
     folder = sweep_dir(spec)
     results = folder / RESULTS_FILE

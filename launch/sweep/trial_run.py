@@ -14,27 +14,21 @@ cut short resumes from its newest complete checkpoint under ``<trial>/ckpt``.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from turnout.launch.processes import die_with_parent
+
 RECORD_FILE = "record.json"
-RESULT_FILE = "result.json"
+#: Each attempt's result: ``result-1.json``, ``result-2.json``, ... (a resumed trial has
+#: several; the newest attempt that trained a step gives the trial's step rate).
+RESULT_PATTERN = "result-{}.json"
 LOG_FILE = "train.log"
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """The trial's ``turnout train`` gets SIGTERM when the Tune worker running it dies
-    (a killed sweep leaves no training behind; torchrun stops its ranks on SIGTERM)."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def newest_checkpoint_in(ckpt_dir: Path) -> Path | None:
@@ -72,13 +66,17 @@ def command(trial: dict[str, Any], folder: Path, parent_run_id: str) -> list[str
     return [*cli, *overrides, "--launcher", "torchrun"]
 
 
-def _training_seconds(trial: dict[str, Any], res: dict[str, Any]) -> float | None:
+def _training_seconds(trial: dict[str, Any], folder: Path) -> float:
     """Seconds the trial's steps take (no start-up, validation or checkpoints): all its
-    tokens at the rate its last attempt trained at, so a resumed trial counts whole."""
-    rate = res.get("tokens_per_s")
-    if not rate or not trial.get("train_flops_per_token"):
-        return None
-    return float(trial["train_flops"] / trial["train_flops_per_token"] / rate)
+    tokens at the rate of its newest attempt that trained (a resumed trial counts whole;
+    one resumed at its last step trained nothing itself). NaN when none did."""
+    tokens = trial["train_flops"] / trial["train_flops_per_token"]
+    attempts = sorted(folder.glob(RESULT_PATTERN.format("*")), key=lambda p: p.stat().st_mtime)
+    for path in reversed(attempts):
+        rate = json.loads(path.read_text()).get("tokens_per_s") or 0.0
+        if rate > 0:
+            return float(tokens / rate)
+    return float("nan")
 
 
 def run_trial(config: dict[str, Any]) -> dict[str, Any]:
@@ -99,8 +97,8 @@ def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> d
     if done.is_file():
         return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    result_file = folder / RESULT_FILE
-    result_file.unlink(missing_ok=True)
+    attempt = 1 + len(list(folder.glob(RESULT_PATTERN.format("*"))))
+    result_file = folder / RESULT_PATTERN.format(attempt)
     cmd = command(trial, folder, parent_run_id)
     resumed = any(item.startswith("train.resume=") for item in cmd)
     env = dict(os.environ, **{RESULT_ENV: str(result_file)})
@@ -116,7 +114,7 @@ def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> d
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         code = proc.wait()
     wall = time.perf_counter() - start
@@ -134,7 +132,7 @@ def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> d
         "depth_mean": res.get("final_depth_mean"),
         "train_loss": res.get("final_train_loss"),
         "tokens_per_s": res.get("tokens_per_s"),
-        "wall_s": _training_seconds(trial, res),
+        "wall_s": _training_seconds(trial, folder),
         "process_wall_s": wall,
         "run_id": res.get("run_id", ""),
         "resumed": resumed,

@@ -56,6 +56,7 @@ class Trial:
     def record(self) -> dict[str, Any]:
         """The trial's static half of a result record (the run adds losses and time)."""
         out = asdict(self)
+        out["trial"] = self.id  # the report's name for it
         out["overrides"] = list(self.overrides)
         out["fwd_flops_per_token"] = self.train_flops_per_token / 3.0
         return out

@@ -107,3 +107,16 @@ def test_the_command_says_one_line_and_starts_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["turnout: error: grids[0] (0) trial m=x|b1e+09|s0: nope: unknown key"]
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_the_shipped_isoflop_spec_expands() -> None:
+    from turnout.launch.sweep.driver import spec_file
+
+    spec = load_spec(spec_file("isoflop"))
+    trials = expand(spec)
+    families = {t.labels["family"] for t in trials}
+    assert families == {"dense", "moe", "mod", "mode", "exit"}
+    assert all(t.steps >= 100 for t in trials)  # enough steps that the loss means something
+    with pytest.raises(ConfigError) as e:
+        spec_file("no-such-sweep")
+    assert e.value.key == "sweep"
