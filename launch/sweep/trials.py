@@ -64,7 +64,7 @@ class Trial:
 
 def trial_id(labels: dict[str, str], budget: float, seed: int) -> str:
     axes = ",".join(f"{k}={v}" for k, v in labels.items())
-    return f"{axes}|b{budget:.0e}|s{seed}"
+    return f"{axes}|b{budget:.3g}|s{seed}"
 
 
 def tokens_per_step(cfg: TurnoutConfig) -> int:
