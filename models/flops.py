@@ -23,7 +23,8 @@ Conventions (also in docs/design.md, "FLOP accounting"):
   one micro batch reaching the layer; ``T * k'`` dropless. ``k' = k * E / (E + noop)``:
   assignments to no-op experts cost nothing (their share under balanced routing).
   Routing is not balanced in general: drops below the cap are not subtracted (an upper
-  bound by the drop fraction) and the no-op share is the learned one.
+  bound by the drop fraction), and the share of assignments a router really sends to
+  no-op experts is its own, not the balanced one.
 - Early exit (training, static shapes): every exit runs the shared head on every
   token, ``2 D V`` per exit (the final norm is not counted).
 - A ponder block (training, static shapes) runs its block ``N = ponder.max_steps`` times
