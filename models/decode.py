@@ -29,7 +29,8 @@ token (fp32: logits within float noise):
   and on which tokens share its step. Decoding therefore equals the causal forward of
   the same weights with ``capacity_factor = null``; with a capacity factor the two
   differ exactly where the full forward drops an assignment. Prefill follows the same
-  rule.
+  rule. It is the training path's kept rows: a one-token step runs its k experts on one
+  row each, not all E.
 - Batch > 1: a routed block runs only on the sequences that chose at least one of the
   call's positions; the others do no work in it (no projections, no attention, no
   FFN). Among those sequences its norms, Q/K/V projections and attention run on the

@@ -15,19 +15,16 @@ Conventions (also in docs/design.md, "FLOP accounting"):
   positions of each sequence; its router and causal predictor run on all ``S``.
 - A MoE layer's router runs on every token reaching it (fp32 ``D x E`` matmul, the
   no-op columns of integrated MoDE included); with ``moe.router_input: block`` it
-  scores all ``S`` positions of a MoD-routed block, before the MoD choice. Expert rows
-  depend on the dispatcher (``expert_padding``). The single-process dispatcher
-  (``ep_size = 1``) computes every row of its ``[E, C, D]`` capacity buckets, padding
-  included, with ``C = max(min_capacity, ceil(capacity_factor * T * k / E))`` and ``T``
-  the tokens of one micro batch reaching the layer. The expert-parallel exchange
-  (``ep_size > 1``) sends and computes only kept rows: ``min(T * k', E * C)``, the real
-  assignments under balanced routing, capped by the buckets (``k'`` below). Dropless
-  mode counts the ``k'`` real rows per token either way, ``k' = k * E / (E + noop)``
-  (assignments to no-op experts cost nothing: their share under balanced routing).
-  That is what the expert-parallel exchange runs, but not the single-process
-  dispatcher: dropless at ``ep_size = 1`` it sizes its buckets by the busiest expert and
-  computes ``E x`` that many rows, which depends on the routing; the count is the
-  balanced-routing value, a lower bound on what runs.
+  scores all ``S`` positions of a MoD-routed block, before the MoD choice. The experts
+  compute kept rows only, at every ``ep_size`` (``models/dispatch.py``: no capacity
+  padding): ``min(T * k', E * C)`` in capacity mode, the real assignments under
+  balanced routing capped by the buckets, with
+  ``C = max(min_capacity, ceil(capacity_factor * T * k / E))`` and ``T`` the tokens of
+  one micro batch reaching the layer; ``T * k'`` dropless. ``k' = k * E / (E + noop)``:
+  assignments to no-op experts cost nothing (their share under balanced routing).
+  Routing is not balanced in general: drops below the cap are not subtracted (an upper
+  bound by the drop fraction), and the share of assignments a router really sends to
+  no-op experts is its own, not the balanced one.
 - Early exit (training, static shapes): every exit runs the shared head on every
   token, ``2 D V`` per exit (the final norm is not counted).
 - A ponder block (training, static shapes) runs its block ``N = ponder.max_steps`` times
@@ -69,7 +66,7 @@ class BlockFlops:
     attention: float
     """Q/K/V and output projections plus the attention scores."""
     ffn: float
-    """The dense SwiGLU, or the experts' rows (capacity padding included)."""
+    """The dense SwiGLU, or the experts' kept rows."""
     routing: float
     """MoE router, MoD router and causal predictor."""
 
@@ -114,20 +111,16 @@ def _attention(cfg: ModelConfig, seq_len: int, rows: int) -> float:
     return rows * projections + scores
 
 
-def moe_rows(cfg: ModelConfig, tokens: int, noop: int, expert_padding: bool = True) -> float:
-    """Expert rows computed for ``tokens`` tokens reaching a MoE layer.
-
-    ``expert_padding``: the experts compute their whole capacity buckets (the
-    single-process dispatcher), not only the kept rows (the expert-parallel exchange).
-    Dropless: the real rows either way (at ``ep_size = 1`` the dispatcher runs
-    ``E x`` the busiest expert's rows; see the module docstring)."""
+def moe_rows(cfg: ModelConfig, tokens: int, noop: int) -> float:
+    """Expert rows computed for ``tokens`` tokens reaching a MoE layer: the kept rows under
+    balanced routing, ``min(T k', E C)`` (dropless ``T k'``; see the module docstring)."""
     moe = cfg.moe
     E, k = moe.num_experts, moe.top_k
     real = tokens * k * E / (E + noop)
     capacity = expert_capacity(tokens, E, k, moe.capacity_factor, moe.min_capacity)
     if capacity is None:
         return real
-    return float(E * capacity) if expert_padding else min(real, float(E * capacity))
+    return min(real, float(E * capacity))
 
 
 def block_rows(cfg: ModelConfig, kind: BlockKind, seq_len: int) -> int:
@@ -135,9 +128,7 @@ def block_rows(cfg: ModelConfig, kind: BlockKind, seq_len: int) -> int:
     return mod_capacity(seq_len, cfg.mod.capacity) if kind.mod_routed else seq_len
 
 
-def block_flops(
-    cfg: ModelConfig, kind: str, seq_len: int, batch: int = 1, expert_padding: bool = True
-) -> BlockFlops:
+def block_flops(cfg: ModelConfig, kind: str, seq_len: int, batch: int = 1) -> BlockFlops:
     """Forward FLOPs per token of one block of ``kind`` (top-k MoD routing)."""
     D = cfg.d_model
     spec = BLOCK_KINDS[kind]
@@ -154,7 +145,7 @@ def block_flops(
         block_input = spec.mod_routed and cfg.moe.router_input == RouterInput.BLOCK
         router_rows = seq_len if block_input else rows
         per_seq_routing += router_rows * 2 * D * (cfg.moe.num_experts + noop)
-        expert_rows = moe_rows(cfg, batch * rows, noop, expert_padding) / batch
+        expert_rows = moe_rows(cfg, batch * rows, noop) / batch
         per_seq_ffn = expert_rows * SWIGLU_MATMULS * 2 * D * cfg.expert_hidden()
     else:
         per_seq_ffn = rows * SWIGLU_MATMULS * 2 * D * cfg.ffn_dim
@@ -173,14 +164,11 @@ def _times(b: BlockFlops, n: float) -> BlockFlops:
     return dataclasses.replace(b, attention=n * b.attention, ffn=n * b.ffn, routing=n * b.routing)
 
 
-def forward_flops(
-    cfg: ModelConfig, seq_len: int | None = None, batch: int = 1, expert_padding: bool = True
-) -> FlopCount:
+def forward_flops(cfg: ModelConfig, seq_len: int | None = None, batch: int = 1) -> FlopCount:
     """Forward FLOPs per token of ``cfg`` on micro batches of ``batch`` x ``seq_len``.
 
     ``seq_len`` defaults to ``cfg.max_seq_len``; ``batch`` matters only through the MoE
-    capacity (its rounding and ``min_capacity``). ``expert_padding``: see :func:`moe_rows`
-    (True for ``ep_size = 1``, False for the expert-parallel exchange).
+    capacity (its rounding and ``min_capacity``), the same at every ``ep_size``.
     """
     S = cfg.max_seq_len if seq_len is None else seq_len
     if S < 1 or batch < 1:
@@ -188,7 +176,7 @@ def forward_flops(
     blocks = []
     copies = 1  # after a ponder block, its N step states run on as N copies of the batch
     for spec in cfg.blocks():
-        block = block_flops(cfg, spec.name, S, batch * copies, expert_padding)
+        block = block_flops(cfg, spec.name, S, batch * copies)
         blocks.append(_times(block, copies))
         if spec.ponder:
             copies = cfg.ponder.max_steps

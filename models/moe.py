@@ -132,9 +132,10 @@ class MoELayer(nn.Module):
     def dropless_local(self, x_TD: torch.Tensor, logits_TE: torch.Tensor) -> torch.Tensor:
         """The layer's output for these tokens, dropless, on this process's experts,
         whatever ``capacity_factor`` and the installed dispatcher say: how it decodes
-        (design §3.4, "MoE decodes dropless")."""
+        (design §3.4, "MoE decodes dropless"). The training path's kept rows: a step of
+        one token runs its k chosen experts on one row each, not every expert."""
         plan = self.plan(logits_TE, None)  # with the selection bias when there is one
-        return _LOCAL(x_TD, plan, self.experts).to(x_TD.dtype)
+        return _LOCAL(x_TD, plan, self.experts)
 
     def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return x_TD.float() @ self.router_DE.float()

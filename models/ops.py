@@ -80,7 +80,7 @@ def _moe_plan(
     )
     if selection_bias is not None:
         gate_TK = _ref.gates_of(torch.softmax(logits_TE.float(), -1), expert_TK, normalize_gates)
-    cap = _ref.dropless_capacity(counts_E) if capacity is None else int(capacity)
+    cap = None if capacity is None else int(capacity)
     return RoutingPlan(expert_TK, gate_TK, slot_TK, keep_TK, counts_E, cap, n_real)
 
 
@@ -161,7 +161,7 @@ def _mode_plan(
         rows_T = _ref.chosen_rows(idx_BM, scores_BS.shape[1])
         probs_TE = torch.softmax(logits_NE[rows_T].float(), -1)
         gate_TK = _ref.gates_of(probs_TE, expert_TK, normalize_gates)
-    cap = _ref.dropless_capacity(counts_E) if capacity is None else int(capacity)
+    cap = None if capacity is None else int(capacity)
     plan = RoutingPlan(expert_TK, gate_TK, slot_TK, keep_TK, counts_E, cap, n_real)
     return idx_BM, chosen_BS, plan
 
@@ -172,11 +172,17 @@ def _gate(plan: RoutingPlan, dtype: torch.dtype) -> Tensor:
 
 
 def permute(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
-    """Gather token rows into capacity buckets ``[E, C, D]`` (empty rows are zero)."""
+    """Gather token rows into capacity buckets ``[E, C, D]`` (empty rows are zero).
+
+    The bucket path (this, a batched GEMM per bucket, :func:`combine`) is no layer's path:
+    it is the oracle of the experts' kept-rows path (``models/dispatch.py``) and the
+    subject of the kernels' own tests.
+    """
     if not _fused(x_TD):
         return _ref.permute(x_TD, plan)
+    C = _ref.bucket_rows(plan)
     return torch.ops.turnout.permute(
-        x_TD, plan.expert_TK, plan.slot_TK, plan.keep_TK, None, plan.num_experts, plan.capacity
+        x_TD, plan.expert_TK, plan.slot_TK, plan.keep_TK, None, plan.num_experts, C
     )
 
 

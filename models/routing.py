@@ -35,7 +35,10 @@ class RoutingPlan:
     ``slot_TK`` is the assignment's position inside its expert's bucket in GShard
     priority (all first choices before any second choice, then by token index),
     counted before dropping. ``keep_TK`` is true for assignments that are dispatched:
-    to a real (not no-op) expert and ``slot < capacity``.
+    to a real (not no-op) expert and ``slot < capacity``. ``capacity`` is None in
+    dropless mode: every real assignment is kept, and nothing in routing or in the
+    experts' kept-rows path needs a size (the bucket oracle sizes its buckets itself,
+    :func:`bucket_rows`, with the host sync that takes).
     """
 
     expert_TK: Tensor
@@ -43,7 +46,7 @@ class RoutingPlan:
     slot_TK: Tensor
     keep_TK: Tensor
     counts_E: Tensor
-    capacity: int
+    capacity: int | None
     num_experts: int
 
     @property
@@ -87,9 +90,12 @@ def gshard_slots(expert_TK: Tensor, num_choices: int) -> tuple[Tensor, Tensor]:
     return slot_KT.t().contiguous(), counts_E
 
 
-def dropless_capacity(counts_E: Tensor) -> int:
-    """Bucket rows in dropless mode: the largest expert count (0 without experts)."""
-    return int(counts_E.max().item()) if counts_E.numel() else 0
+def bucket_rows(plan: RoutingPlan) -> int:
+    """Rows per expert bucket of ``plan`` for the bucket oracle (:func:`permute`): the
+    capacity, or dropless the largest expert count (0 without experts; a host sync)."""
+    if plan.capacity is not None:
+        return plan.capacity
+    return int(plan.counts_E.max().item()) if plan.counts_E.numel() else 0
 
 
 def selection_logits(logits_TE: Tensor, bias_E: Tensor) -> Tensor:
@@ -120,7 +126,7 @@ def moe_plan(
 
     ``logits_TE`` has E router columns; the first ``num_experts`` are real experts and
     any further columns are no-op experts (integrated MoDE), which are never dispatched.
-    ``capacity=None`` is dropless: the bucket size becomes the largest expert count.
+    ``capacity=None`` is dropless: every real-expert assignment is kept.
     ``selection_bias`` (one value per real expert, aux-loss-free balancing) is added to
     the logits for the top-k choice only: the choice is the top-k of
     ``softmax(selection_logits)`` while the gates stay the unbiased probabilities.
@@ -141,7 +147,7 @@ def moe_plan(
     counts_E = counts_all[:n_real]
     real_TK = expert_TK < n_real
     if capacity is None:
-        cap = dropless_capacity(counts_E)
+        cap = None
         keep_TK = real_TK
     else:
         cap = int(capacity)
@@ -170,9 +176,13 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
 
 
 def permute(x_TD: Tensor, plan: RoutingPlan) -> Tensor:
-    """Gather token rows into capacity buckets ``[E, C, D]`` (empty rows are zero)."""
+    """Gather token rows into capacity buckets ``[E, C, D]`` (empty rows are zero).
+
+    The bucket path (``permute`` -> a batched GEMM per bucket -> :func:`combine`) is the
+    oracle of the experts' kept-rows path (``models/dispatch.py``) and of the kernels.
+    """
     T, D = x_TD.shape
-    buckets_ECD = x_TD.new_zeros(plan.num_experts, plan.capacity, D)
+    buckets_ECD = x_TD.new_zeros(plan.num_experts, bucket_rows(plan), D)
     keep = plan.keep_TK
     token_TK = torch.arange(T, device=x_TD.device).unsqueeze(1).expand_as(plan.expert_TK)
     buckets_ECD[plan.expert_TK[keep], plan.slot_TK[keep]] = x_TD[token_TK[keep]]

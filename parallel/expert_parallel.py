@@ -182,9 +182,8 @@ def prepare_for_deepspeed(model: nn.Module, groups: ParallelGroups, zero_stage: 
             for p in layer.experts.parameters():
                 p.ds_zero_placement_family = "autoep_expert"  # type: ignore[attr-defined]
                 p.ds_zero_partition_group_name = groups.name  # type: ignore[attr-defined]
-                # The all-to-all dispatcher (both modes) reads the weights through
-                # ExpertBank.grouped, not the bank's forward: gather them whenever the
-                # MoE layer runs.
+                # Gathered whenever the MoE layer runs, not only around the bank's
+                # forward (which is where the dispatchers read them).
                 register_external_parameter(layer, p)
     if not hasattr(model, MARKER_NAME):
         marker = _marker_class(zero_stage == 3)(groups, layers[0].num_experts)

@@ -2,7 +2,7 @@
 
 - :func:`run_flops` counts the training FLOPs per token of the run's model on its micro
   batch and sequence length (:func:`turnout.models.flops.forward_flops`, top-k routing,
-  capacity padding only where the run's dispatcher computes it, 3x forward) and of the
+  the experts' kept rows, 3x forward) and of the
   dense model of equal shape, whose ratio is what MoD/MoE save;
 - :func:`probe_peak_tflops` measures the matmul throughput of this rank's device once,
   the denominator of the MFU when ``train.peak_tflops`` is 0: square GEMMs (fp32 on a
@@ -46,8 +46,7 @@ class RunFlops:
 def run_flops(cfg: TurnoutConfig) -> RunFlops:
     """Training FLOPs per token of ``cfg.model`` on the run's micro batches."""
     batch, seq = cfg.train.micro_batch_size, cfg.model.max_seq_len
-    # The expert-parallel exchange computes no capacity padding; one process does.
-    model = forward_flops(cfg.model, seq, batch, expert_padding=cfg.parallel.ep_size == 1)
+    model = forward_flops(cfg.model, seq, batch)
     dense = forward_flops(dense_counterpart(cfg.model), seq, batch)
     return RunFlops(model.train_per_token, dense.train_per_token)
 

@@ -157,6 +157,6 @@ def a2a_bytes(cfg: TurnoutConfig, precision: str) -> float:
     for spec in m.blocks():
         if not spec.has_moe:
             continue
-        rows = moe_rows(m, B * block_rows(m, spec, S), m.noop_choices(spec), False)
+        rows = moe_rows(m, B * block_rows(m, spec, S), m.noop_choices(spec))
         values += rows * m.d_model  # the exchange sends kept rows only
     return A2A_PER_LAYER * values * ACT_BYTES[precision] * cfg.train.grad_accum

@@ -24,9 +24,8 @@ Everything is arithmetic on the config; nothing is built or run. The estimates:
   its input, normed input, Q/K/V, output and projection (``5 D + 2 G Hd``); a dense
   FFN its input, normed input and the four SwiGLU tensors (``2 D + 4 F``); a MoE FFN
   the same per expert row (``r (2 D + 4 Fe)``) plus the router logits, ``r`` being the
-  single-process dispatcher's rows at every ``ep`` (capacity mode: the ``E C`` bucket
-  rows, padding included, even at ``ep > 1`` where only kept rows run and the FLOP count
-  takes those; dropless: the ``k'`` real rows, :func:`turnout.models.flops.moe_rows`); a
+  kept rows the experts compute at every ``ep`` (:func:`turnout.models.flops.moe_rows`:
+  ``min(k' T, E C)`` in capacity mode, ``k' T`` dropless, no bucket padding); a
   MoD-routed block also keeps, for all ``N`` tokens, its scattered output, router score
   and predictor hidden (``D + 1 + h``).
   With ``train.activation_checkpointing`` a recomputed block keeps only its input
@@ -153,7 +152,7 @@ def plan(cfg: TurnoutConfig, gpus: int | None = None, gpu: str = DEFAULT_GPU) ->
         seq_len=S,
         grad_accum=cfg.train.grad_accum,
         params=params,
-        flops=forward_flops(m, S, B, expert_padding=ep == 1),
+        flops=forward_flops(m, S, B),
         dense_flops=forward_flops(dense, S, B),
         memory=Memory(weights, grads, optimizer, activation_bytes(m, S, B, precision, ckpt)),
         dense_activations=activation_bytes(dense, S, B, precision, ckpt),
