@@ -196,8 +196,10 @@ def run_sweep(spec_path: str | Path, address: str | None = None) -> int:
     )
     embedded = _init_ray(address, spec)
     status, code = "FINISHED", EXIT_OK
+    errors = 0
     try:
-        _tuner(_trial_space(spec, trials), folder, spec, parent).fit()
+        grid = _tuner(_trial_space(spec, trials), folder, spec, parent).fit()
+        errors = len(grid.errors)
     except KeyboardInterrupt:
         status, code = "KILLED", EXIT_INTERRUPTED
     finally:
@@ -209,7 +211,8 @@ def run_sweep(spec_path: str | Path, address: str | None = None) -> int:
     write_json(folder / RESULTS_FILE, records)
     missing = [t for t in trials if not (folder / "trials" / t.folder / RECORD_FILE).is_file()]
     if missing and code == EXIT_OK:
-        status, code = "FAILED", EXIT_FAILED
+        # Unfinished trials without an error: Tune stopped them (its Ctrl-C handling).
+        status, code = ("FAILED", EXIT_FAILED) if errors else ("KILLED", EXIT_INTERRUPTED)
     _end_parent(first, parent, status, folder / RESULTS_FILE)
     for t in missing:
         log = folder / "trials" / t.folder / "train.log"
