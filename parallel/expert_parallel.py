@@ -149,7 +149,8 @@ def _marker_class(zero3: bool) -> type:
             self.ep_group_name = groups.name
             self.num_experts = num_experts
             # Zero under ZeRO-1/2: DeepSpeed then neither saves nor loads per-expert files
-            # for this marker; turnout.trainer.checkpoint.collective saves the expert slices itself.
+            # for this marker; turnout.trainer.checkpointing.collective saves the expert
+            # slices itself.
             self.num_local_experts = num_experts // groups.ep_size if zero3 else 0
             self.enable_expert_tensor_parallelism = False
 

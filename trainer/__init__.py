@@ -11,7 +11,7 @@ import, the rest are its own (tests/unit/test_layering.py keeps that, and keeps 
 free of import circles):
 
 - ``data/``: corpus -> tokenizer -> token cache -> per-rank batches;
-- ``checkpoint/``: the layout-free format, its readers, and the collective save / load;
+- ``checkpointing/``: the layout-free format, its readers, and the collective save / load;
 - ``resume/``: where a run resumes (automatic recovery, the layout check);
 - ``tracking/``: MLflow: the run's life, the background sender, system metrics;
 - ``metrics/``: routing metrics, expert load, FLOPs and MFU;

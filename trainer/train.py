@@ -38,7 +38,7 @@ from turnout.config import TurnoutConfig
 from turnout.parallel.dist import all_reduce_sum, device
 from turnout.parallel.groups import ParallelGroups
 from turnout.trainer.balance import BiasBalancer
-from turnout.trainer.checkpoint import collective as checkpoint
+from turnout.trainer.checkpointing import collective as checkpoint
 from turnout.trainer.data.batches import (
     bits_per_byte,
 )

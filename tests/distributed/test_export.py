@@ -34,7 +34,7 @@ def _train_save_reference(
     rank: int, world: int, base: list[str], data: str, ep: int, stages: tuple[int, ...]
 ) -> dict:
     from turnout.parallel.groups import build_groups
-    from turnout.trainer.checkpoint import collective as checkpoint
+    from turnout.trainer.checkpointing import collective as checkpoint
     from turnout.trainer.eval.validation import evaluate
     from turnout.trainer.metrics.routing import StatsAccumulator
     from turnout.trainer.run_setup import setup

@@ -20,7 +20,7 @@ from tests.distributed.test_train_loop import _overrides
 from tests.margins import assert_clear
 from tests.spawn import run_ranks
 from turnout.config.load import load_config
-from turnout.trainer.checkpoint.files import consolidated_master
+from turnout.trainer.checkpointing.files import consolidated_master
 from turnout.trainer.data.batches import prepare_corpus
 
 pytestmark = pytest.mark.distributed
@@ -66,7 +66,7 @@ def _phase(
     """Train (from ``resume`` when given) up to step ``stop``; save at ``save_at`` steps
     (the resumed step included: the loaded state, saved straight back)."""
     from turnout.parallel.groups import build_groups
-    from turnout.trainer.checkpoint import collective as checkpoint
+    from turnout.trainer.checkpointing import collective as checkpoint
     from turnout.trainer.metrics.routing import StatsAccumulator
     from turnout.trainer.resume.layout import resume_config
     from turnout.trainer.run_setup import setup

@@ -14,7 +14,7 @@ import torch
 from turnout.config.load import load_config, to_yaml
 from turnout.errors import CheckpointError, ConfigError
 from turnout.launch.cli import main
-from turnout.trainer.checkpoint.files import DENSE_FILE, FORMAT, META_FILE
+from turnout.trainer.checkpointing.files import DENSE_FILE, FORMAT, META_FILE
 from turnout.trainer.weights.from_checkpoint import load_for_inference
 
 pytestmark = pytest.mark.unit

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from turnout.errors import CheckpointError
-from turnout.trainer.checkpoint import manifest
+from turnout.trainer.checkpointing import manifest
 
 
 def _folder(tmp_path: Path) -> Path:

@@ -16,8 +16,8 @@ from turnout.launch.ray.restarts import FinalWorkerError, is_final, worker_failu
 from turnout.launch.summary import format_summary
 from turnout.models.kernels import KernelMismatchError
 from turnout.parallel.dist import CollectiveError
-from turnout.trainer.checkpoint import manifest
-from turnout.trainer.checkpoint.files import LATEST, META_FILE
+from turnout.trainer.checkpointing import manifest
+from turnout.trainer.checkpointing.files import LATEST, META_FILE
 from turnout.trainer.resume.recovery import (
     begin_attempt,
     newest_checkpoint,

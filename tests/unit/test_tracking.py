@@ -85,7 +85,7 @@ def test_attached_tracker_leaves_the_status_to_the_launcher(
 
 def test_resume_appends_to_the_checkpoints_run(tmp_path: Path) -> None:
     from turnout.errors import RunError
-    from turnout.trainer.checkpoint.files import META_FILE
+    from turnout.trainer.checkpointing.files import META_FILE
     from turnout.trainer.tracking.store import end_run, open_run, previous_run_id, record_run_id
 
     first = open_run(_cfg(tmp_path), 2)

@@ -1,6 +1,6 @@
 """The tokenizer travels with the weights: ``tokenizer.json`` beside ``config.yaml``.
 
-:func:`save` (called by :func:`turnout.trainer.checkpoint.collective.save` on rank 0) writes the
+:func:`save` (called by :func:`turnout.trainer.checkpointing.collective.save` on rank 0) writes the
 tokenizer the run trained with (the token cache's file, which the caller passes in:
 ``TokenData.tokenizer_file``) into a checkpoint step folder: a Hugging Face
 ``tokenizer.json`` for every tokenizer, the byte tokenizer included (a merge-free BPE

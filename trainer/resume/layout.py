@@ -1,6 +1,6 @@
 """Can this run resume ``train.resume`` at its own layout, and with which gradient accumulation?
 
-Checkpoints (:mod:`turnout.trainer.checkpoint.collective`) carry no layout, so world size,
+Checkpoints (:mod:`turnout.trainer.checkpointing.collective`) carry no layout, so world size,
 ``parallel.ep_size`` and ZeRO stage may all change on resume. Two things may not:
 
 - the model's parameters: the new ``model`` section must build parameters of the same
@@ -29,8 +29,8 @@ from turnout.config.load import flatten, load_config
 from turnout.errors import CheckpointError, ConfigError
 from turnout.files import CONFIG_FILE
 from turnout.models.lm import TransformerLM
-from turnout.trainer.checkpoint import manifest
-from turnout.trainer.checkpoint.files import read_meta, resolve_resume
+from turnout.trainer.checkpointing import manifest
+from turnout.trainer.checkpointing.files import read_meta, resolve_resume
 
 log = logging.getLogger("turnout.trainer")
 KEY = "train.resume"

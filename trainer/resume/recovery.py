@@ -50,11 +50,11 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of ``run_dir`` (a step folder), or None.
 
     Complete: a ``step<N>`` folder whose manifest lists files that are all there with
-    their sizes (:func:`turnout.trainer.checkpoint.manifest.is_complete`; the manifest is written
+    their sizes (:func:`turnout.trainer.checkpointing.manifest.is_complete`; the manifest is written
     after every rank's files). The highest such N wins, whatever ``latest`` says: a kill
     between the folder's rename and the rewrite of ``latest`` loses nothing, and a
     damaged newest folder falls back to the one before."""
-    from turnout.trainer.checkpoint.manifest import is_complete
+    from turnout.trainer.checkpointing.manifest import is_complete
 
     try:
         steps = [
@@ -72,7 +72,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 def _checkpoint_step(path: str) -> int:
     """The step a checkpoint (a step folder, or a run folder's latest) was saved after."""
-    from turnout.trainer.checkpoint.files import resolve_resume
+    from turnout.trainer.checkpointing.files import resolve_resume
 
     _, tag = resolve_resume(path)
     return tag_step(tag) or 0

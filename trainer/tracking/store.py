@@ -124,7 +124,7 @@ def previous_run_id(resume: str) -> str:
     """The MLflow run id recorded beside the ``train.resume`` checkpoint ('' if none)."""
     if not resume:
         return ""
-    from turnout.trainer.checkpoint.files import resolve_resume
+    from turnout.trainer.checkpointing.files import resolve_resume
 
     try:
         load_dir, _ = resolve_resume(resume)

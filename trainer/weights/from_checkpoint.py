@@ -4,9 +4,9 @@
 step folder and needs no config, no process group and no DeepSpeed engine: it reads
 
 - ``config.yaml``, the run's resolved config, which
-  :func:`turnout.trainer.checkpoint.collective.save`
+  :func:`turnout.trainer.checkpointing.collective.save`
   writes into every step folder; the model is rebuilt from its ``model`` section;
-- the layout-free weights (:func:`turnout.trainer.checkpoint.files.consolidated_master`): every
+- the layout-free weights (:func:`turnout.trainer.checkpointing.files.consolidated_master`): every
   parameter's fp32 master, expert weights concatenated by global expert index whatever
   ``parallel.ep_size`` and ZeRO stage wrote them, and the persistent buffers. The masters
   are cast to the dtype the training forward ran in (``meta.pt``: fp32, or bf16 under
@@ -33,7 +33,7 @@ from turnout.errors import CheckpointError, ConfigError
 from turnout.files import CONFIG_FILE, tag_step
 from turnout.models.lm import TransformerLM
 from turnout.models.pretrained import check_state
-from turnout.trainer.checkpoint.files import consolidated_master, resolve_resume
+from turnout.trainer.checkpointing.files import consolidated_master, resolve_resume
 
 KEY = "checkpoint"
 """What our errors name: the CHECKPOINT argument."""

@@ -25,16 +25,17 @@ leaves out expert weights that are not its own MoE layer's (ours are not). DeepS
 universal checkpoint reshards dense ZeRO state but needs an offline conversion pass, knows
 nothing of our expert banks, and does not cover ZeRO-3 with expert parallelism; a
 torch.distributed.checkpoint plan would have to be taught the same expert-index mapping.
-The per-parameter view :mod:`turnout.trainer.checkpoint.master_state` gives us (DeepSpeed's public
-``safe_get/set_full_*`` API) is the same at every stage, so saving is "each parameter,
-whole" and loading is "each local parameter, from the whole one" - for experts, the rows of
-this rank's global expert indices. The cost is that the dense state is gathered to one
-rank when saving and read whole by every rank when loading (expert files are memory-mapped
-and only the needed rows are read): fine for the models turnout trains.
+The per-parameter view :mod:`turnout.trainer.checkpointing.master_state` gives us
+(DeepSpeed's public ``safe_get/set_full_*`` API) is the same at every stage, so saving
+is "each parameter, whole" and loading is "each local parameter, from the whole one" -
+for experts, the rows of this rank's global expert indices. The cost is that the dense
+state is gathered to one rank when saving and read whole by every rank when loading
+(expert files are memory-mapped and only the needed rows are read): fine for the models
+turnout trains.
 
 Atomicity: every file goes into a hidden temporary tag ``.tmp-step<N>``; once all are
 written rank 0 adds ``manifest.json`` (every file's size and sha256,
-:mod:`turnout.trainer.checkpoint.manifest`), renames the folder to ``step<N>`` and then rewrites
+:mod:`turnout.trainer.checkpointing.manifest`), renames the folder to ``step<N>`` and then rewrites
 ``latest`` atomically (temp file + os.replace). A run killed mid-save leaves only a hidden
 temporary folder; a step folder damaged later is named by the manifest check on resume.
 
@@ -63,8 +64,8 @@ from turnout.files import CONFIG_FILE, step_tag
 from turnout.parallel.dist import all_gather_object, barrier
 from turnout.parallel.expert_parallel import expert_bank_params
 from turnout.parallel.groups import ParallelGroups
-from turnout.trainer.checkpoint import manifest
-from turnout.trainer.checkpoint.files import (
+from turnout.trainer.checkpointing import manifest
+from turnout.trainer.checkpointing.files import (
     DENSE_FILE,
     FORMAT,
     LATEST,
@@ -78,7 +79,7 @@ from turnout.trainer.checkpoint.files import (
     resolve_resume,
     write_atomic,
 )
-from turnout.trainer.checkpoint.master_state import (
+from turnout.trainer.checkpointing.master_state import (
     ensure_optimizer_state,
     get_master,
     optimizer_step,

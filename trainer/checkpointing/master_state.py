@@ -1,9 +1,10 @@
 """Read and write one parameter's fp32 master weight and AdamW moments, whatever the ZeRO stage.
 
-This is the layout-free view the checkpoint format (:mod:`turnout.trainer.checkpoint.collective`) is
-built on: for a parameter of the engine's module, its whole fp32 master tensor, its
-``exp_avg`` and ``exp_avg_sq`` (the shape of the parameter as this rank's module holds it:
-under expert parallelism, this rank's experts) and its optimizer step count.
+This is the layout-free view the checkpoint format
+(:mod:`turnout.trainer.checkpointing.collective`) is built on: for a parameter of the
+engine's module, its whole fp32 master tensor, its ``exp_avg`` and ``exp_avg_sq`` (the
+shape of the parameter as this rank's module holds it: under expert parallelism, this
+rank's experts) and its optimizer step count.
 
 How each optimizer keeps them, and how we reach them:
 

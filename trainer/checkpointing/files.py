@@ -2,7 +2,7 @@
 
 A step folder ``<ckpt_dir>/<run>/step<N>/`` holds ``dense.pt``, one ``experts_ep<j>.pt``
 per expert slice, ``meta.pt``, ``config.yaml``, ``tokenizer.json`` and ``manifest.json``
-(the format and why it is ours: :mod:`turnout.trainer.checkpoint.collective`). Everything
+(the format and why it is ours: :mod:`turnout.trainer.checkpointing.collective`). Everything
 here reads those files in one process: export, recovery, the resume-layout preflight and
 the tracking store's resume lookup use it without importing ``turnout.parallel``.
 """
