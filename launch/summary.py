@@ -28,7 +28,7 @@ def ui_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """``value`` as a finite float, else None (absent, NaN, not a number)."""
     try:
         f = float(value)
@@ -42,16 +42,19 @@ def compute_lines(cfg: TurnoutConfig, res: dict[str, Any]) -> list[str]:
     total training FLOPs, achieved TFLOP/s and MFU, peak memory per rank (each line only
     when the result carries it)."""
     lines = []
-    fpt, dense = _number(res.get("flops_per_token")), _number(res.get("dense_flops_per_token"))
+    fpt, dense = (
+        finite_number(res.get("flops_per_token")),
+        finite_number(res.get("dense_flops_per_token")),
+    )
     if fpt is not None and dense is not None and dense > 0:
         lines.append(
             f"  FLOPs per token        {fpt / 1e6:.2f} M train (3x forward), "
             f"{fpt / dense:.2f} of the equal-shape dense model's {dense / 1e6:.2f} M"
         )
-    total = _number(res.get("train_flops"))
+    total = finite_number(res.get("train_flops"))
     if total is not None:
         lines.append(f"  training FLOPs         {total:.3e}")
-    tflops, peak, util = (_number(res.get(k)) for k in ("tflops", "peak_tflops", "mfu"))
+    tflops, peak, util = (finite_number(res.get(k)) for k in ("tflops", "peak_tflops", "mfu"))
     if tflops is not None:
         world = cfg.launch.num_workers
         how = "measured" if res.get("peak_measured") else "train.peak_tflops"

@@ -27,6 +27,7 @@ from typing import Any
 from turnout.config import TurnoutConfig
 from turnout.config.load import load_config, split_source
 from turnout.errors import EXIT_CONFIG, EXIT_OK, ConfigError, WorkerError, error_line
+from turnout.files import write_atomic
 from turnout.launch.preflight import preflight
 from turnout.launch.summary import format_summary
 
@@ -131,9 +132,7 @@ def write_result(path: str, res: dict[str, Any]) -> None:
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(res, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, target)
+    write_atomic(target, json.dumps(res, indent=1, sort_keys=True, default=str))
 
 
 def _env_int(name: str, default: int) -> int:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from turnout.config import TurnoutConfig
-from turnout.config.load import load_config
 from turnout.config.sweep import SweepSpec, load_spec
 from turnout.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
 from turnout.launch.sweep.trial_run import RECORD_FILE, run_trial, write_json
@@ -42,10 +41,10 @@ def sweep_dir(spec: SweepSpec) -> Path:
     return (Path(spec.dir).expanduser() / spec.name).resolve()
 
 
-def _configs(spec: SweepSpec, trials: list[Trial]) -> list[TurnoutConfig]:
+def _configs(trials: list[Trial]) -> list[TurnoutConfig]:
     from turnout.launch.paths import resolve_paths
 
-    return [resolve_paths(load_config(spec.source, list(t.overrides))) for t in trials]
+    return [resolve_paths(t.cfg) for t in trials]
 
 
 def _check_tracking(cfgs: list[TurnoutConfig]) -> TurnoutConfig:
@@ -180,13 +179,14 @@ def run_sweep(spec_path: str | Path, address: str | None = None) -> int:
     spec_path = spec_file(spec_path)
     spec = load_spec(spec_path)
     trials = expand(spec)
-    cfgs = _configs(spec, trials)
+    cfgs = _configs(trials)
     first = _check_tracking(cfgs)
     _prepare_corpora(cfgs)
     folder = sweep_dir(spec)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sweep.yaml").write_text(Path(spec_path).read_text())
-    write_json(folder / "trials.json", _trial_space(spec, trials))
+    space = _trial_space(spec, trials)
+    write_json(folder / "trials.json", space)
     parent = _parent_run(first, spec, folder, Path(spec_path))
     done = len(collect(folder, trials))
     print(
@@ -198,7 +198,7 @@ def run_sweep(spec_path: str | Path, address: str | None = None) -> int:
     status, code = "FINISHED", EXIT_OK
     errors = 0
     try:
-        grid = _tuner(_trial_space(spec, trials), folder, spec, parent).fit()
+        grid = _tuner(space, folder, spec, parent).fit()
         errors = len(grid.errors)
     except KeyboardInterrupt:
         status, code = "KILLED", EXIT_INTERRUPTED

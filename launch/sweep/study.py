@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
+from turnout.launch.summary import finite_number
 from turnout.launch.sweep.fit import STATUS_NOTE, Size, mean_std, optimum
 
 DENSE = "dense"
@@ -23,15 +24,6 @@ NOT_SIZE = ("family", "lr")
 Record = dict[str, Any]
 
 
-def number(value: Any) -> float | None:
-    """``value`` as a finite float, else None (absent, NaN, not a number)."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def sig(value: float, digits: int = 6) -> float:
     """``value`` to ``digits`` significant digits: fitted numbers come out of linear algebra
     whose last bits differ between BLAS builds, and the report should not."""
@@ -40,7 +32,7 @@ def sig(value: float, digits: int = 6) -> float:
 
 def loss_nats(rec: Record) -> float | None:
     """Validation loss in nats per byte (val_bpb * ln 2), None without a finite val_bpb."""
-    bpb = number(rec.get("val_bpb"))
+    bpb = finite_number(rec.get("val_bpb"))
     return None if bpb is None else bpb * LN2
 
 
@@ -93,8 +85,8 @@ def size_stats(recs: list[Record]) -> dict[str, Any]:
     losses = [loss_nats(r) or 0.0 for r in recs]  # usable runs: never None
     mean, std = mean_std(losses)
     params = sum(float(r["params_total"]) for r in recs) / len(recs)
-    active = [a for a in (number(r.get("params_active")) for r in recs) if a is not None]
-    walls = [w for w in (number(r.get("wall_s")) for r in recs) if w is not None]
+    active = [a for a in (finite_number(r.get("params_active")) for r in recs) if a is not None]
+    walls = [w for w in (finite_number(r.get("wall_s")) for r in recs) if w is not None]
     return {
         "size": size_of(recs[0]),
         "params": params,
@@ -123,7 +115,7 @@ def choose_lr(recs: list[Record]) -> tuple[dict[str, str], list[dict[str, Any]]]
         key=lambda kv: (family_key(kv[0][0]), kv[0][1], kv[0][2], kv[1][0]["params_total"]),
     ):
         table.append(
-            {"family": fam, "lr": lr, "lr_value": number(rs[0].get("lr")), "budget": budget}
+            {"family": fam, "lr": lr, "lr_value": finite_number(rs[0].get("lr")), "budget": budget}
             | size_stats(rs)
         )
     choice = {}

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from turnout.files import write_atomic
 from turnout.launch.processes import die_with_parent
 
 RECORD_FILE = "record.json"
@@ -44,10 +45,8 @@ def newest_checkpoint_in(ckpt_dir: Path) -> Path | None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """``data`` as JSON at ``path``, written under a temporary name and renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """``data`` as JSON at ``path``, whole or not at all."""
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def command(trial: dict[str, Any], folder: Path, parent_run_id: str) -> list[str]:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from turnout.config import TurnoutConfig
 from turnout.config.load import load_config
+from turnout.config.root import validate
 from turnout.config.sweep import SweepGrid, SweepSpec
 from turnout.errors import ConfigError
 
@@ -47,6 +48,8 @@ class Trial:
     """``launch.num_workers x launch.cpus_per_worker``: the CPUs the trial holds."""
     threads: int
     """``launch.cpus_per_worker``: the threads each of its ranks runs."""
+    cfg: TurnoutConfig = field(repr=False, compare=False)
+    """The trial's validated config (not part of its record: the overrides say it)."""
 
     @property
     def folder(self) -> str:
@@ -55,7 +58,8 @@ class Trial:
 
     def record(self) -> dict[str, Any]:
         """The trial's static half of a result record (the run adds losses and time)."""
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cfg"}
+        out["labels"] = dict(self.labels)
         out["trial"] = self.id  # the report's name for it
         out["overrides"] = list(self.overrides)
         out["fwd_flops_per_token"] = self.train_flops_per_token / 3.0
@@ -96,7 +100,8 @@ def _grid_trials(spec: SweepSpec, index: int, grid: SweepGrid) -> list[Trial]:
                         "budget", f"{budget:.3g} FLOPs is less than one step of this config"
                     )
                 overrides = (*base, f"train.seed={seed}", f"train.steps={steps}")
-                cfg = load_config(spec.source, list(overrides))  # the steps fit the rest
+                cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+                validate(cfg)  # the steps fit the rest (warmup, eval and checkpoint periods)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e.key}", e.message) from None
             params = count_params(cfg.model)
@@ -118,6 +123,7 @@ def _grid_trials(spec: SweepSpec, index: int, grid: SweepGrid) -> list[Trial]:
                     lr=cfg.train.lr,
                     workers=cfg.launch.num_workers * cfg.launch.cpus_per_worker,
                     threads=cfg.launch.cpus_per_worker,
+                    cfg=cfg,
                 )
             )
     return out

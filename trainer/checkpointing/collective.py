@@ -60,7 +60,7 @@ from torch import nn
 from turnout.config import TurnoutConfig
 from turnout.config.load import to_yaml
 from turnout.errors import CheckpointError
-from turnout.files import CONFIG_FILE, step_tag
+from turnout.files import CONFIG_FILE, step_tag, write_atomic
 from turnout.parallel.dist import all_gather_object, barrier
 from turnout.parallel.expert_parallel import expert_bank_params
 from turnout.parallel.groups import ParallelGroups
@@ -77,7 +77,6 @@ from turnout.trainer.checkpointing.files import (
     read_expert_files,
     read_meta,
     resolve_resume,
-    write_atomic,
 )
 from turnout.trainer.checkpointing.master_state import (
     ensure_optimizer_state,

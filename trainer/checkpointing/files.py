@@ -69,12 +69,6 @@ def resolve_resume(path: str | os.PathLike) -> tuple[Path, str]:
     )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """The module buffers that belong in a state dict (not the recomputed ones)."""
     out: dict[str, torch.Tensor] = {}

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from turnout.errors import CheckpointError
+from turnout.files import write_atomic
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -57,9 +57,7 @@ def write(folder: Path, known: dict[str, dict[str, Any]] | None = None) -> Path:
     known = known or {}
     entries = {name: known.get(name) or file_entry(folder / name) for name in _files(folder)}
     path = folder / MANIFEST
-    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"version": VERSION, "files": entries}, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"version": VERSION, "files": entries}, indent=1) + "\n")
     return path
 
 

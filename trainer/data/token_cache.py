@@ -35,7 +35,7 @@ import numpy as np
 
 from turnout.config.train import DataConfig
 from turnout.errors import ConfigError
-from turnout.files import TOKENIZER_FILE
+from turnout.files import TOKENIZER_FILE, write_atomic
 from turnout.trainer.data.corpus import (
     PIECE_BYTES,
     Source,
@@ -314,7 +314,6 @@ def prepare_corpus(
     )
     if not (pair / META).is_file():
         pair.mkdir(parents=True, exist_ok=True)
-        tmp = pair / f".{META}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "train": str(train), "val": str(val)}))
-        tmp.replace(pair / META)
+        meta = {"version": CACHE_VERSION, "train": str(train), "val": str(val)}
+        write_atomic(pair / META, json.dumps(meta))
     return pair

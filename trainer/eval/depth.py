@@ -14,6 +14,7 @@ threshold of the config, as ``turnout generate`` decodes), all ranks reduced:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -62,10 +63,7 @@ def depth_eval(
 ) -> tuple[float, dict[str, float]]:
     """Collective: (causal validation loss, depth metrics) over all ranks' windows."""
     levels = list(depth_metric_names(cfg))
-
-    def over_ranks(sums: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(sums, "validation depth")
-
+    over_ranks = partial(all_reduce_sum, name="validation depth")
     res = validation_pass(
         engine, sampler, batches, Routing.CAUSAL, engine.device, levels, over_ranks
     )

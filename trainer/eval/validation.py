@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -70,8 +71,5 @@ def validation_pass(
 
 def evaluate(engine: Any, sampler: BatchSampler, batches: int, routing: str) -> float:
     """Collective: mean validation cross-entropy over all ranks' fixed windows."""
-
-    def over_ranks(sums: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(sums, "validation loss")
-
+    over_ranks = partial(all_reduce_sum, name="validation loss")
     return validation_pass(engine, sampler, batches, routing, engine.device, (), over_ranks).loss

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from turnout.config import TurnoutConfig
-from turnout.files import tag_step
+from turnout.files import tag_step, write_atomic
 
 if TYPE_CHECKING:
     from turnout.trainer.tracking.tracker import Tracker
@@ -127,9 +126,7 @@ def _write(path: Path, attempt: int, step: int, restarts: list[Restart]) -> None
             for r in restarts
         ],
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record))
 
 
 def read_recovery(run_dir: Path) -> dict[str, Any] | None:

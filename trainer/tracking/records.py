@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from turnout.errors import ConfigError, RunError
+from turnout.files import write_atomic
 from turnout.trainer.tracking.queue import Record
 
 KINDS = ("metrics", "tags", "corpus", "image", "status")
@@ -124,6 +125,4 @@ def replay(path: str | os.PathLike, uri: str) -> Replayed:
 
 
 def _rewrite(path: Path, records: list[Record]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
