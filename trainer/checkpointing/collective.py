@@ -38,6 +38,12 @@ written rank 0 adds ``manifest.json`` (every file's size and sha256,
 :mod:`turnout.trainer.checkpointing.manifest`), renames the folder to ``step<N>`` and then rewrites
 ``latest`` atomically (temp file + os.replace). A run killed mid-save leaves only a hidden
 temporary folder; a step folder damaged later is named by the manifest check on resume.
+A write a retry cannot fix (a full or read-only disk,
+:mod:`turnout.trainer.checkpointing.disk`) is collective: the failures travel in the
+gather of the manifest entries and the closing broadcast, every rank raises the same
+:class:`~turnout.errors.DiskError`, and rank 0 removes the temporary folder; ``latest``
+and the previous checkpoint are untouched. Pruning old checkpoints is
+:mod:`turnout.trainer.checkpointing.retention`, after the save.
 
 Resuming accepts a run folder (its ``latest`` tag is used) or one ``step<N>`` folder. The
 client state carries the next optimizer step, which is also the data position
