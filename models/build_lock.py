@@ -12,16 +12,23 @@ nothing. So :mod:`turnout.models.kernels` takes our own lock around the build fi
   stale (no pid-file race between two processes breaking the same lock).
 - The holder writes its owner record into the file (pid, host, start time) and clears
   it when its build ends. A record the next holder finds is a build that was interrupted:
-  one warning names its owner, and torch's leftover ``lock`` is removed. Only a holder of
-  our lock builds, so whoever holds it knows torch's ``lock`` is a leftover.
+  one warning names its owner.
+- Under our lock, torch's ``lock`` is a leftover when no process holds it open (torch's
+  baton keeps its file open while it builds; ``/proc/<pid>/fd`` on this machine tells):
+  it is removed (in that warning). One that a live process holds (a build by a process
+  without our lock: an older turnout, a foreign caller of the same extension name) is
+  waited on instead, never removed under it.
 - A lock a live process holds (another rank compiling on this machine) is waited on,
   with one line naming the owner, for at most ``TURNOUT_KERNEL_BUILD_WAIT_S`` seconds
-  (default 600: a CUDA build on a slow machine takes minutes). Past that,
-  :class:`BuildLockTimeout` is raised, and the kernel loader goes on with the reference
-  ops (one warning). Nothing waits without end.
+  (default 600: a CUDA build on a slow machine takes minutes), both waits together. Past
+  that, :class:`BuildLockTimeout` is raised, and the kernel loader goes on with the
+  reference ops (one warning). Nothing waits without end.
 
 A filesystem without locks (``ENOLCK``, ``EOPNOTSUPP``: some network mounts) gets no lock
-of ours: torch's own baton as before.
+of ours: torch's own baton as before. Without ``/proc`` (not Linux) torch's ``lock`` is
+removed only after an interrupted build of ours. A baton held on another machine sharing
+the folder looks unheld here: builds sharing a cache across machines should all be
+turnout's, whose lock is an ``flock`` the shared filesystem arbitrates.
 """
 
 from __future__ import annotations
@@ -108,24 +115,69 @@ def _alive(owner: dict[str, Any]) -> str:
     return "still running"
 
 
-def _clear_torch_lock(build_dir: Path, previous: dict[str, Any]) -> None:
-    """Under our lock: torch's ``lock`` (and the record of an interrupted build) are
-    leftovers; one warning says whose and removes torch's."""
+def _torch_lock_holders(path: Path) -> list[int] | None:
+    """Pids of the other processes on this machine that hold ``path`` open (torch's baton
+    keeps its file open while it builds); None where ``/proc`` cannot tell."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    target = os.path.realpath(path)
+    holders = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
+                holders.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return holders
+
+
+def _settle_torch_lock(
+    build_dir: Path, previous: dict[str, Any], deadline: float, wait_s: float
+) -> None:
+    """Under our lock: remove torch's ``lock`` when no process holds it (a leftover),
+    wait (bounded) while one does (a build by a process without our lock, e.g. an older
+    turnout); one warning names an interrupted build."""
     torch_lock = build_dir / TORCH_LOCK
-    if not previous and not torch_lock.exists():
+    removed, said = False, False
+    while torch_lock.exists():
+        holders = _torch_lock_holders(torch_lock)
+        if holders == [] or (holders is None and previous):
+            with contextlib.suppress(FileNotFoundError):
+                torch_lock.unlink()
+            removed = True
+            break
+        who = f"pid {', '.join(map(str, holders))}" if holders else "a process"
+        if time.monotonic() >= deadline:
+            raise BuildLockTimeout(
+                f"torch's build lock {torch_lock}, held by {who}, is still there after "
+                f"{wait_s:g} s ({WAIT_ENV})"
+            )
+        if not said:
+            _say(f"torch's build lock {torch_lock} (held by {who})", wait_s)
+            said = True
+        time.sleep(_POLL_S)
+    if previous:
+        state = _alive(previous)
+        what = (
+            f"a csrc/ kernel build in {build_dir} was interrupted (by {_describe(previous)}"
+            + (f", {state})" if state else ")")
+            + ("; removed torch's leftover lock" if removed else "")
+        )
+    elif removed:
+        what = f"removed torch's leftover build lock {torch_lock} (no process holds it)"
+    else:
         return
-    with contextlib.suppress(FileNotFoundError):
-        torch_lock.unlink()
-    who = (
-        f"by {_describe(previous)}" + (f" ({state})" if (state := _alive(previous)) else "")
-        if previous
-        else "before turnout's lock recorded its owner"
-    )
-    warnings.warn(
-        f"turnout: a csrc/ kernel build in {build_dir} was interrupted ({who}); "
-        "removed its leftover lock",
-        RuntimeWarning,
-        stacklevel=4,
+    warnings.warn(f"turnout: {what}", RuntimeWarning, stacklevel=4)
+
+
+def _say(what: str, wait_s: float) -> None:
+    print(
+        f"turnout: waiting for {what} to finish; at most {wait_s:g} s ({WAIT_ENV})",
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -135,19 +187,20 @@ def build_lock(build_dir: Path, wait_s: float | None = None) -> Iterator[None]:
     ``wait_s`` seconds (default :func:`wait_seconds`) for a live holder, then raises
     :class:`BuildLockTimeout`."""
     wait_s = wait_seconds() if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
     build_dir.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         yield
         return
     fd = os.open(build_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        if not _acquire(fd, build_dir, wait_s):
+        if not _acquire(fd, build_dir, deadline, wait_s):
             yield  # no locks on this filesystem: torch's baton alone
             return
-        _clear_torch_lock(build_dir, _read(fd))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_owner()).encode(), 0)
         try:
+            _settle_torch_lock(build_dir, _read(fd), deadline, wait_s)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_owner()).encode(), 0)
             yield
         finally:
             os.ftruncate(fd, 0)  # a clean end leaves no owner behind
@@ -156,11 +209,10 @@ def build_lock(build_dir: Path, wait_s: float | None = None) -> Iterator[None]:
         os.close(fd)
 
 
-def _acquire(fd: int, build_dir: Path, wait_s: float) -> bool:
+def _acquire(fd: int, build_dir: Path, deadline: float, wait_s: float) -> bool:
     """Take the flock (True), or False when the filesystem has none; waits for a live
-    holder at most ``wait_s`` seconds, saying so once, then BuildLockTimeout."""
+    holder until ``deadline``, saying so once, then BuildLockTimeout."""
     assert fcntl is not None
-    deadline = time.monotonic() + wait_s
     said = False
     while True:
         try:
@@ -179,11 +231,6 @@ def _acquire(fd: int, build_dir: Path, wait_s: float) -> bool:
                 f"({WAIT_ENV})"
             )
         if not said:
-            print(
-                f"turnout: waiting for the csrc/ kernel build by {_describe(owner)} to finish "
-                f"({where}); at most {wait_s:g} s ({WAIT_ENV})",
-                file=sys.stderr,
-                flush=True,
-            )
+            _say(f"the csrc/ kernel build by {_describe(owner)} ({where})", wait_s)
             said = True
         time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))

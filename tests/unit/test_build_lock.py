@@ -44,6 +44,19 @@ HOLDER = textwrap.dedent(
         baton.release()
     """
 )
+FOREIGN = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from torch.utils.file_baton import FileBaton
+
+    baton = FileBaton(str(Path(sys.argv[1]) / "lock"))
+    assert baton.try_acquire()
+    print("HELD", flush=True)
+    sys.stdin.read()
+    baton.release()
+    """
+)
 WAITER = textwrap.dedent(
     """
     import sys
@@ -97,8 +110,8 @@ def test_a_killed_build_heals_at_once(tmp_path: Path) -> None:
             assert baton.try_acquire()  # torch's own build would go ahead
             baton.release()
     (line,) = _turnout_warnings(caught)
-    assert f"by pid {proc.pid} on host " in line and "(no longer running)" in line
-    assert "interrupted" in line and str(tmp_path) in line
+    assert f"was interrupted (by pid {proc.pid} on host " in line
+    assert ", no longer running); removed torch's leftover lock" in line
     # A clean end leaves no owner behind: the next build says nothing.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -110,7 +123,7 @@ def test_a_killed_build_heals_at_once(tmp_path: Path) -> None:
 
 def test_a_torch_lock_without_an_owner_record_is_a_leftover(tmp_path: Path) -> None:
     (tmp_path / TORCH_LOCK).touch()  # a build killed before it took our lock's record
-    leftover = "before turnout's lock recorded its owner"
+    leftover = r"removed torch's leftover build lock .* \(no process holds it\)"
     with pytest.warns(RuntimeWarning, match=leftover), build_lock(tmp_path, wait_s=0):
         assert not (tmp_path / TORCH_LOCK).exists()
 
@@ -130,6 +143,25 @@ def test_a_live_build_is_waited_on_with_one_line_then_given_up(
         assert (tmp_path / TORCH_LOCK).exists()  # a live build's baton is not touched
     finally:
         _end(proc)
+
+
+def test_a_live_torch_baton_of_a_build_without_our_lock_is_not_removed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A build by a process that does not take our lock (an older turnout): torch's baton
+    # alone, held open while it builds. It is waited on, never removed under it.
+    proc = _start(FOREIGN, tmp_path)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "HELD"
+    try:
+        whose = rf"torch's build lock .*, held by pid {proc.pid}, is still there .*{WAIT_ENV}"
+        with pytest.raises(BuildLockTimeout, match=whose), build_lock(tmp_path, wait_s=0.5):
+            pass
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"turnout: waiting for torch's build lock {tmp_path / TORCH_LOCK}")
+        assert (tmp_path / TORCH_LOCK).exists()
+    finally:
+        _end(proc)
+    assert not (tmp_path / TORCH_LOCK).exists()  # released by its owner
 
 
 def test_the_loader_goes_on_with_the_reference(tmp_path: Path, monkeypatch) -> None:
