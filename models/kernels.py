@@ -2,9 +2,11 @@
 
 The C++ (and, when torch has CUDA, the CUDA) sources in ``csrc/`` are compiled with
 ``torch.utils.cpp_extension.load`` the first time a routing op runs, into torch's
-extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; torch's file
-lock makes concurrent ranks wait for one build). They register the ``torch.ops.turnout``
-custom ops; this module adds their fake (meta) kernels and autograd formulas.
+extension cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), under a
+lock of ours that concurrent ranks wait on, at most ``TURNOUT_KERNEL_BUILD_WAIT_S``
+seconds, and that heals a build killed half-way (:mod:`turnout.models.build_lock`). They
+register the ``torch.ops.turnout`` custom ops; this module adds their fake (meta) kernels
+and autograd formulas.
 
 ``TURNOUT_KERNELS=0`` (or ``reference``/``off``) forces the pure-PyTorch reference. A
 failed build falls back to the reference with one warning, and so does a device whose
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from turnout.models.build_lock import BuildLockTimeout, build_lock
 from turnout.models.routing import chosen_rows
 
 
@@ -93,27 +96,45 @@ def cuda_wanted() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def build_directory(name: str) -> Path:
+    """The folder torch builds extension ``name`` in (``$TORCH_EXTENSIONS_DIR/<name>``, or
+    under torch's default root); the build lock lives there too."""
+    from torch.utils import cpp_extension
+
+    torch_own = getattr(cpp_extension, "_get_build_directory", None)
+    if torch_own is not None:  # torch's own layout, so an existing cache is reused
+        return Path(torch_own(name, False))
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / name
+
+
 def build(name: str, sources: list[Path], with_cuda: bool, verbose: bool = False) -> bool:
-    """Compile and load ``sources`` as a torch op library; False (one warning) on failure."""
+    """Compile and load ``sources`` as a torch op library under the build lock
+    (:mod:`turnout.models.build_lock`); False (one warning) on failure, or when another
+    process's build still holds the lock after ``TURNOUT_KERNEL_BUILD_WAIT_S``."""
     from torch.utils import cpp_extension
 
     flags = ["-O3"]
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in sources],
-            extra_cflags=flags,
-            extra_cuda_cflags=["-O3", "--use_fast_math"] if with_cuda else None,
-            extra_include_paths=[str(csrc_dir())],
-            with_cuda=with_cuda,
-            is_python_module=False,
-            verbose=verbose,
-        )
+        folder = build_directory(name)
+        with build_lock(folder):
+            cpp_extension.load(
+                name=name,
+                sources=[str(s) for s in sources],
+                extra_cflags=flags,
+                extra_cuda_cflags=["-O3", "--use_fast_math"] if with_cuda else None,
+                extra_include_paths=[str(csrc_dir())],
+                build_directory=str(folder),
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
     except Exception as err:  # noqa: BLE001 - any build or load failure means: reference
         first = str(err).strip().splitlines()
         reason = first[-1] if first else type(err).__name__
+        what = "waited long enough for" if isinstance(err, BuildLockTimeout) else "failed"
         warnings.warn(
-            f"turnout: building the csrc/ routing kernels failed ({reason}); "
+            f"turnout: building the csrc/ routing kernels {what} ({reason}); "
             "using the pure-PyTorch reference (set TURNOUT_KERNELS=0 to silence)",
             RuntimeWarning,
             stacklevel=3,

@@ -39,6 +39,7 @@ from turnout.parallel.dist import all_reduce_sum, device
 from turnout.parallel.groups import ParallelGroups
 from turnout.trainer.balance import BiasBalancer
 from turnout.trainer.checkpointing import collective as checkpoint
+from turnout.trainer.checkpointing import retention
 from turnout.trainer.data.batches import (
     bits_per_byte,
 )
@@ -206,6 +207,8 @@ def _checkpoint(run: Run, done: int) -> str:
         run.engine, run.run_dir, done, state, run.groups, run.cfg, run.tokenizer_file
     )
     log.debug("rank %d: checkpoint %.1fs", run.rank, time.perf_counter() - t0)
+    if run.rank == 0:  # the save has finished on every rank: prune, check the space left
+        retention.after_save(run.run_dir, folder, run.cfg.train)
     if run.tracker.run_id:  # rank 0: the run a resume from this folder appends to
         record_run_id(run.run_dir, run.tracker.run_id)
     run.tracker.log_checkpoint(str(folder), done)

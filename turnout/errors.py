@@ -3,6 +3,8 @@
 - :class:`ConfigError`: the input is wrong (a config value, a file it names). Exit 2.
 - :class:`RunError`: the input was fine but the run failed in a way the user can act on
   (a checkpoint that does not load, an unreachable MLflow store). Exit 1.
+- :class:`DiskError`: a write that no retry can fix (no space, a read-only filesystem, no
+  permission): a :class:`RunError` naming the path and the bytes it needed. Exit 1.
 - :class:`WorkerError`: what a training worker hands the launcher when it fails, as
   data (kind, key, message, rank, traceback file). It pickles, so it crosses Ray's
   process boundary intact, and the launcher never parses text to learn what happened.
@@ -60,6 +62,16 @@ class CheckpointError(RunError):
     """A checkpoint exists but cannot be loaded into this run (``key`` is train.resume)."""
 
     def __init__(self, message: str, key: str = "train.resume") -> None:
+        super().__init__(message, key)
+
+
+class DiskError(RunError):
+    """A checkpoint (or its run folder's bookkeeping) could not be written for a reason a
+    retry would meet again: no space, a quota, a read-only filesystem, no permission, a
+    file-size limit. ``key`` is ``train.ckpt_dir``; the message names the path and the
+    bytes needed (:mod:`turnout.trainer.checkpointing.disk`)."""
+
+    def __init__(self, message: str, key: str = "train.ckpt_dir") -> None:
         super().__init__(message, key)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from turnout.config.load import load_config
-from turnout.errors import ConfigError, RunError, WorkerError
+from turnout.errors import ConfigError, DiskError, RunError, WorkerError
 from turnout.launch.ray.failures import find_worker_error, gave_up
 from turnout.launch.ray.restarts import FinalWorkerError, is_final, worker_failure
 from turnout.launch.summary import format_summary
@@ -109,6 +109,7 @@ def test_the_summary_counts_restarts_and_steps_redone() -> None:
         (NonFiniteLossError(5, [0], 2), True),
         (SkippedStepsError(9, 4, 3), True),
         (KernelMismatchError("plan differs"), True),
+        (DiskError("no space left on device (ENOSPC) writing /c/.tmp-step20/dense.pt"), True),
         (CollectiveError("all-reduce", "Connection closed by peer"), False),
         (RuntimeError("gloo: connection reset"), False),
         (MemoryError(), False),

@@ -38,6 +38,12 @@ written rank 0 adds ``manifest.json`` (every file's size and sha256,
 :mod:`turnout.trainer.checkpointing.manifest`), renames the folder to ``step<N>`` and then rewrites
 ``latest`` atomically (temp file + os.replace). A run killed mid-save leaves only a hidden
 temporary folder; a step folder damaged later is named by the manifest check on resume.
+A write a retry cannot fix (a full or read-only disk,
+:mod:`turnout.trainer.checkpointing.disk`) is collective: the failures travel in the
+gather of the manifest entries and the closing broadcast, every rank raises the same
+:class:`~turnout.errors.DiskError`, and rank 0 removes the temporary folder; ``latest``
+and the previous checkpoint are untouched. Pruning old checkpoints is
+:mod:`turnout.trainer.checkpointing.retention`, after the save.
 
 Resuming accepts a run folder (its ``latest`` tag is used) or one ``step<N>`` folder. The
 client state carries the next optimizer step, which is also the data position
@@ -59,12 +65,12 @@ from torch import nn
 
 from turnout.config import TurnoutConfig
 from turnout.config.load import to_yaml
-from turnout.errors import CheckpointError
+from turnout.errors import CheckpointError, DiskError
 from turnout.files import CONFIG_FILE, step_tag, write_atomic
-from turnout.parallel.dist import all_gather_object, barrier
+from turnout.parallel.dist import all_gather_object, broadcast_object
 from turnout.parallel.expert_parallel import expert_bank_params
 from turnout.parallel.groups import ParallelGroups
-from turnout.trainer.checkpointing import manifest
+from turnout.trainer.checkpointing import disk, manifest
 from turnout.trainer.checkpointing.files import (
     DENSE_FILE,
     FORMAT,
@@ -72,6 +78,7 @@ from turnout.trainer.checkpointing.files import (
     META_FILE,
     expert_rows,
     expert_slice_file,
+    latest_tag,
     load_file,
     persistent_buffers,
     read_expert_files,
@@ -128,44 +135,74 @@ def save(
     tmp_tag = f".tmp-{tag}"
     rank = groups.rank
     folder = run_dir / tmp_tag
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-    barrier()
     model = engine.module
     ensure_optimizer_state(engine)  # a no-op once the engine has stepped
     # Collective per parameter: every rank walks the same names in the same order.
     dense = {n: get_master(engine, p) for n, p in _dense_params(model).items()}
     experts = expert_bank_params(model)
     expert_state = {n: get_master(engine, p) for n, (p, _) in experts.items()}
+    buffers = {n: b.detach().cpu().clone() for n, b in persistent_buffers(model).items()}
+    needed = disk.state_bytes(dense, buffers) + groups.ep_size * disk.state_bytes(expert_state)
+    failure = ""
+    if rank == 0:
+        previous = latest_tag(run_dir)  # the last one: config and tokenizer counted too
+        needed = max(needed, manifest.total_bytes(run_dir / previous) if previous else 0)
+        try:
+            with disk.writing(folder, needed):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+            disk.warn_if_short(run_dir, needed, f"checkpoint {tag}")
+        except DiskError as e:
+            failure = e.message
+    # Every rank stops here together when rank 0 cannot even make the folder.
+    failure = str(broadcast_object(failure, name="checkpoint folder"))
+    if failure:
+        raise DiskError(failure)
     hashed: dict[str, dict[str, Any]] = {}  # the files this rank wrote -> manifest entries
-    if experts and groups.layout.edp_rank(rank) == 0:
-        offsets = {n: off for n, (_, off) in experts.items()}
-        path = expert_slice_file(folder, groups.ep_rank)
-        torch.save({"offset": offsets, "params": expert_state}, path)
-        hashed[path.name] = manifest.file_entry(path)  # hashed while in the page cache
-    if rank == 0:
-        buffers = {n: b.detach().cpu().clone() for n, b in persistent_buffers(model).items()}
-        aliases = _tied_aliases(model)
-        torch.save({"params": dense, "buffers": buffers, "aliases": aliases}, folder / DENSE_FILE)
-        torch.save(_meta(engine, step, client_state, groups, bool(experts)), folder / META_FILE)
-        if cfg is not None:
-            (folder / CONFIG_FILE).write_text(to_yaml(cfg))
-            from turnout.trainer.data import tokenizer_files
+    try:
+        if experts and groups.layout.edp_rank(rank) == 0:
+            offsets = {n: off for n, (_, off) in experts.items()}
+            path = expert_slice_file(folder, groups.ep_rank)
+            disk.save_tensors({"offset": offsets, "params": expert_state}, path, needed)
+            hashed[path.name] = manifest.file_entry(path)  # hashed while in the page cache
+        if rank == 0:
+            aliases = _tied_aliases(model)
+            dense_file = {"params": dense, "buffers": buffers, "aliases": aliases}
+            disk.save_tensors(dense_file, folder / DENSE_FILE, needed)
+            meta = _meta(engine, step, client_state, groups, bool(experts))
+            disk.save_tensors(meta, folder / META_FILE, needed)
+            if cfg is not None:
+                with disk.writing(folder / CONFIG_FILE, needed):
+                    (folder / CONFIG_FILE).write_text(to_yaml(cfg))
+                    from turnout.trainer.data import tokenizer_files
 
-            tokenizer_files.save(folder, cfg, tokenizer_file)
+                    tokenizer_files.save(folder, cfg, tokenizer_file)
+    except DiskError as e:
+        failure = e.message
     known: dict[str, dict[str, Any]] = {}
-    for entries in all_gather_object(hashed, name="checkpoint manifest"):
-        known.update(cast(dict[str, dict[str, Any]], entries))
+    first = ""  # the lowest rank's failure: the same on every rank after the gather
+    for entries in all_gather_object((hashed, failure), name="checkpoint manifest"):
+        files, error = cast(tuple[dict[str, dict[str, Any]], str], entries)
+        known.update(files)
+        first = first or error
     final = run_dir / tag
-    if rank == 0:
-        manifest.write(folder, known)  # last: a folder with a manifest is a finished save
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(folder, final)
-        write_atomic(run_dir / LATEST, tag)
-    barrier()
+    if rank == 0 and not first:
+        try:
+            with disk.writing(folder, needed):
+                manifest.write(folder, known)  # last: a folder with a manifest is finished
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(folder, final)
+                write_atomic(run_dir / LATEST, tag)
+        except DiskError as e:
+            first = e.message
+    if rank == 0 and first:  # no rank writes into it any more
+        shutil.rmtree(folder, ignore_errors=True)
+    # The end of the save on every rank: all raise rank 0's line together, or none does.
+    first = str(broadcast_object(first if rank == 0 else "", name="checkpoint"))
+    if first:
+        raise DiskError(first)
     return final
 
 

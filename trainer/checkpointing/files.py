@@ -69,6 +69,15 @@ def resolve_resume(path: str | os.PathLike) -> tuple[Path, str]:
     )
 
 
+def latest_tag(run_dir: Path) -> str:
+    """The ``step<N>`` tag ``run_dir/latest`` names; '' when it has none (or garbage)."""
+    try:
+        tag = (run_dir / LATEST).read_bytes()[:256].decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return tag if tag_step(tag) is not None else ""
+
+
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """The module buffers that belong in a state dict (not the recomputed ones)."""
     out: dict[str, torch.Tensor] = {}

@@ -108,3 +108,12 @@ def is_complete(folder: Path) -> bool:
         if not path.is_file() or path.stat().st_size != want.get("bytes"):
             return False
     return True
+
+
+def total_bytes(folder: Path) -> int:
+    """The bytes of every file the manifest lists (0 when it has none or is unreadable)."""
+    try:
+        files = read(folder)
+    except CheckpointError:
+        return 0
+    return sum(int(v.get("bytes", 0)) for v in files.values() if isinstance(v, dict))

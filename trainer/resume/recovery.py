@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from turnout.config import TurnoutConfig
+from turnout.errors import DiskError
 from turnout.files import tag_step, write_atomic
 
 if TYPE_CHECKING:
@@ -117,7 +118,10 @@ class Attempt:
 
 
 def _write(path: Path, attempt: int, step: int, restarts: list[Restart]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The recovery record, atomically; a full or read-only disk is a
+    :class:`~turnout.errors.DiskError` (not retried) and leaves no temporary file."""
+    from turnout.trainer.checkpointing.disk import writing
+
     record = {
         "attempt": attempt,
         "step": step,
@@ -126,7 +130,10 @@ def _write(path: Path, attempt: int, step: int, restarts: list[Restart]) -> None
             for r in restarts
         ],
     }
-    write_atomic(path, json.dumps(record))
+    text = json.dumps(record)
+    with writing(path, len(text), f"the run folder's {RECOVERY_FILE}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
 
 
 def read_recovery(run_dir: Path) -> dict[str, Any] | None:
@@ -163,11 +170,17 @@ def begin_attempt(run_dir: Path, rank: int, own_resume: str) -> Attempt:
     from turnout.parallel.dist import broadcast_object
 
     attempt = _next_attempt(run_dir, own_resume) if rank == 0 else None
+    chosen: object = None
     if attempt is not None:
         step = attempt.restarts[-1].from_step if attempt.restarts else 0
-        _write(attempt.path or run_dir / RECOVERY_FILE, attempt.number, step, attempt.restarts)
-    chosen = (attempt.number, attempt.resume, attempt.restarts) if attempt else None
+        try:
+            _write(attempt.path or run_dir / RECOVERY_FILE, attempt.number, step, attempt.restarts)
+            chosen = (attempt.number, attempt.resume, attempt.restarts)
+        except DiskError as e:  # every rank stops with rank 0's line
+            chosen = e.message
     shared = broadcast_object(chosen, name="recovery attempt")
+    if isinstance(shared, str):
+        raise DiskError(shared)
     number, resume, restarts = cast(tuple[int, str, list[Restart]], shared)
     return Attempt(number, resume, list(restarts), attempt.path if attempt else None)
 

@@ -71,6 +71,12 @@ class TrainConfig:
     """Log metrics every N steps."""
     ckpt_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 0
+    """Keep the newest N complete checkpoints of the run folder and delete older ones
+    after each save (0 = keep all); train.keep_every names ones to keep as well."""
+    keep_every: int = 0
+    """With train.keep_checkpoints: also keep every checkpoint whose step is a multiple of
+    M, however old (0 = none)."""
     ckpt_dir: str = "checkpoints"
     """Where checkpoints are written (one folder per run)."""
     resume: str = ""
@@ -173,9 +179,15 @@ def validate_train(cfg: TrainConfig) -> None:
     for name in ("steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "eval_every", "ckpt_every"):
+    for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "keep_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(cfg, name)}")
+    if cfg.keep_every and not cfg.keep_checkpoints:
+        raise ConfigError(
+            "train.keep_every",
+            f"is {cfg.keep_every} but train.keep_checkpoints is 0, which keeps every "
+            "checkpoint already; set train.keep_checkpoints=N to prune",
+        )
     if cfg.lr <= 0:
         raise ConfigError("train.lr", f"must be > 0, got {cfg.lr}")
     if not (0 <= cfg.min_lr <= cfg.lr):
