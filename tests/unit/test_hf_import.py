@@ -51,6 +51,9 @@ def _hf_config(arch: str, **extra: object) -> object:
         # Mistral's default window (4096) is past max_position_embeddings: it never applies.
         kw.update(intermediate_size=48)
         return transformers.MistralConfig(**(kw | extra))
+    if arch == "qwen3":
+        kw.update(intermediate_size=48, head_dim=12)
+        return transformers.Qwen3Config(**(kw | extra))
     if arch == "mixtral":
         kw.update(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
         return transformers.MixtralConfig(**(kw | extra))
@@ -73,6 +76,7 @@ def _hf_config(arch: str, **extra: object) -> object:
 CLASSES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
@@ -87,7 +91,9 @@ def _write_tokenizer(path: Path) -> None:
     tok.save(str(path))
 
 
-def _hf_model(arch: str, folder: Path, shard: str | None = None, **extra: object) -> torch.nn.Module:
+def _hf_model(
+    arch: str, folder: Path, shard: str | None = None, **extra: object
+) -> torch.nn.Module:
     """A random HF ``arch`` model saved into ``folder`` (with a tokenizer.json)."""
     torch.manual_seed(0)
     hf = getattr(transformers, CLASSES[arch])(_hf_config(arch, **extra)).eval()
@@ -127,7 +133,13 @@ def _max_diff(hf: torch.nn.Module, folder: Path) -> float:
 
 @pytest.mark.parametrize(
     ("arch", "shard"),
-    [("llama", None), ("mistral", None), ("mixtral", "20KB"), ("qwen3_moe", "20KB")],
+    [
+        ("llama", None),
+        ("mistral", None),
+        ("qwen3", None),
+        ("mixtral", "20KB"),
+        ("qwen3_moe", "20KB"),
+    ],
 )
 def test_imported_logits_equal_hf(tmp_path: Path, arch: str, shard: str | None) -> None:
     src, out = tmp_path / "hf", tmp_path / "ours"
@@ -206,7 +218,11 @@ def test_tied_llama_imports_and_a_tie_mismatch_is_refused(tmp_path: Path) -> Non
     [
         ("mistral", {"sliding_window": 8}, "sliding_window"),
         ("llama", {"attention_bias": True}, "attention_bias"),
-        ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters.rope_type"),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+            "rope_parameters.rope_type",
+        ),
         ("llama", {"hidden_act": "gelu"}, "hidden_act"),
         ("llama", {"model_type": "gemma"}, "model_type"),
         ("llama", {"vocab_size": 32}, "vocab_size"),  # the tokenizer has 64 tokens
@@ -234,6 +250,32 @@ def test_a_missing_tensor_is_one_line_naming_it(tmp_path: Path) -> None:
     path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="model.layers.2.self_attn.q_proj.weight"):
         import_hf(tmp_path / "hf", tmp_path / "out")
+
+
+def test_the_import_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from turnout.launch.cli import main
+
+    _hf_model("mixtral", tmp_path / "hf", "20KB")
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert "imported mixtral" in out and "eod '<|endoftext|>'" in out, out
+    assert (tmp_path / "ours" / "model.safetensors").is_file()
+    # Into a folder that is not empty: refused in one line naming OUT, exit 2.
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "OUT" in err[0], err
+
+
+def test_init_from_names_the_hf_field_it_cannot_map(tmp_path: Path) -> None:
+    _hf_model("mistral", tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"sliding_window": 8}))
+    run = TurnoutConfig()
+    run.train.init_from = str(tmp_path / "hf")
+    with pytest.raises(ConfigError) as err:
+        check_init_from(run)
+    assert err.value.key == "train.init_from"
+    assert "config.json:sliding_window" in err.value.message
 
 
 def test_read_state_is_model_config_shaped(tmp_path: Path) -> None:
