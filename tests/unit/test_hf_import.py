@@ -211,6 +211,14 @@ def test_tied_llama_imports_and_a_tie_mismatch_is_refused(tmp_path: Path) -> Non
         import_hf(tmp_path / "untied", tmp_path / "x")
     assert err.value.key == "config.json:tie_word_embeddings"
     assert not (tmp_path / "x").exists()
+    # And "untied" about a tied folder: it has no lm_head.weight.
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg_path.write_text(
+        json.dumps(json.loads(cfg_path.read_text()) | {"tie_word_embeddings": False})
+    )
+    with pytest.raises(ConfigError) as err:
+        import_hf(tmp_path / "hf", tmp_path / "y")
+    assert err.value.key == "config.json:tie_word_embeddings"
 
 
 @pytest.mark.parametrize(

@@ -47,18 +47,27 @@ def check_out(out: Path) -> None:
         raise ConfigError("OUT", f"{out} is not empty; export writes into a new or empty folder")
 
 
-def turnout_tensors(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """The tensors ``model.safetensors`` holds: the tied head left out, each stored alone."""
+def turnout_tensors(
+    state: dict[str, torch.Tensor], tied: bool, copy: bool = True
+) -> dict[str, torch.Tensor]:
+    """The tensors ``model.safetensors`` holds: the tied head left out, each stored alone
+    (``copy``: cloned, for tensors that may share storage, as a module's state dict's do;
+    without it a tensor is only made contiguous)."""
     return {
-        k: v.detach().contiguous().clone() for k, v in state.items() if not (tied and k == TIED_KEY)
+        k: (v.detach().contiguous().clone() if copy else v.detach().contiguous())
+        for k, v in state.items()
+        if not (tied and k == TIED_KEY)
     }
 
 
-def write_turnout(out: Path, state: dict[str, torch.Tensor], cfg: TurnoutConfig, step: int) -> int:
-    """Write ``model.safetensors`` and ``config.yaml`` into ``out``; return the tensor count."""
+def write_turnout(
+    out: Path, state: dict[str, torch.Tensor], cfg: TurnoutConfig, step: int, copy: bool = True
+) -> int:
+    """Write ``model.safetensors`` and ``config.yaml`` into ``out``; return the tensor count.
+    ``copy=False`` for a state whose tensors own their storage (no second copy in memory)."""
     from safetensors.torch import save_file
 
-    tensors = turnout_tensors(state, cfg.model.tie_embeddings)
+    tensors = turnout_tensors(state, cfg.model.tie_embeddings, copy)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", STEP_KEY: str(step)})
     (out / CONFIG_FILE).write_text(to_yaml(cfg))

@@ -13,7 +13,8 @@ shard).
 The folder's ``tokenizer.json`` comes along: it is read with turnout's tokenizer loader
 (the ``tokenizers`` package), must fit ``vocab_size`` (a model may have more rows than
 the tokenizer has tokens, never fewer: ``config.json:vocab_size`` is refused otherwise),
-and its end-of-document token is the one ``eos_token_id`` names. The written
+and its end-of-document token is the one ``eos_token_id`` names (config.json, else
+generation_config.json; else turnout's usual names, ``<|endoftext|>`` etc.). The written
 ``config.yaml`` points ``data.tokenizer`` at the copy and ``data.eod_token`` at that
 token, so a run started from the folder reads text as the model was trained to.
 """
@@ -134,6 +135,10 @@ def read_state(folder: str | os.PathLike, cfg: TurnoutConfig, arch: str) -> dict
     if todo:
         link = next(iter(todo.values()))
         missing = next(n for n in link.theirs if n not in pending)
+        if missing == "lm_head.weight":
+            raise ConfigError(
+                f"{HF_KEY}:tie_word_embeddings", "is false, yet there is no lm_head.weight"
+            )
         raise CheckpointError(f"{p} has no {missing} (wanted for turnout's {link.ours})", KEY)
     _check_tied(cfg, pending, state.get("embed.weight"))
     if cfg.model.tie_embeddings:
@@ -157,6 +162,9 @@ def read_tokenizer(folder: Path, hf: dict[str, Any], vocab_size: int) -> HFToken
     from tokenizers import Tokenizer as HF
 
     eos = hf.get("eos_token_id")
+    generation = folder / "generation_config.json"
+    if eos is None and generation.is_file():  # older folders keep it only there
+        eos = json.loads(generation.read_text()).get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
     try:
         raw = HF.from_file(str(path))
@@ -188,7 +196,8 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike) -> Imported:
     arch, cfg, hf = read_config(folder)
     tok = read_tokenizer(folder, hf, cfg.model.vocab_size)
     state = read_state(folder, cfg, arch)
-    model = TransformerLM(cfg.model)
+    with torch.device("meta"):  # shapes only: no second copy of the weights
+        model = TransformerLM(cfg.model)
     check_state(model, state, str(folder), KEY)
     note = "none"
     if tok is not None:
@@ -199,7 +208,8 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike) -> Imported:
         cfg = TurnoutConfig(model=cfg.model, data=data)
         note = f"{tok.vocab_size} tokens, eod {data.eod_token!r}"
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    count = write_turnout(out_dir, state, cfg, -1)
+    # Every tensor read_state built owns its storage (get_tensor, cat, stack): no copies.
+    count = write_turnout(out_dir, state, cfg, -1, copy=False)
     if tok is not None:
         shutil.copyfile(folder / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
     return Imported(out_dir, arch, count, dtype, note)
