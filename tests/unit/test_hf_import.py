@@ -261,6 +261,8 @@ def test_tied_llama_imports_and_a_tie_mismatch_is_refused(tmp_path: Path) -> Non
         ("llama", {"model_type": "gemma"}, "model_type"),
         ("llama", {"vocab_size": 32}, "vocab_size"),  # the tokenizer has 64 tokens
         ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
+        ("mixtral", {"num_experts_per_tok": 5}, "num_experts_per_tok"),  # of 4 experts
+        ("llama", {"num_key_value_heads": 3}, "num_key_value_heads"),  # of 4 heads
     ],
 )
 def test_what_does_not_map_is_refused_naming_the_hf_field(

@@ -27,6 +27,26 @@ from turnout.trainer.weights.hf_map import ARCHS, MOE_PREFIX, QK_NORM_ARCHS
 HF_KEY = "config.json"
 
 
+#: turnout key -> the HF config.json field it is read from (for validation errors).
+FIELD_OF = {
+    "model.vocab_size": "vocab_size",
+    "model.d_model": "hidden_size",
+    "model.n_layers": "num_hidden_layers",
+    "model.n_heads": "num_attention_heads",
+    "model.n_kv_heads": "num_key_value_heads",
+    "model.head_dim": "head_dim",
+    "model.ffn_dim": "intermediate_size",
+    "model.max_seq_len": "max_position_embeddings",
+    "model.rope_theta": "rope_theta",
+    "model.norm_eps": "rms_norm_eps",
+    "model.init_std": "initializer_range",
+    "model.moe.num_experts": "num_experts",
+    "model.moe.top_k": "num_experts_per_tok",
+    "model.moe.expert_ffn_dim": "moe_intermediate_size",
+    "model.moe.aux_loss_coef": "router_aux_loss_coef",
+}
+
+
 def _refuse(field: str, message: str) -> ConfigError:
     return ConfigError(f"{HF_KEY}:{field}", message)
 
@@ -158,8 +178,8 @@ def model_config(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
     n_layers = int(hf["num_hidden_layers"])
     moe = MoEConfig(capacity_factor=None)
     ffn = int(hf["intermediate_size"])
-    if arch in MOE_PREFIX:
-        E = _experts(hf)
+    E = _experts(hf)
+    if arch in MOE_PREFIX and E > 0:  # a Qwen3-MoE config without experts is dense
         moe = MoEConfig(
             num_experts=E,
             top_k=int(hf["num_experts_per_tok"]),
@@ -185,5 +205,11 @@ def model_config(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
         layer_pattern=_layer_pattern(hf, arch, n_layers),
         moe=moe,
     )
-    validate_model(m)
+    try:
+        validate_model(m)
+    except ConfigError as e:  # name the HF field the bad value came from
+        field = FIELD_OF.get(e.key)
+        if field is None:
+            raise
+        raise _refuse(field, e.message) from None
     return arch, m

@@ -122,7 +122,7 @@ def read_state(folder: str | os.PathLike, cfg: TurnoutConfig, arch: str) -> dict
                     if name.endswith(IGNORED):
                         continue
                     if name not in wanted:
-                        raise _unplaced(name, cfg)
+                        raise _unplaced(name)
                     pending[name] = f.get_tensor(name)
         except (ConfigError, CheckpointError):
             raise
@@ -146,7 +146,7 @@ def read_state(folder: str | os.PathLike, cfg: TurnoutConfig, arch: str) -> dict
     return state
 
 
-def _unplaced(name: str, cfg: TurnoutConfig) -> ConfigError:
+def _unplaced(name: str) -> ConfigError:
     if name == "lm_head.weight":
         return ConfigError(f"{HF_KEY}:tie_word_embeddings", "is true, yet lm_head.weight is there")
     if name.endswith(".bias"):
