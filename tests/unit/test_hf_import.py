@@ -18,7 +18,6 @@ import torch
 
 from tests.decisions import recorded
 from turnout.config import TurnoutConfig
-from turnout.config.model import ModelConfig
 from turnout.errors import CheckpointError, ConfigError
 from turnout.models.pretrained import from_pretrained, read_export
 from turnout.trainer.weights.export import export
@@ -322,5 +321,5 @@ def test_read_state_is_model_config_shaped(tmp_path: Path) -> None:
 
     arch, cfg, _ = read_config(tmp_path / "hf")
     state = read_state(tmp_path / "hf", cfg, arch)
-    expected = TransformerLM(ModelConfig(**vars(cfg.model))).state_dict()
+    expected = TransformerLM(cfg.model).state_dict()
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in expected.items()}
