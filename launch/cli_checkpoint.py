@@ -1,4 +1,5 @@
-"""The ``turnout`` commands that read a checkpoint: generate, eval, export.
+"""The ``turnout`` commands that read a checkpoint: generate, eval, export (and import,
+which reads a Hugging Face folder into a turnout export folder).
 
 Each loads the checkpoint on one process (``trainer.export``), whatever layout wrote it;
 a bad path, flag or prompt is one line naming it (exit 2) before the weights are read
@@ -130,8 +131,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from turnout.trainer.weights.hf_import import import_hf
+
+    done = import_hf(args.hf_dir, args.out)
+    print(
+        f"turnout: imported {done.arch} ({done.num_tensors} tensors, "
+        f"{str(done.dtype).removeprefix('torch.')}, tokenizer: {done.tokenizer}) to {done.folder}"
+    )
+    return EXIT_OK
+
+
 def add_checkpoint_commands(sub: Any) -> None:
-    """Add ``generate``, ``eval`` and ``export`` to the ``turnout`` subcommand parsers."""
+    """Add ``generate``, ``eval``, ``export`` and ``import`` to the ``turnout`` subcommands."""
     ckpt_help = "a checkpoint run folder (its latest step) or one step<N> folder"
     device_help = "cpu (default) or cuda[:i]: one process, one device"
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached decoding)")
@@ -175,14 +187,16 @@ def add_checkpoint_commands(sub: Any) -> None:
     p = sub.add_parser(
         "export", help="write a checkpoint's whole model as safetensors + config (or HF)"
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help=ckpt_help)
+    p.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help=ckpt_help + ", or a turnout export folder"
+    )
     p.add_argument("out", metavar="OUT", help="a new or empty folder to write into")
     p.add_argument(
         "--format",
         choices=("turnout", "hf"),
         default="turnout",
         help="turnout (default): for TransformerLM.from_pretrained and train.init_from; "
-        "hf: a Hugging Face Llama (dense) or Mixtral (MoE) folder",
+        "hf: a Hugging Face Llama or Qwen3 (dense), Mixtral or Qwen3-MoE folder",
     )
     p.add_argument(
         "--allow-dropless",
@@ -190,3 +204,13 @@ def add_checkpoint_commands(sub: Any) -> None:
         help="--format hf of a capacity-mode MoE: accept HF's dropless routing",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="convert a Hugging Face folder into a turnout export folder")
+    p.add_argument(
+        "hf_dir",
+        metavar="HF_DIR",
+        help="config.json + model.safetensors (or shards and their index); "
+        "Llama, Mistral, Qwen3, Mixtral or Qwen3-MoE",
+    )
+    p.add_argument("out", metavar="OUT", help="a new or empty folder to write into")
+    p.set_defaults(func=cmd_import)

@@ -32,7 +32,14 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: Rotary, kind: BlockKind) -> None:
         super().__init__()
         self.norm_attn = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, rotary, cfg.kv_heads())
+        self.attn = Attention(
+            cfg.d_model,
+            cfg.n_heads,
+            rotary,
+            cfg.kv_heads(),
+            cfg.head_size(),
+            cfg.norm_eps if cfg.qk_norm else None,
+        )
         self.norm_ffn = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.kind = kind
         if kind.ffn == FFN_DENSE:

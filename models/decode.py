@@ -133,7 +133,7 @@ def new_state(
     if not 1 <= slots <= cfg.max_seq_len:
         raise ValueError(f"max_len must be in [1, model.max_seq_len={cfg.max_seq_len}]")
     w = model.embed.weight
-    head_dim = cfg.d_model // cfg.n_heads
+    head_dim = cfg.head_size()
 
     def cache() -> KVCache:
         return KVCache(batch, cfg.kv_heads(), head_dim, slots, w.device, w.dtype)

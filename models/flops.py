@@ -5,12 +5,14 @@ Conventions (also in docs/design.md, "FLOP accounting"):
 - A matmul of ``[m, k] x [k, n]`` costs ``2 m k n`` FLOPs; bias adds, norms, RoPE,
   softmax, activations, gathers and the embedding lookup are not counted (they are
   small next to the matmuls and are what ``torch.utils.flop_counter`` leaves out too).
-- Attention projections: Q and the output are ``D x D``; K and V are ``D x (G * Hd)``
-  with ``G = model.n_kv_heads`` key/value heads (grouped-query attention).
+- Attention projections: Q and the output are ``D x (H * Hd)``; K and V are
+  ``D x (G * Hd)`` with ``G = model.n_kv_heads`` key/value heads (grouped-query
+  attention); ``H * Hd = D`` unless ``model.head_dim`` says otherwise. The q/k norms
+  (``model.qk_norm``) are norms: not counted.
 - Attention scores are counted over every key a query's kernel computes: for a block
-  that runs on ``M`` positions of a sequence, ``QK^T`` and ``AV`` cost ``2 * 2 M^2 D``
-  per sequence. Causal masking is *not* halved (the usual MFU convention, and what the
-  fused kernels compute).
+  that runs on ``M`` positions of a sequence, ``QK^T`` and ``AV`` cost
+  ``2 * 2 M^2 H Hd`` per sequence. Causal masking is *not* halved (the usual MFU
+  convention, and what the fused kernels compute).
 - A MoD-routed block (top-k routing, as in training) runs on ``M = ceil(capacity * S)``
   positions of each sequence; its router and causal predictor run on all ``S``.
 - A MoE layer's router runs on every token reaching it (fp32 ``D x E`` matmul, the
@@ -24,7 +26,9 @@ Conventions (also in docs/design.md, "FLOP accounting"):
   assignments to no-op experts cost nothing (their share under balanced routing).
   Routing is not balanced in general: drops below the cap are not subtracted (an upper
   bound by the drop fraction), and the share of assignments a router really sends to
-  no-op experts is its own, not the balanced one.
+  no-op experts is its own, not the balanced one. Shared experts
+  (``moe.shared_experts``) run on every token reaching the layer: a SwiGLU of width
+  ``shared_experts * Fe`` per token, counted with the experts in ``ffn``.
 - Early exit (training, static shapes): every exit runs the shared head on every
   token, ``2 D V`` per exit (the final norm is not counted).
 - A ponder block (training, static shapes) runs its block ``N = ponder.max_steps`` times
@@ -105,9 +109,10 @@ class FlopCount:
 def _attention(cfg: ModelConfig, seq_len: int, rows: int) -> float:
     """Attention FLOPs of one sequence when the block runs on ``rows`` of its positions."""
     D = cfg.d_model
-    kv_dim = cfg.kv_heads() * (D // cfg.n_heads)  # grouped-query attention: G < H K/V heads
-    projections = 2 * D * (D + 2 * kv_dim) + 2 * D * D  # fused q/k/v, then the output
-    scores = 2 * 2 * rows * rows * D  # QK^T and AV over all heads
+    q_dim = cfg.n_heads * cfg.head_size()
+    kv_dim = cfg.kv_heads() * cfg.head_size()  # grouped-query attention: G < H K/V heads
+    projections = 2 * D * (q_dim + 2 * kv_dim) + 2 * q_dim * D  # fused q/k/v, the output
+    scores = 2 * 2 * rows * rows * q_dim  # QK^T and AV over all heads
     return rows * projections + scores
 
 
@@ -147,6 +152,7 @@ def block_flops(cfg: ModelConfig, kind: str, seq_len: int, batch: int = 1) -> Bl
         per_seq_routing += router_rows * 2 * D * (cfg.moe.num_experts + noop)
         expert_rows = moe_rows(cfg, batch * rows, noop) / batch
         per_seq_ffn = expert_rows * SWIGLU_MATMULS * 2 * D * cfg.expert_hidden()
+        per_seq_ffn += rows * SWIGLU_MATMULS * 2 * D * cfg.shared_hidden()
     else:
         per_seq_ffn = rows * SWIGLU_MATMULS * 2 * D * cfg.ffn_dim
     steps = cfg.ponder.max_steps if spec.ponder else 1
@@ -206,7 +212,7 @@ def expected_flops(
     total = sum(depth.values())
     if not total or cfg.depth_kind() is None:
         return head + sum(b.total for b in single)
-    kv_dim = cfg.kv_heads() * (D // cfg.n_heads)
+    kv_dim = cfg.kv_heads() * cfg.head_size()
     propagate = 2 * D * 2 * kv_dim  # K and V projections of an exited token
     out = 0.0
     for used, share in depth.items():

@@ -48,29 +48,48 @@ class Rotary(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with ``n_kv_heads`` key/value heads (grouped-query attention).
 
-    One fused projection gives Q (``D`` columns) then K and V (``G * Hd`` columns each);
-    each K/V head serves ``H / G`` query heads. With ``G = H`` it is plain multi-head
-    attention with the same parameter layout.
+    One fused projection gives Q (``H * Hd`` columns) then K and V (``G * Hd`` columns
+    each); each K/V head serves ``H / G`` query heads. With ``G = H`` it is plain
+    multi-head attention with the same parameter layout. ``head_dim`` 0 means
+    ``d_model / n_heads``. ``qk_norm_eps`` (None: off) adds a per-head RMSNorm on the
+    queries and keys before RoPE (Qwen3's ``q_norm`` / ``k_norm``).
     """
 
-    def __init__(self, d_model: int, n_heads: int, rotary: Rotary, n_kv_heads: int = 0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        rotary: Rotary,
+        n_kv_heads: int = 0,
+        head_dim: int = 0,
+        qk_norm_eps: float | None = None,
+    ) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        self.q_dim = n_heads * self.head_dim
         kv_dim = self.n_kv_heads * self.head_dim
-        self.qkv = nn.Linear(d_model, d_model + 2 * kv_dim, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.qkv = nn.Linear(d_model, self.q_dim + 2 * kv_dim, bias=False)
+        self.proj = nn.Linear(self.q_dim, d_model, bias=False)
         self.rotary = rotary
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(self.head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, qk_norm_eps)
 
     def heads(
         self, x_BSD: torch.Tensor, pos_BS: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q_BHSd`` and ``k_BGSd``, ``v_BGSd`` of ``x``, RoPE applied at ``pos_BS``."""
-        B, S, D = x_BSD.shape
+        B, S, _ = x_BSD.shape
         kv_dim = self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x_BSD).split([D, kv_dim, kv_dim], dim=-1)
-        q_BHSd = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x_BSD).split([self.q_dim, kv_dim, kv_dim], dim=-1)
+        q_BSHd = q.view(B, S, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHd = self.q_norm(q_BSHd)
+        q_BHSd = q_BSHd.transpose(1, 2)
         k_BGSd, v_BGSd = self._kv_heads(k, v, pos_BS)
         return self.rotary(q_BHSd, pos_BS), k_BGSd, v_BGSd
 
@@ -78,17 +97,19 @@ class Attention(nn.Module):
         """Only ``k_BGSd``, ``v_BGSd`` of ``x`` (RoPE at ``pos_BS``): the K/V columns of the
         fused projection, without the queries. What a row that serves only as a key needs
         (an exited token's state propagated into a later block's cache)."""
-        D = x_BSD.shape[-1]
-        kv = F.linear(x_BSD, self.qkv.weight[D:])
+        kv = F.linear(x_BSD, self.qkv.weight[self.q_dim :])
         k, v = kv.split(kv.shape[-1] // 2, dim=-1)
         return self._kv_heads(k, v, pos_BS)
 
     def _kv_heads(
         self, k_BSC: torch.Tensor, v_BSC: torch.Tensor, pos_BS: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected keys and values ``[B, S, G * Hd]`` as heads, RoPE on the keys."""
+        """Projected keys and values ``[B, S, G * Hd]`` as heads, (norm and) RoPE on the keys."""
         B, S, _ = k_BSC.shape
-        k_BGSd = k_BSC.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k_BSGd = k_BSC.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k_BSGd = self.k_norm(k_BSGd)
+        k_BGSd = k_BSGd.transpose(1, 2)
         v_BGSd = v_BSC.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return self.rotary(k_BGSd, pos_BS), v_BGSd
 

@@ -80,7 +80,7 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        rotary = Rotary(cfg.head_size(), cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList()
         self.kinds = cfg.block_kinds()
         for kind in cfg.blocks():

@@ -3,7 +3,9 @@
 Shape legend: T tokens, D width, E router columns (real + no-op experts), K top-k,
 R real experts (``num_experts``).
 The layer computes a routing plan and hands it to ``self.dispatcher``; aux losses and
-counters come back as return values (``MoEAux``), never as module state. A caller that
+counters come back as return values (``MoEAux``), never as module state. Shared experts
+(``model.moe.shared_experts``) run on every token the layer is given and add to the
+routed output. A caller that
 already has the router logits (and maybe the plan) of these tokens passes them as
 :class:`Routed`: a 'mode' block whose router reads the block input does that.
 
@@ -29,6 +31,7 @@ from turnout.config.model import ModelConfig, MoEConfig
 from turnout.models import ops
 from turnout.models.dispatch import Dispatcher, LocalDispatcher
 from turnout.models.experts import ExpertBank
+from turnout.models.layers import SwiGLU
 from turnout.models.routing import (
     RoutingPlan,
     expert_capacity,
@@ -87,6 +90,11 @@ class MoELayer(nn.Module):
         self.router_DE = nn.Parameter(torch.empty(d_model, cfg.num_experts + num_noop))
         nn.init.normal_(self.router_DE, std=init_std)
         self.experts = ExpertBank(cfg.num_experts, d_model, hidden, init_std)
+        # Shared experts: one SwiGLU of the summed hidden width (n SwiGLUs side by side),
+        # replicated on every rank like any dense weight; its output is added ungated.
+        self.shared: SwiGLU | None = None
+        if cfg.shared_experts:
+            self.shared = SwiGLU(d_model, cfg.shared_experts * hidden)
         self.dispatcher: Dispatcher = LocalDispatcher()
         # A None buffer (balance 'aux') is absent from the state dict: checkpoints of such
         # runs stay as they were.
@@ -135,7 +143,13 @@ class MoELayer(nn.Module):
         (design §3.4, "MoE decodes dropless"). The training path's kept rows: a step of
         one token runs its k chosen experts on one row each, not every expert."""
         plan = self.plan(logits_TE, None)  # with the selection bias when there is one
-        return _LOCAL(x_TD, plan, self.experts)
+        return self._plus_shared(x_TD, _LOCAL(x_TD, plan, self.experts))
+
+    def _plus_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+        """The routed output plus the shared experts' (when the layer has any)."""
+        if self.shared is None:
+            return y_TD
+        return y_TD + self.shared(x_TD).to(y_TD.dtype)
 
     def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return x_TD.float() @ self.router_DE.float()
@@ -161,7 +175,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"routed logits have {logits_TE.shape[0]} rows for {T} tokens")
         if plan is None:
             plan = self.plan(logits_TE, self.capacity(T))
-        y_TD = self.dispatcher(x_TD, plan, self.experts)
+        y_TD = self._plus_shared(x_TD, self.dispatcher(x_TD, plan, self.experts))
         probs_TE = torch.softmax(logits_TE, dim=-1)
         noop = (
             (plan.expert_TK >= self.num_experts).float().sum() / max(plan.expert_TK.numel(), 1)

@@ -36,9 +36,10 @@ class BlockParams:
     attention: int
     """Fused Q/K/V projection and the output projection."""
     norms: int
-    """The two RMSNorm weights."""
+    """The two RMSNorm weights (and the q/k norms under ``model.qk_norm``)."""
     ffn: int
-    """The dense SwiGLU; 0 for a MoE block (its experts are in ``experts``)."""
+    """The dense SwiGLU; for a MoE block its shared experts (``moe.shared_experts``,
+    which every token uses; the routed experts are in ``experts``)."""
     experts: int
     """All experts of the block's MoE layer (0 for a dense FFN)."""
     per_expert: int
@@ -97,8 +98,9 @@ def block_params(cfg: ModelConfig, kind: str) -> BlockParams:
     """Parameters of one block of ``kind``."""
     D = cfg.d_model
     spec = BLOCK_KINDS[kind]
-    kv_dim = cfg.kv_heads() * (D // cfg.n_heads)
-    attention = D * (D + 2 * kv_dim) + D * D
+    q_dim = cfg.n_heads * cfg.head_size()
+    kv_dim = cfg.kv_heads() * cfg.head_size()
+    attention = D * (q_dim + 2 * kv_dim) + q_dim * D
     routing = 0
     if spec.mod_routed:
         routing += D  # the MoD router: one score per token, no bias
@@ -115,12 +117,13 @@ def block_params(cfg: ModelConfig, kind: str) -> BlockParams:
         per_expert = SWIGLU_MATMULS * D * cfg.expert_hidden()
         experts = E * per_expert
         active = min(cfg.moe.top_k, E)
+        ffn = SWIGLU_MATMULS * D * cfg.shared_hidden()  # shared experts: every token
     else:
         ffn = SWIGLU_MATMULS * D * cfg.ffn_dim
     return BlockParams(
         kind=kind,
         attention=attention,
-        norms=2 * D,
+        norms=2 * D + (2 * cfg.head_size() if cfg.qk_norm else 0),
         ffn=ffn,
         experts=experts,
         per_expert=per_expert,

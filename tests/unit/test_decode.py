@@ -42,6 +42,8 @@ CASES = {
     "mode-ffn": (["dense", "mode"], {}, {}),
     "mode-block": (["dense", "mode"], {"router_input": "block"}, {}),
     "imode": (["dense", "imode"], {"num_noop_experts": 2}, {}),
+    "moe-shared": (["dense", "moe"], {"shared_experts": 2}, {}),
+    "qk-norm": (["dense", "mode"], {}, {"head_dim": 12, "qk_norm": True, "n_kv_heads": 2}),
 }
 
 
@@ -52,6 +54,8 @@ def _cfg(pattern: list[str], moe: dict, extra: dict) -> ModelConfig:
         n_layers=2 * len(pattern),
         n_heads=4,
         n_kv_heads=extra.get("n_kv_heads", 0),
+        head_dim=extra.get("head_dim", 0),
+        qk_norm=extra.get("qk_norm", False),
         ffn_dim=48,
         max_seq_len=24,
         init_std=INIT_STD,

@@ -187,6 +187,8 @@ def _counted_flops_per_token(cfg: ModelConfig, batch: int) -> Counted:
         (["dense", "mode"], {}),
         (["dense", "mode"], {"router_input": "block"}),
         (["imode"], {"num_noop_experts": 2}),
+        (["moe"], {"shared_experts": 2, "capacity_factor": None}),
+        (["dense", "mode"], {"shared_experts": 1}),
     ],
 )
 @pytest.mark.parametrize("predictor", ["mlp", "router"])
@@ -225,6 +227,27 @@ def test_grouped_query_attention_agrees_with_torch_flop_counter(
     assert estimate + counted.routing_gap == pytest.approx(counted.per_token, rel=COUNT_REL)
     mha = forward_flops(dataclasses.replace(cfg, n_kv_heads=0), batch=B).per_token
     assert forward_flops(cfg, batch=B).per_token < mha
+
+
+@pytest.mark.parametrize("pattern", [["dense"], ["dense", "mode"]])
+def test_wide_heads_and_qk_norm_agree_with_torch_flop_counter(pattern: list[str]) -> None:
+    # Qwen3's shape: H * Hd (4 x 16 = 64) wider than D (32); the q/k norms are not matmuls.
+    cfg = dataclasses.replace(_cfg(pattern), head_dim=16, qk_norm=True, n_kv_heads=2)
+    B = 2
+    counted = _counted_flops_per_token(cfg, B)
+    estimate = forward_flops(cfg, batch=B).per_token
+    assert estimate + counted.routing_gap == pytest.approx(counted.per_token, rel=COUNT_REL)
+    narrow = forward_flops(dataclasses.replace(cfg, head_dim=0), batch=B).per_token
+    assert estimate > narrow
+
+
+def test_shared_experts_hand_count() -> None:
+    # Dropless top-2 of 4 experts (width 64) plus 2 shared experts on every token: the
+    # shared SwiGLU of width 2 * 64 costs as much as two more routed choices.
+    routed = forward_flops(_cfg(["moe"], capacity_factor=None)).blocks[0]
+    shared = forward_flops(_cfg(["moe"], capacity_factor=None, shared_experts=2)).blocks[0]
+    assert shared.ffn == 2 * routed.ffn
+    assert (shared.attention, shared.routing) == (routed.attention, routed.routing)
 
 
 def _depth_cfg(pattern: list[str], exits: list[int]) -> ModelConfig:

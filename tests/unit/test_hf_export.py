@@ -1,4 +1,5 @@
-"""``--format hf``: a dense model loads as HF Llama, a MoE model as HF Mixtral, with our logits.
+"""``--format hf``: a dense model loads as HF Llama (Qwen3 with q/k norms), a MoE model as
+HF Mixtral (Qwen3-MoE with q/k norms), with our logits.
 
 No download: ``transformers`` builds the model from the folder's config.json alone. The
 weights are random with non-unit norm weights, a non-default RoPE base and eps, and
@@ -7,6 +8,7 @@ grouped-query attention, so a wrong mapping of any of them shows in the logits.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,11 @@ def _cfg(pattern: list[str], tied: bool = True, **moe: object) -> ModelConfig:
     )
 
 
+def _qwen(pattern: list[str], **moe: object) -> ModelConfig:
+    """Qwen3's attention: q/k norms and heads wider than d_model / n_heads."""
+    return dataclasses.replace(_cfg(pattern, False, **moe), head_dim=12, qk_norm=True)
+
+
 def _model(m: ModelConfig) -> TransformerLM:
     torch.manual_seed(0)
     model = TransformerLM(m).eval()
@@ -53,11 +60,17 @@ def _model(m: ModelConfig) -> TransformerLM:
 
 
 @pytest.mark.parametrize(
-    ("pattern", "tied", "arch"),
-    [(["dense"], True, "llama"), (["dense"], False, "llama"), (["moe"], False, "mixtral")],
+    ("m", "arch"),
+    [
+        (_cfg(["dense"], True), "llama"),
+        (_cfg(["dense"], False), "llama"),
+        (_cfg(["moe"], False), "mixtral"),
+        (_qwen(["dense"]), "qwen3"),
+        (_qwen(["moe", "dense"], normalize_gates=False), "qwen3_moe"),
+    ],
+    ids=["llama-tied", "llama", "mixtral", "qwen3", "qwen3_moe"],
 )
-def test_hf_logits_equal_ours(tmp_path: Path, pattern: list[str], tied: bool, arch: str) -> None:
-    m = _cfg(pattern, tied)
+def test_hf_logits_equal_ours(tmp_path: Path, m: ModelConfig, arch: str) -> None:
     model = _model(m)
     got_arch, _ = write_hf(tmp_path, TurnoutConfig(model=m), model.state_dict())
     assert got_arch == arch
@@ -92,6 +105,7 @@ def test_hf_logits_equal_ours(tmp_path: Path, pattern: list[str], tied: bool, ar
         (["imode"], {"num_noop_experts": 1}, "model.moe.num_noop_experts"),
         (["moe"], {"top_k": 1}, "model.moe.normalize_gates"),
         (["moe"], {"capacity_factor": 1.25}, "model.moe.capacity_factor"),
+        (["moe"], {"shared_experts": 1}, "model.moe.shared_experts"),
     ],
 )
 def test_hf_refuses_what_it_cannot_express(

@@ -138,3 +138,23 @@ def test_local_dispatcher_refuses_a_sliced_bank() -> None:
     layer.experts.keep_slice(2, 2)
     with pytest.raises(RuntimeError, match="needs all 4 experts"):
         layer(torch.randn(3, 8))
+
+
+def test_shared_experts_add_one_ungated_swiglu_on_every_token() -> None:
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=0)
+    plain = MoELayer(8, 12, cfg, init_std=0.3)
+    shared_cfg = MoEConfig(**{**vars(cfg), "shared_experts": 2})
+    shared = MoELayer(8, 12, shared_cfg, init_std=0.3)
+    shared.load_state_dict(plain.state_dict(), strict=False)  # same router and bank
+    assert shared.shared is not None and shared.shared.w_gate.out_features == 2 * 12
+    x_TD = torch.randn(10, 8)
+    with torch.no_grad():
+        y_TD, aux = plain(x_TD)
+        z_TD, aux_shared = shared(x_TD)
+        # Same routing, drops included; one more addend: the same fp32 sum.
+        torch.testing.assert_close(z_TD, y_TD + shared.shared(x_TD), rtol=0, atol=0)
+        assert torch.equal(aux.counts_E, aux_shared.counts_E)
+        logits_TE = shared.router_logits(x_TD)
+        want = plain.dropless_local(x_TD, logits_TE) + shared.shared(x_TD)
+        torch.testing.assert_close(shared.dropless_local(x_TD, logits_TE), want, rtol=0, atol=0)

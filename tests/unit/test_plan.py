@@ -77,15 +77,33 @@ def _small(pattern: list[str], predictor: str = "mlp", **kw: object) -> ModelCon
 @pytest.mark.parametrize("pattern", [["dense"], ["moe"], ["mod"], ["mode"], ["imode"]])
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"tie_embeddings": False}, {"n_kv_heads": 2}, {"predictor": "router"}],
+    [
+        {},
+        {"tie_embeddings": False},
+        {"n_kv_heads": 2},
+        {"predictor": "router"},
+        {"head_dim": 6, "qk_norm": True},
+        {"shared_experts": 2},
+    ],
 )
 def test_param_count_equals_the_real_model(pattern: list[str], extra: dict) -> None:
+    shared = extra.pop("shared_experts", 0)
     cfg = _small(pattern + ["dense", "moe"], **extra)
+    cfg.moe.shared_experts = shared
     model = TransformerLM(cfg)
     n = count_params(cfg)
     assert n.total == sum(p.numel() for p in model.parameters())
     banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
     assert n.experts == sum(p.numel() for b in banks for p in b.parameters())
+
+
+def test_shared_experts_are_active_for_every_token() -> None:
+    plain, shared = _small(["moe"]), _small(["moe"])
+    shared.moe.shared_experts = 2
+    a, b = count_params(plain).blocks[0], count_params(shared).blocks[0]
+    per_expert = 3 * 16 * 20  # D 16, expert width 20
+    assert b.total - a.total == b.active - a.active == 2 * per_expert
+    assert b.experts == a.experts  # not in the bank: replicated over expert parallelism
 
 
 def test_active_counts_top_k_experts_and_every_router() -> None:

@@ -58,12 +58,14 @@ def _block_values(cfg: ModelConfig, kind: str, seq_len: int, batch: int) -> tupl
     D = cfg.d_model
     spec = BLOCK_KINDS[kind]
     rows = batch * block_rows(cfg, spec, seq_len)
-    kv_dim = cfg.kv_heads() * (D // cfg.n_heads)
-    attention = rows * (5 * D + 2 * kv_dim)
+    kv_dim = cfg.kv_heads() * cfg.head_size()
+    attention = rows * (4 * D + cfg.n_heads * cfg.head_size() + 2 * kv_dim)
     if spec.has_moe:
         noop = cfg.noop_choices(spec)
         expert_rows = moe_rows(cfg, rows, noop)
         ffn = expert_rows * (2 * D + 4 * cfg.expert_hidden()) + rows * (cfg.moe.num_experts + noop)
+        if cfg.moe.shared_experts:  # the shared SwiGLU on every row: its hidden and output
+            ffn += rows * (D + 4 * cfg.shared_hidden())
     else:
         ffn = rows * (2 * D + 4 * cfg.ffn_dim)
     every = 0.0

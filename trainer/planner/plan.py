@@ -17,13 +17,15 @@ Everything is arithmetic on the config; nothing is built or run. The estimates:
   too; stage 0 shards nothing.
 - **Activations per micro batch** (saved for backward, no recomputation, fused attention
   that keeps no ``S x S`` scores), in the activation dtype (2 bytes for bf16):
-  ``sum over blocks of rows(l) * (5 D + 2 G Hd + ffn(l)) + N * mod(l)``, plus
+  ``sum over blocks of rows(l) * (4 D + H Hd + 2 G Hd + ffn(l)) + N * mod(l)``, plus
   ``N D`` for the embedding output and ``2 N V`` fp32 values for the logits and their
   softmax. ``N = B S`` tokens; ``rows(l)`` the tokens block ``l`` runs on
   (``B ceil(capacity S)`` for a MoD-routed block: the MoD reduction); attention saves
-  its input, normed input, Q/K/V, output and projection (``5 D + 2 G Hd``); a dense
-  FFN its input, normed input and the four SwiGLU tensors (``2 D + 4 F``); a MoE FFN
-  the same per expert row (``r (2 D + 4 Fe)``) plus the router logits, ``r`` being the
+  its input, normed input, Q/K/V, output and projection (``4 D + H Hd + 2 G Hd``,
+  ``H Hd = D`` unless ``model.head_dim`` is set); a dense FFN its input, normed input
+  and the four SwiGLU tensors (``2 D + 4 F``); a MoE FFN the same per expert row
+  (``r (2 D + 4 Fe)``) plus the router logits (and, with ``moe.shared_experts``, the
+  shared SwiGLU's four tensors and output on every row, ``D + 4 Fs``), ``r`` being the
   kept rows the experts compute at every ``ep`` (:func:`turnout.models.flops.moe_rows`:
   ``min(k' T, E C)`` in capacity mode, ``k' T`` dropless, no bucket padding); a
   MoD-routed block also keeps, for all ``N`` tokens, its scattered output, router score

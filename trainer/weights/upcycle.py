@@ -1,7 +1,9 @@
 """``train.init_from``: start a run's weights from an earlier model (upcycling, expanding).
 
-The source is a checkpoint (run or step folder, read with ``consolidated_state``) or a
-``turnout export`` folder. Every weight of the new model is mapped from the source:
+The source is a checkpoint (run or step folder, read with ``consolidated_state``), a
+``turnout export`` folder, or a Hugging Face folder (Llama, Mistral, Qwen3, Mixtral,
+Qwen3-MoE: :mod:`turnout.trainer.weights.hf_import`, read shard by shard). Every weight
+of the new model is mapped from the source:
 
 - same name, same shape: copied (attention, norms, embeddings, dense FFNs, MoD routers,
   and MoE layers with the same expert count);
@@ -48,6 +50,8 @@ from turnout.trainer.weights.from_checkpoint import (
     consolidated_state,
     step_folder,
 )
+from turnout.trainer.weights.hf_config import HF_KEY
+from turnout.trainer.weights.hf_import import hf_source, is_hf, read_config
 from turnout.trainer.weights.upcycle_rules import (
     FROM_DENSE,
     KEY,
@@ -61,12 +65,15 @@ log = logging.getLogger("turnout.trainer")
 
 
 def _rekey(e: ConfigError) -> ConfigError:
-    return ConfigError(KEY, e.message)
+    """The error as ``train.init_from``'s, still naming an HF config field it names."""
+    return ConfigError(KEY, f"{e.key} {e.message}" if e.key.startswith(HF_KEY) else e.message)
 
 
 def source_config(path: str | os.PathLike) -> TurnoutConfig:
     """The config the source was trained with (reads only config.yaml)."""
     try:
+        if is_hf(path):
+            return read_config(path, KEY)[1]
         if is_export(path):
             return export_config(path, KEY)
         return checkpoint_config(step_folder(path))
@@ -75,9 +82,11 @@ def source_config(path: str | os.PathLike) -> TurnoutConfig:
 
 
 def read_source(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], TurnoutConfig, int]:
-    """(state dict, config, step) of a checkpoint or export folder."""
+    """(state dict, config, step) of a checkpoint, export or HF folder (HF: step -1)."""
     try:
-        if is_export(path):
+        if is_hf(path):
+            (state, cfg), step = hf_source(path, KEY), -1
+        elif is_export(path):
             state, cfg, step = read_export(path, KEY)
         else:
             state, cfg, step = consolidated_state(path)

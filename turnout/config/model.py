@@ -76,6 +76,10 @@ class MoEConfig:
     """Weight of the load-balance loss E * sum_e f_e * P_e."""
     z_loss_coef: float = 0.001
     """Weight of the router z-loss mean(logsumexp(logits)^2)."""
+    shared_experts: int = 0
+    """Always-on experts beside the routed ones (DeepSeek-MoE / Qwen2-MoE style): every
+    token reaching the layer also runs one SwiGLU of hidden shared_experts *
+    expert_ffn_dim, added to the routed output ungated. 0: none."""
     num_noop_experts: int = 0
     """Integrated MoDE ('imode' blocks): extra router choices that compute nothing."""
     router_input: str = RouterInput.FFN.value
@@ -163,6 +167,11 @@ class ModelConfig:
     """Attention heads; d_model must be divisible by it."""
     n_kv_heads: int = 0
     """Key/value heads (grouped-query attention); 0 means n_heads. Must divide n_heads."""
+    head_dim: int = 0
+    """Width of one attention head; 0 means d_model / n_heads (Qwen3 uses wider heads)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm (weight of head_dim, eps norm_eps) on queries and keys before
+    RoPE, as Qwen3 does."""
     ffn_dim: int = 256
     """SwiGLU hidden size of dense FFNs."""
     max_seq_len: int = 256
@@ -198,12 +207,20 @@ class ModelConfig:
         """The effective number of key/value heads (0 resolved to n_heads)."""
         return self.n_kv_heads or self.n_heads
 
+    def head_size(self) -> int:
+        """The effective head width Hd (0 resolved to d_model / n_heads)."""
+        return self.head_dim or self.d_model // self.n_heads
+
     def noop_choices(self, kind: BlockKind) -> int:
         """No-op router columns a block of ``kind`` offers (integrated MoDE), else 0."""
         return self.moe.num_noop_experts if kind.noop_experts else 0
 
     def expert_hidden(self) -> int:
         return self.moe.expert_ffn_dim or self.ffn_dim
+
+    def shared_hidden(self) -> int:
+        """Hidden width of a MoE layer's shared-expert SwiGLU (0: no shared experts)."""
+        return self.moe.shared_experts * self.expert_hidden()
 
     def uses_moe(self) -> bool:
         return any(k.has_moe for k in self.blocks())
@@ -234,11 +251,15 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
     _positive(f"{prefix}.rope_theta", cfg.rope_theta)
     _positive(f"{prefix}.norm_eps", cfg.norm_eps)
     _positive(f"{prefix}.init_std", cfg.init_std)
-    if cfg.d_model % cfg.n_heads:
+    if cfg.head_dim < 0 or cfg.head_dim % 2:
+        raise ConfigError(
+            f"{prefix}.head_dim", f"must be 0 (= d_model/n_heads) or even, got {cfg.head_dim}"
+        )
+    if not cfg.head_dim and cfg.d_model % cfg.n_heads:
         raise ConfigError(
             f"{prefix}.n_heads", f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}"
         )
-    if (cfg.d_model // cfg.n_heads) % 2:
+    if cfg.head_size() % 2:
         raise ConfigError(f"{prefix}.n_heads", "head dim d_model/n_heads must be even for RoPE")
     if cfg.n_kv_heads < 0 or cfg.n_heads % cfg.kv_heads():
         raise ConfigError(
@@ -282,6 +303,8 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
     if moe.aux_loss_coef < 0 or moe.z_loss_coef < 0:
         key = "aux_loss_coef" if moe.aux_loss_coef < 0 else "z_loss_coef"
         raise ConfigError(f"{m}.{key}", "must be >= 0")
+    if moe.shared_experts < 0:
+        raise ConfigError(f"{m}.shared_experts", f"must be >= 0, got {moe.shared_experts}")
     if moe.num_noop_experts < 0:
         raise ConfigError(f"{m}.num_noop_experts", f"must be >= 0, got {moe.num_noop_experts}")
     if any(k.noop_experts for k in kinds) and moe.num_noop_experts == 0:
