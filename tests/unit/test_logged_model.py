@@ -10,19 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from turnout.config.load import load_config, to_yaml
-from turnout.files import TOKENIZER_FILE
+from tests.tiny import tiny_checkpoint
+from turnout.config.load import load_config
 from turnout.launch.cli import main
-from turnout.models.lm import TransformerLM
-from turnout.trainer.checkpointing.files import (
-    DENSE_FILE,
-    FORMAT,
-    META_FILE,
-    persistent_buffers,
-)
-from turnout.trainer.data.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -33,22 +24,7 @@ GREEDY = {"max_new_tokens": NEW_TOKENS, "temperature": 0.0}
 
 
 def checkpoint(tmp_path: Path, *overrides: str) -> Path:
-    """A step folder (``run/step4``) of a seeded random tiny model, as training saves it."""
-    cfg = load_config("tiny", ["parallel.ep_size=1", *overrides])
-    torch.manual_seed(0)
-    model = TransformerLM(cfg.model)
-    folder = tmp_path / "run" / "step4"
-    folder.mkdir(parents=True)
-    meta = {"format": FORMAT, "step": 4, "expert_files": [], "weight_dtype": "float32"}
-    torch.save(meta, folder / META_FILE)
-    buffers = persistent_buffers(model)
-    state = model.state_dict()  # the tied head under its own name too, as training saves
-    params = {k: {"param": v.clone()} for k, v in state.items() if k not in buffers}
-    torch.save({"params": params, "buffers": buffers}, folder / DENSE_FILE)
-    (folder / "config.yaml").write_text(to_yaml(cfg))
-    (folder / TOKENIZER_FILE).write_text(ByteTokenizer().to_json())
-    (tmp_path / "run" / "latest").write_text("step4")
-    return folder
+    return tiny_checkpoint(tmp_path, *overrides)
 
 
 def generated(folder: Path, capsys: pytest.CaptureFixture[str]) -> str:
