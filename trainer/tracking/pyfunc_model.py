@@ -23,7 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
+import pandas as pd  # type: ignore[import-untyped]
+from mlflow.pyfunc import PythonModel
 
 from turnout.errors import ConfigError
 
@@ -72,8 +73,6 @@ def load_folder(folder: Path, device: str) -> tuple[Any, Any]:
 def prompts_of(model_input: Any) -> list[str]:
     """The prompts of a predict input: a DataFrame (its ``prompt`` column, else its only
     column), a Series, a list of strings or one string."""
-    import pandas as pd
-
     if isinstance(model_input, pd.DataFrame):
         if PROMPT in model_input.columns:
             model_input = model_input[PROMPT]
@@ -89,7 +88,7 @@ def prompts_of(model_input: Any) -> list[str]:
     return prompts
 
 
-class TextGenerator(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class TextGenerator(PythonModel):
     """Text generation with turnout's own KV-cached decoder (see the module docstring)."""
 
     def load_context(self, context: Any) -> None:
@@ -108,9 +107,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
 
     # model_input carries no annotation on purpose: MLflow reads a type hint there as the
     # input schema and warns about any that is not list[...]; the signature says it.
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # type: ignore[no-untyped-def]
-        import pandas as pd
-
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:
         from turnout.trainer.eval.inference import sample_text
 
         given = {k: default for k, (_, default) in PARAMS.items()}
