@@ -12,6 +12,7 @@
                      [--seed S] [--device cpu|cuda] [--exit-threshold P] [--halt-threshold P]
     turnout eval CHECKPOINT [--corpus PATH] [--batches N] [--device cpu|cuda]
     turnout export CHECKPOINT OUT [--format turnout|hf] [--allow-dropless]
+                   [--mlflow [--tracking-uri URI] [--register-as NAME]]
     turnout replay-tracking FILE [--uri URI]
 
 Everything that can be wrong with a config is found here, on the launcher, before a

@@ -1,5 +1,6 @@
-"""The ``turnout`` commands that read a checkpoint: generate, eval, export (and import,
-which reads a Hugging Face folder into a turnout export folder).
+"""The ``turnout`` commands that read a checkpoint: generate, eval, export (``--mlflow``:
+:mod:`turnout.launch.export_mlflow`), and import, which reads a Hugging Face folder into a
+turnout export folder.
 
 Each loads the checkpoint on one process (``trainer.export``), whatever layout wrote it;
 a bad path, flag or prompt is one line naming it (exit 2) before the weights are read
@@ -123,11 +124,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from turnout.trainer.weights.export import export
 
+    if args.mlflow:
+        from turnout.launch.export_mlflow import check_flags
+
+        check_flags(args.format, args.tracking_uri, args.register_as)
+    elif args.tracking_uri is not None or args.register_as is not None:
+        raise ConfigError("--mlflow", "--tracking-uri and --register-as need --mlflow")
     done = export(args.checkpoint, args.out, args.format, args.allow_dropless)
     print(
         f"turnout: exported step {done.step} ({done.kind}, {done.num_tensors} tensors, "
-        f"{str(done.dtype).removeprefix('torch.')}) to {done.folder}"
+        f"{str(done.dtype).removeprefix('torch.')}) to {done.folder}",
+        flush=True,
     )
+    if args.mlflow:
+        from turnout.launch.export_mlflow import log_export
+
+        out = done.folder.resolve()
+        print(log_export(args.checkpoint, out, done.step, args.tracking_uri, args.register_as))
     return EXIT_OK
 
 
@@ -202,6 +215,23 @@ def add_checkpoint_commands(sub: Any) -> None:
         "--allow-dropless",
         action="store_true",
         help="--format hf of a capacity-mode MoE: accept HF's dropless routing",
+    )
+    p.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="also log OUT as an MLflow logged model (pyfunc, generates text) of the run "
+        "that wrote the checkpoint (else a new run)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="--mlflow: the store (default the checkpoint's tracking.uri)",
+    )
+    p.add_argument(
+        "--register-as",
+        default=None,
+        metavar="NAME",
+        help="--mlflow: register the model under NAME in the MLflow model registry",
     )
     p.set_defaults(func=cmd_export)
 

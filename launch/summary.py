@@ -119,6 +119,8 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
         lines.append(f"  checkpoint             {res['checkpoint']}")
     if cfg.tracking.enabled:
         lines.append(f"  MLflow run id          {res.get('run_id') or 'n/a'}")
+        if res.get("model_uri"):
+            lines.append(f"  MLflow model           {res['model_uri']}")
         lines.append(f"  MLflow UI              {ui_hint(cfg.tracking.uri)}")
     else:
         lines.append("  MLflow                 disabled (tracking.enabled=false)")

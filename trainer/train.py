@@ -20,7 +20,9 @@ once (``turnout.parallel.groups.build_groups``). It reads top-down:
   (:mod:`turnout.trainer.tracking.tracker`); the run ends FINISHED, FAILED or KILLED;
 - the result carries the whole run's FLOP accounting (FLOPs per token and as a fraction
   of the equal-shape dense model, total training FLOPs, achieved TFLOP/s, MFU) and each
-  rank's peak memory, also logged to MLflow.
+  rank's peak memory, also logged to MLflow;
+- rank 0 then logs the final checkpoint as the run's MLflow model
+  (``tracking.log_model``, :mod:`turnout.trainer.tracking.model_log`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from turnout.trainer.resume.recovery import Attempt, begin_attempt, log_restart
 from turnout.trainer.run_setup import Run, progress_bar, setup
 from turnout.trainer.skips import SkipCounter
 from turnout.trainer.step import NonFiniteLossError, run_step
+from turnout.trainer.tracking.model_log import log_run_model
 from turnout.trainer.tracking.store import record_run_id
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
@@ -115,6 +118,9 @@ class TrainResult:
     (:mod:`turnout.trainer.resume.recovery`)."""
     steps_redone: int = 0
     """Steps failed attempts trained after their last checkpoint, trained again."""
+    model_uri: str = ""
+    """``models:/<id>`` of the MLflow logged model of the final checkpoint
+    (``tracking.log_model``; rank 0; '' when not logged)."""
 
 
 def _log_start(run: Run, step: int) -> None:
@@ -285,6 +291,9 @@ def train(
             bar.close()
         run.system.stop()
         run.tracker.finish(status)
+    model_uri = ""  # after finish: the final metrics are in the store, to link to the model
+    if run.tracker.run_id and cfg.tracking.log_model and ckpt:
+        model_uri = log_run_model(cfg, run.tracker.run_id, ckpt, t.steps)
     return TrainResult(
         final_train_loss=final_train,
         final_val_loss=val.loss,
@@ -309,6 +318,7 @@ def train(
         skipped_steps=skips.total,
         restarts=attempt.number,
         steps_redone=attempt.steps_redone,
+        model_uri=model_uri,
     )
 
 

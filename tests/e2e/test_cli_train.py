@@ -1,5 +1,6 @@
 """End to end: ``turnout train`` through a real local Ray cluster with 2 workers, then the
-MLflow store is opened and the run's params, metrics, tags and artifact are checked;
+MLflow store is opened and the run's params, metrics, tags, artifact and logged model
+are checked;
 the same worker entry under plain torchrun; and a worker failure reported in one line.
 
 Each run is a few optimizer steps of the tiny preset on a slice of the standard library,
@@ -139,6 +140,30 @@ def test_train_through_ray_logs_to_mlflow(tmp_path: Path) -> None:
     ckpt = Path(_summary_value(proc.stdout, "checkpoint"))
     assert ckpt.is_dir() and tmp_path in ckpt.parents
     assert (tmp_path / ".turnout" / "ray").is_dir()
+
+    # The final checkpoint is the run's logged model (tracking.log_model, on by default):
+    # copied (tiny), the final step's metrics linked, and it generates what
+    # `turnout generate --temperature 0` prints.
+    model_uri = _summary_value(proc.stdout, "MLflow model")
+    assert f"logged model {model_uri} to MLflow run {run_id}" in out
+    model = client.get_logged_model(model_uri.removeprefix("models:/"))
+    assert model.source_run_id == run_id and model.tags["turnout.weights"] == "copied"
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model.model_id]
+    linked = {m.key: m.value for m in model.metrics if m.step == 4}
+    assert linked["val_loss"] == pytest.approx(val_loss, abs=1e-4)
+    prompt = "import os"
+    gen = _run(
+        [*_turnout(), "generate", str(ckpt), "--prompt", prompt, "--temperature", "0"]
+        + ["--max-new-tokens", "12"],
+        tmp_path,
+    )
+    assert gen.returncode == 0, gen.stderr
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    params = {"max_new_tokens": 12, "temperature": 0.0}
+    assert pyfunc.predict([prompt], params=params)["text"][0] == gen.stdout.removesuffix("\n")
 
 
 def test_worker_failure_is_one_line(tmp_path: Path) -> None:

@@ -71,6 +71,13 @@ CASES = [
         "train.max_consecutive_skipped_steps",
     ),
     ("negative-flush", ["tiny", "tracking.flush_timeout_s=-1"], "tracking.flush_timeout_s"),
+    ("negative-model-mb", ["tiny", "tracking.log_model_max_mb=-1"], "tracking.log_model_max_mb"),
+    ("model-name-slash", ["tiny", "tracking.register_as=a/b"], "tracking.register_as"),
+    (
+        "register-without-log-model",
+        ["tiny", "tracking.register_as=lm", "tracking.log_model=false"],
+        "tracking.register_as",
+    ),
     ("zero-stage", ["tiny", "parallel.zero_stage=4"], "parallel.zero_stage"),
     ("override-without-equals", ["tiny", "train.steps"], "train.steps"),
     ("unknown-preset", ["no-such-preset"], "config"),

@@ -132,6 +132,17 @@ class TrackingConfig:
     queued metrics; the rest go to a local file named in a warning."""
     system_metrics: bool = True
     """Log MLflow system metrics (CPU, memory, GPU) from one process per node."""
+    log_model: bool = True
+    """At the end of a run (after the final checkpoint), log the model to the run as an
+    MLflow logged model with a pyfunc flavour that generates text (`mlflow models
+    serve`-able); the run's final-step metrics are linked to it."""
+    log_model_max_mb: float = 1024.0
+    """A logged model whose weights take at most this many MiB is copied into the artifact
+    store; a larger one is logged by reference to its checkpoint (or export) folder, not
+    copied, and loads only while that folder exists (0 = always by reference)."""
+    register_as: str = ""
+    """Register the logged model in the MLflow model registry under this name (a new
+    version each run; '' = do not register)."""
 
 
 def validate_data(cfg: DataConfig) -> None:
@@ -173,6 +184,23 @@ def validate_tracking(cfg: TrackingConfig) -> None:
         raise ConfigError(
             "tracking.flush_timeout_s", f"must be >= 0 seconds, got {cfg.flush_timeout_s}"
         )
+    if not (0 <= cfg.log_model_max_mb < math.inf):  # also rejects nan
+        raise ConfigError(
+            "tracking.log_model_max_mb", f"must be >= 0 MiB, got {cfg.log_model_max_mb}"
+        )
+    if cfg.register_as:
+        check_model_name(cfg.register_as, "tracking.register_as")
+        if not (cfg.enabled and cfg.log_model):
+            raise ConfigError(
+                "tracking.register_as", "needs tracking.enabled=true and tracking.log_model=true"
+            )
+
+
+def check_model_name(name: str, key: str) -> None:
+    """ConfigError naming ``key`` unless MLflow's registry takes ``name`` (not blank, no
+    '/' or ':', as ``mlflow.utils.validation._validate_model_name`` requires)."""
+    if not name.strip() or "/" in name or ":" in name:
+        raise ConfigError(key, f"{name!r} cannot name a registered model (blank, '/' or ':')")
 
 
 def validate_train(cfg: TrainConfig) -> None:
