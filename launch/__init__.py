@@ -3,7 +3,8 @@
 Open :mod:`turnout.launch.cli` first. Beside it, flat: ``worker`` (the entry every training
 process runs, with Ray or torchrun), ``preflight`` (the checks that read the disk before
 any worker starts), ``summary`` (the end-of-run lines), ``tracked_run`` (the launcher's
-hold on the MLflow run), ``paths``, ``cli_checkpoint`` (generate / eval / export),
+hold on the MLflow run), ``preempt`` (SIGTERM and Ctrl-C: a stop with a checkpoint),
+``paths``, ``cli_checkpoint`` (generate / eval / export),
 ``keys`` and ``metrics_doc`` (the generated reference pages).
 
 ``ray/`` holds everything Ray: running a job on an embedded or joined cluster, the

@@ -244,8 +244,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if cluster_address(cfg):  # an address nobody answers on: one line, at once
             check_reachable(cluster_address(cfg))
-    data_path = preflight(cfg)
-    stop.grace_s = check_grace(cfg)  # validation ends here: Ray, DeepSpeed, MLflow not imported
+    stop.grace_s = check_grace(cfg)  # measures the checkpoint folder's write speed
+    data_path = preflight(cfg)  # validation ends here: Ray, DeepSpeed, MLflow not imported
     if args.launcher == "torchrun":
         return _train_torchrun(args, cfg)
 

@@ -39,7 +39,7 @@ from turnout.trainer.weights.from_checkpoint import consolidated_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-STEPS, SIGNAL_AFTER = 40, 12
+STEPS, SIGNAL_AFTER = 24, 8
 RUN = [
     "tiny",
     f"train.steps={STEPS}",
@@ -75,7 +75,7 @@ def _train(cwd: Path, extra: list[str]) -> subprocess.Popen:
     )
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[str, str]:
+def _finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[str, str]:
     try:
         return proc.communicate(timeout=timeout)
     finally:
@@ -170,7 +170,7 @@ def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
         assert any("RayTrainWorker" in " ".join(p.cmdline()) for p in job), job
         t0 = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)  # the driver alone, as `kill` or Kubernetes do
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=300)
         exit_s = time.monotonic() - t0
     finally:
         if proc.poll() is None:

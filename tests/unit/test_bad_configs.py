@@ -74,7 +74,7 @@ CASES = [
     # A checkpoint of megabytes in a microsecond: no disk writes a terabyte a second.
     (
         "grace-shorter-than-the-checkpoint",
-        ["tiny", "launch.preempt_grace_s=0.000001", "data.max_bytes=200000"],
+        ["tiny", "launch.preempt_grace_s=0.000001"],
         "launch.preempt_grace_s",
     ),
     ("override-without-equals", ["tiny", "train.steps"], "train.steps"),
