@@ -26,6 +26,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,10 @@ class DriverStop:
     _previous: dict[int, object] = field(default_factory=dict)
 
     def install(self) -> None:
-        """Take SIGTERM and SIGINT (main thread only; again after ``ray.init``)."""
+        """Take SIGTERM and SIGINT (again after ``ray.init``); off the main thread, where
+        Python cannot, the signals stay as they are."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._on_signal)

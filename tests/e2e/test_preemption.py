@@ -53,6 +53,9 @@ RUN = [
     "data.max_bytes=200000",
     "launch.num_workers=2",
     "tracking.experiment=preempt",
+    # Room for the stop on a loaded 2-core machine: the test is about what happens, not
+    # how fast (the sized default is tests/unit/test_preempt.py's).
+    "launch.preempt_grace_s=600",
 ]
 
 
