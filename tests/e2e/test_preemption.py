@@ -221,11 +221,24 @@ def test_sigterm_to_a_worker_checkpoints_and_restarts_with_nothing_redone(
     job = psutil.Process(proc.pid).children(recursive=True)
     workers = [p for p in job if "RayTrainWorker" in " ".join(p.cmdline())]
     assert len(workers) == 2, [" ".join(p.cmdline()) for p in job]
+    t0 = time.monotonic()
     os.kill(max(workers, key=lambda p: p.pid).pid, signal.SIGTERM)
+    _wait(
+        lambda r: r["attempt"] == 1 and r["step"] > r["restarts"][-1]["from_step"],
+        proc,
+        tmp_path,
+        "a training step after the restart",
+    )
+    resume_s = time.monotonic() - t0
     out, err = _finish(proc)
     assert proc.returncode == 0, out + err
     assert "Traceback" not in out + err and "SIGTERM received" not in err
     (restart,) = (_recovery(tmp_path) or {})["restarts"]
+    print(
+        f"worker preemption: SIGTERM after step {at['step']} -> checkpoint of step "
+        f"{restart['from_step']}, first step after the restart {resume_s:.1f} s later, "
+        f"{restart['failed_at'] - restart['from_step']} steps redone"
+    )
     assert restart["failed_at"] == restart["from_step"] >= at["step"], restart
     assert Path(restart["resumed_from"]).name == f"step{restart['from_step']}"
     assert _summary(out, "restarts") == "1"
