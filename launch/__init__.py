@@ -3,9 +3,9 @@
 Open :mod:`turnout.launch.cli` first. Beside it, flat: ``worker`` (the entry every training
 process runs, with Ray or torchrun), ``preflight`` (the checks that read the disk before
 any worker starts), ``summary`` (the end-of-run lines), ``tracked_run`` (the launcher's
-hold on the MLflow run), ``paths``, ``cli_checkpoint`` (generate / eval / export),
-``export_mlflow`` (``turnout export --mlflow``), ``keys`` and ``metrics_doc`` (the
-generated reference pages).
+hold on the MLflow run), ``preempt`` (SIGTERM and Ctrl-C: a stop with a checkpoint),
+``paths``, ``cli_checkpoint`` (generate / eval / export), ``export_mlflow`` (``turnout
+export --mlflow``), ``keys`` and ``metrics_doc`` (the generated reference pages).
 
 ``ray/`` holds everything Ray: running a job on an embedded or joined cluster, the
 driver's log printer, failure mapping and restart policy, the rendezvous backend, and

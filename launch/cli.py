@@ -19,6 +19,10 @@ Everything that can be wrong with a config is found here, on the launcher, befor
 worker starts: one line ``turnout: error: <key>: <message>`` on stderr, exit code 2.
 Ray, DeepSpeed, MLflow and torch.distributed are imported only after validation, so a
 bad config fails in about a second.
+
+SIGTERM to ``turnout train`` stops the job after a step with a checkpoint, marks the
+MLflow run KILLED, prints one line naming the checkpoint and the command that resumes
+it, and exits 143 (:mod:`turnout.launch.preempt`); Ctrl-C does the same and exits 130.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import signal
 import subprocess
 import sys
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from turnout.config import TurnoutConfig
 from turnout.config.load import (
@@ -53,6 +58,10 @@ from turnout.errors import (
 )
 from turnout.launch.cli_checkpoint import add_checkpoint_commands
 from turnout.launch.processes import die_with_parent
+
+if TYPE_CHECKING:
+    from turnout.launch.preempt import DriverStop
+    from turnout.launch.tracked_run import TrackedRun
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,6 +178,8 @@ def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
         *args.items,
         # The store the launcher resolved against its cwd (same machine, same cwd).
         f"tracking.uri={cfg.tracking.uri}",
+        # train.resume=auto, as the launcher resolved it (its MLflow run is that one's).
+        f"train.resume={cfg.train.resume}",
     ]
     env = dict(os.environ, **{ATTACH_ENV: tracked.run_id})
     proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
@@ -193,7 +204,8 @@ def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     interrupted = code in (EXIT_INTERRUPTED, EXIT_TERMINATED, -2)  # -2: torchrun's SIGINT
-    tracked.end("FINISHED" if code == 0 else "KILLED" if interrupted else "FAILED")
+    why = {"stop_reason": "SIGTERM to the launcher"} if terminated else None
+    tracked.end("FINISHED" if code == 0 else "KILLED" if interrupted else "FAILED", why)
     if code == EXIT_TERMINATED:
         print("turnout: terminated (SIGTERM): every rank stopped", file=sys.stderr, flush=True)
         return EXIT_TERMINATED
@@ -203,17 +215,37 @@ def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
     return code
 
 
+def _resolve_resume(cfg: TurnoutConfig) -> TurnoutConfig:
+    """``train.resume=auto`` as the checkpoint it finds, said in one line."""
+    from turnout.config.train import RESUME_AUTO
+    from turnout.trainer.resume.auto import resolve_auto
+
+    if cfg.train.resume != RESUME_AUTO:
+        return cfg
+    cfg = resolve_auto(cfg)
+    found = f"resuming {cfg.train.resume}" if cfg.train.resume else "starting fresh"
+    print(
+        f"turnout: train.resume=auto: {found} (checkpoints of this config in {cfg.train.ckpt_dir})",
+        flush=True,
+    )
+    return cfg
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args.items, args.address)
     from turnout.launch.paths import resolve_paths
+    from turnout.launch.preempt import DriverStop, check_grace
     from turnout.launch.preflight import preflight
 
-    cfg = resolve_paths(cfg)
+    stop = DriverStop(grace_s=0.0)
+    stop.install()  # until the job runs, a signal ends the launcher at once (exit 143/130)
+    cfg = _resolve_resume(resolve_paths(cfg))
     if args.launcher == "ray":
         from turnout.launch.ray.cluster import check_reachable, cluster_address
 
         if cluster_address(cfg):  # an address nobody answers on: one line, at once
             check_reachable(cluster_address(cfg))
+    stop.grace_s = check_grace(cfg)  # measures the checkpoint folder's write speed
     data_path = preflight(cfg)  # validation ends here: Ray, DeepSpeed, MLflow not imported
     if args.launcher == "torchrun":
         return _train_torchrun(args, cfg)
@@ -230,12 +262,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        res = run_ray(cfg, data_path, tracked.run_id)
+        res = run_ray(cfg, data_path, tracked.run_id, stop)
     except WorkerError as e:  # a config error only a worker could find still exits 2
+        if stop.signum:  # the stop went wrong: still the signal's ending
+            return _stopped(stop, tracked, {}, str(stop.run_dir or ""))
         tracked.end("FAILED")
         print(error_line(e.text()), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        if stop.signum:  # a second signal, or the grace ran out
+            return _stopped(stop, tracked, {}, str(stop.run_dir or ""))
         tracked.end("KILLED")
         run = f"; MLflow run {tracked.run_id} marked KILLED" if tracked.run_id else ""
         print(f"turnout: interrupted: every worker stopped{run}", file=sys.stderr, flush=True)
@@ -243,9 +279,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     except BaseException:
         tracked.end("FAILED")
         raise
+    if stop.signum and res.get("stopped_at"):
+        return _stopped(stop, tracked, res, str(stop.run_dir or ""))
     tracked.end("FINISHED")
     print(format_summary(cfg, res), flush=True)
     return EXIT_OK
+
+
+def _stopped(stop: DriverStop, tracked: TrackedRun, res: dict[str, Any], run_dir: str) -> int:
+    """The launcher's signal ended the job: the run KILLED with its ``stop_reason``, one
+    line naming the checkpoint to resume (the stop's, else the newest complete one)."""
+    from pathlib import Path
+
+    from turnout.launch.preempt import STOP_REASON_TAG
+    from turnout.trainer.resume.recovery import newest_checkpoint
+
+    step = int(res.get("stopped_at") or 0)
+    checkpoint = str(res.get("checkpoint") or "")
+    reason = f"{stop.name} to the launcher"
+    if not checkpoint:
+        reason += f": no checkpoint within launch.preempt_grace_s={stop.grace_s:g} s"
+        newest = newest_checkpoint(Path(run_dir)) if run_dir else None
+        step = int(newest.name.removeprefix("step")) if newest is not None else 0
+    tracked.end("KILLED", {STOP_REASON_TAG: reason, "stopped_at": str(step)})
+    print(stop.line(step, checkpoint, tracked.run_id), file=sys.stderr, flush=True)
+    return int(stop.exit_code)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -387,9 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(error_line(str(e)), file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("turnout: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # launch.preempt.Terminated: SIGTERM
+        code = int(getattr(e, "exit_code", EXIT_INTERRUPTED))
+        what = "interrupted" if code == EXIT_INTERRUPTED else "terminated (SIGTERM)"
+        print(f"turnout: {what}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

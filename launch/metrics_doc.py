@@ -26,9 +26,11 @@ One MLflow run per job, logged by rank 0 (experiment `tracking.experiment`, defa
 - params: the whole resolved config, flattened to dotted keys (`model.moe.num_experts`, ...);
 - artifact `config.yaml`: the resolved config, loadable with `turnout train config.yaml`;
 - tags: `world_size`, `ep_size`, `zero_stage`, `git_commit`; `resumed_from` (a resumed
-  run); `checkpoint/step<N>`, `checkpoint/latest` and `checkpoint/latest_step` (the
-  folders saved, no upload); `node/node<N>` (each node's host name); `turnout.parent`
-  (the source of `train.init_from`, also logged as a param); the experiment is tagged
+  run); `stop_reason` and `stopped_at` (a run SIGTERM or Ctrl-C stopped with a
+  checkpoint, marked KILLED); `checkpoint/step<N>`, `checkpoint/latest` and
+  `checkpoint/latest_step` (the folders saved, no upload); `node/node<N>` (each node's
+  host name); `turnout.parent` (the source of `train.init_from`, also logged as a
+  param); the experiment is tagged
   `mlflow.experimentKind=custom_model_development` (MLflow 3's training view);
 - metrics by step (every `train.log_every` steps, averaged over the interval and all
   ranks): `loss` (cross-entropy, nats/token), `lr`, `grad_norm`, `tokens_per_s`,

@@ -12,6 +12,7 @@ import copy
 from pathlib import Path
 
 from turnout.config import TurnoutConfig
+from turnout.config.train import RESUME_AUTO
 from turnout.trainer.tracking.uri import absolute_tracking_uri
 
 
@@ -34,7 +35,8 @@ def resolve_paths(cfg: TurnoutConfig, cwd: Path | None = None) -> TurnoutConfig:
     if out.data.tokenizer not in ("byte", "bpe"):
         out.data.tokenizer = _abs(out.data.tokenizer, base)
     out.train.ckpt_dir = _abs(out.train.ckpt_dir, base)
-    out.train.resume = _abs(out.train.resume, base)
+    if out.train.resume != RESUME_AUTO:
+        out.train.resume = _abs(out.train.resume, base)
     out.train.init_from = _abs(out.train.init_from, base)
     out.launch.storage_path = _abs(out.launch.storage_path or ".turnout/ray", base)
     return out

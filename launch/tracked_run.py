@@ -5,7 +5,8 @@ checkpoint recorded; see :mod:`turnout.trainer.tracking.store`) on the launcher,
 unreachable store is one line naming ``tracking.uri`` before Ray starts, and returns
 its id, which the workers get: rank 0 attaches to that run and only logs.
 :meth:`TrackedRun.end` marks it FINISHED, FAILED (any failure, a killed worker
-included) or KILLED (Ctrl-C), waiting a bounded time for the store.
+included) or KILLED (Ctrl-C, SIGTERM: tagged ``stop_reason``), waiting a bounded time
+for the store.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ class TrackedRun:
     run_id: str
     """'' when tracking is off."""
 
-    def end(self, status: str) -> None:
-        """Mark the run ``status``; a store that does not answer costs one warning line."""
+    def end(self, status: str, tags: dict[str, str] | None = None) -> None:
+        """Mark the run ``status`` (after setting ``tags``); a store that does not answer
+        costs one warning line."""
         if not self.run_id:
             return
         from turnout.trainer.tracking.store import end_run
 
-        why = end_run(self.uri, self.run_id, status, END_TIMEOUT_S)
+        why = end_run(self.uri, self.run_id, status, END_TIMEOUT_S, tags)
         if why:
             print(
                 f"turnout: warning: could not mark MLflow run {self.run_id} {status}: {why}",

@@ -7,7 +7,9 @@ torchrun::
     torchrun --nproc_per_node 2 -m turnout.launch.worker tiny train.steps=50
 
 There every rank validates the config (cheap), rank 0 prepares the token cache while
-the others wait at a barrier, and rank 0 prints the summary. Config errors give one
+the others wait at a barrier, and rank 0 prints the summary. SIGTERM to the ranks
+(torchrun forwards its own) stops every rank after the same step with a checkpoint;
+rank 0 prints one line naming it and every rank exits 143. Config errors give one
 ``turnout: error: <key>: <message>`` line (from rank 0) and exit code 2; a training
 failure gives one line naming the rank and the reason, exit code 1, and the full
 traceback in a log file.
@@ -26,7 +28,14 @@ from typing import Any
 
 from turnout.config import TurnoutConfig
 from turnout.config.load import load_config, split_source
-from turnout.errors import EXIT_CONFIG, EXIT_OK, ConfigError, WorkerError, error_line
+from turnout.errors import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    ConfigError,
+    WorkerError,
+    error_line,
+)
 from turnout.files import write_atomic
 from turnout.launch.preflight import preflight
 from turnout.launch.summary import format_summary
@@ -174,6 +183,15 @@ def main(argv: list[str] | None = None) -> int:
             print(error_line(str(e)), file=sys.stderr)
         return EXIT_CONFIG
 
+    from turnout.config.train import RESUME_AUTO
+    from turnout.trainer.stop import PreemptedError, install_handlers
+
+    install_handlers()  # SIGTERM: stop after a step, with a checkpoint
+    if cfg.train.resume == RESUME_AUTO:  # every rank finds the same checkpoint
+        from turnout.launch.paths import resolve_paths
+        from turnout.trainer.resume.auto import resolve_auto
+
+        cfg = resolve_auto(resolve_paths(cfg))
     quiet_worker(cfg)
     try:
         rank, world = init_process_group(cfg)
@@ -185,16 +203,31 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         res = train_on_group(cfg, data_path, attach_to=os.environ.get(ATTACH_ENV, ""))
+    except PreemptedError as e:  # no launcher here restarts it: leave as SIGTERM asks
+        if rank == 0:
+            print(f"turnout: terminated: {e}", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED
     except Exception as e:  # one line to the user, the full traceback to a file
         err = worker_error(e, rank, Path(".turnout", "logs").resolve())
         if err.kind != "config" or rank == 0:  # every rank finds a config error alike
             print(error_line(err.text()), file=sys.stderr)
         return err.exit_code
+    from turnout.parallel.dist import leave_process_group
+
+    if res.get("stopped_at"):  # SIGTERM: every rank stopped after this step, saved
+        if rank == 0:
+            print(
+                f"turnout: terminated ({res['stop_reason']}): every rank stopped after step "
+                f"{res['stopped_at']} and saved {res['checkpoint']}; resume with "
+                f"train.resume={res['checkpoint']}",
+                file=sys.stderr,
+                flush=True,
+            )
+        leave_process_group(finished=True)
+        return EXIT_TERMINATED
     if rank == 0:
         print(format_summary(cfg, res), flush=True)
         write_result(os.environ.get(RESULT_ENV, ""), res)
-    from turnout.parallel.dist import leave_process_group
-
     leave_process_group(finished=True)
     return EXIT_OK
 

@@ -18,6 +18,11 @@ once (``turnout.parallel.groups.build_groups``). It reads top-down:
   restarted after a worker died, from the job's newest checkpoint
   (:mod:`turnout.trainer.resume.recovery`). Tracking never blocks a step
   (:mod:`turnout.trainer.tracking.tracker`); the run ends FINISHED, FAILED or KILLED;
+- a stop request (SIGTERM to the launcher or to a worker, :mod:`turnout.trainer.stop`)
+  rides on the step's finite-loss all-reduce, so every rank stops after the same step;
+  the loop logs that step, checkpoints it and returns (``stopped_at``), or, when only
+  worker processes were signalled, raises :class:`~turnout.trainer.stop.PreemptedError`
+  for the launcher to restart from that checkpoint with no step redone;
 - the result carries the whole run's FLOP accounting (FLOPs per token and as a fraction
   of the equal-shape dense model, total training FLOPs, achieved TFLOP/s, MFU) and each
   rank's peak memory, also logged to MLflow;
@@ -60,6 +65,7 @@ from turnout.trainer.run_setup import Run, progress_bar, setup
 from turnout.trainer.skips import SkipCounter
 from turnout.trainer.step import NonFiniteLossError, run_step
 from turnout.trainer.tracking.model_log import log_run_model
+from turnout.trainer.stop import PreemptedError, StopVote, signalled, stop_requested
 from turnout.trainer.tracking.store import record_run_id
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
@@ -121,6 +127,11 @@ class TrainResult:
     model_uri: str = ""
     """``models:/<id>`` of the MLflow logged model of the final checkpoint
     (``tracking.log_model``; rank 0; '' when not logged)."""
+    stopped_at: int = 0
+    """The step every rank stopped after on a stop request, checkpointed (0 = ran to
+    ``train.steps``)."""
+    stop_reason: str = ""
+    """Who asked for that stop ('' = no stop)."""
 
 
 def _log_start(run: Run, step: int) -> None:
@@ -248,6 +259,11 @@ def train(
     interval, whole = IntervalMeter(run.tokens_per_step), RunMeter(run.tokens_per_step)
     final_train, val, ckpt = math.nan, Validation(), ""
     bar, status = None, "FAILED"
+    stop, last = StopVote(), t.steps
+
+    def ask_stop() -> tuple[bool, bool]:  # rank 0 reads the launcher's request (one stat)
+        return run.rank == 0 and bool(stop_requested(run.run_dir)), bool(signalled())
+
     try:
         start = int(checkpoint.load(run.engine, t.resume, groups).get("step", 0)) if t.resume else 0
         _log_start(run, start)
@@ -258,7 +274,15 @@ def train(
             done = step + 1
             lr = float(run.scheduler.get_last_lr()[0])
             res = run_step(
-                run.engine, run.sampler, step, t.grad_accum, stats, run.rank, run.world, balancer
+                run.engine,
+                run.sampler,
+                step,
+                t.grad_accum,
+                stats,
+                run.rank,
+                run.world,
+                balancer,
+                ask_stop,
             )
             interval.add(res.loss, res.seconds)
             whole.add(res.seconds)
@@ -275,13 +299,24 @@ def train(
                 val = _validate(run, done, bar)
             if due(done, t.ckpt_every, t.steps):
                 ckpt = _checkpoint(run, done)
+            if res.vote.stop and done < t.steps:  # every rank: the same step, the same vote
+                stop, last = res.vote, done
+                if not due(done, t.log_every, t.steps):
+                    summary = interval.flush()
+                    final_train = summary.loss
+                    _log_interval(run, stats, summary, lr, done, skips.total, loads)
+                if not due(done, t.ckpt_every, t.steps):
+                    ckpt = _checkpoint(run, done)
+                break
         if start >= t.steps:  # resumed at its last step: nothing to train, still measured
             val = _validate(run, t.steps, bar)
         memory = _peak_memory(run)
-        end = _end_metrics(run, whole, memory, t.steps - start)
+        end = _end_metrics(run, whole, memory, max(0, last - start))
         end["skipped_steps"] = float(skips.total)
-        run.tracker.log_metrics(end, step=t.steps)
-        status = "FINISHED"
+        run.tracker.log_metrics(end, step=last)
+        status = "KILLED" if stop.stop else "FINISHED"
+        if stop.stop and run.tracker.owns_run:  # torchrun: rank 0 ends the run itself
+            run.tracker.set_tags({"stop_reason": stop.reason(), "stopped_at": str(last)})
         log.debug("rank %d: loop done after %.1fs", run.rank, time.perf_counter() - t_start)
     except KeyboardInterrupt:
         status = "KILLED"
@@ -291,14 +326,16 @@ def train(
             bar.close()
         run.system.stop()
         run.tracker.finish(status)
+    if stop.preempted:  # the launcher goes on: it restarts from this checkpoint
+        raise PreemptedError(last, stop.reason(), ckpt)
     model_uri = ""  # after finish: the final metrics are in the store, to link to the model
-    if run.tracker.run_id and cfg.tracking.log_model and ckpt:
+    if run.tracker.run_id and cfg.tracking.log_model and ckpt and not stop.stop:
         model_uri = log_run_model(cfg, run.tracker.run_id, ckpt, t.steps)
     return TrainResult(
         final_train_loss=final_train,
         final_val_loss=val.loss,
         unigram_entropy=run.unigram_entropy,
-        steps=t.steps,
+        steps=last,
         tokens_per_s=whole.tokens_per_s(),
         wall_s=time.perf_counter() - t_start,
         run_id=run.tracker.run_id,
@@ -319,6 +356,8 @@ def train(
         restarts=attempt.number,
         steps_redone=attempt.steps_redone,
         model_uri=model_uri,
+        stopped_at=last if stop.stop else 0,
+        stop_reason=stop.reason() if stop.stop else "",
     )
 
 

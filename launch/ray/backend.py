@@ -17,6 +17,11 @@ the torchrun environment on each worker:
   whatever the host name resolves to, often 127.0.0.1, and no peer on another node can
   reach that. Each rank then prints one line naming its node and interface.
 
+It also installs each worker's SIGTERM handler
+(:func:`turnout.trainer.stop.install_handlers`) on the worker's main thread, where the
+worker group's ``execute`` runs, after Ray's own: a SIGTERMed worker then asks every
+rank to stop after the step and checkpoint instead of aborting.
+
 Only Ray's developer API is used (``Backend`` hooks and the worker group's
 ``execute``/``execute_single``); nothing of Ray's private torch setup.
 """
@@ -76,6 +81,13 @@ def _publish_rendezvous(addr: str, port: int) -> None:
     )
 
 
+def _install_stop_handlers() -> bool:
+    """Runs on every worker's main thread: SIGTERM becomes a stop request."""
+    from turnout.trainer.stop import install_handlers
+
+    return install_handlers()
+
+
 class RendezvousBackend(Backend):
     """Sets the rendezvous environment on every worker; never creates a process group."""
 
@@ -87,6 +99,7 @@ class RendezvousBackend(Backend):
         # The Ray Train context (ranks) is available from here on, in Ray Train v1 and v2.
         addr, port = worker_group.execute_single(0, _node_address_and_port)
         worker_group.execute(_publish_rendezvous, addr=addr, port=port)
+        worker_group.execute(_install_stop_handlers)
 
 
 class RendezvousConfig(TorchConfig):

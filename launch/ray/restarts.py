@@ -10,6 +10,10 @@ controller, fails the run the moment one appears: Ray treats an error raised by 
 callback as a controller failure, which it does not retry, and hands it to the driver
 as ``ControllerError.controller_failure``.
 
+Not final either: :class:`~turnout.trainer.stop.PreemptedError`, raised by every rank
+after the checkpoint when a worker process was SIGTERMed (a preempted node): the restart
+resumes from that checkpoint with nothing to train again.
+
 Final: turnout's own errors (a config error only a worker could find, a checkpoint that
 does not load, an unreachable tracking store), a non-finite loss, too many skipped
 steps, a kernel mismatch under ``TURNOUT_KERNELS=1``. Not final: a collective that

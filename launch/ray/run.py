@@ -9,11 +9,12 @@ driver keeps only the training workers' output (:mod:`turnout.launch.ray.logs`);
 Train's own logs go to WARNING. A failed job becomes one line
 (:mod:`turnout.launch.ray.failures`).
 
-Ctrl-C: Ray Train's ``fit()`` installs its own SIGINT handler when it runs on the main
-thread (it aborts the run and leaves with exit 0 or 1 and no word of ours). So
-``fit()`` runs on a helper thread, Ctrl-C stays a KeyboardInterrupt in the main
-thread, and :func:`run_ray` answers it by shutting Ray down (every worker of the job
-goes with it) before the interrupt reaches the command line.
+Ray Train's ``fit()`` installs its own SIGINT handler when it runs on the main thread
+(it aborts the run and leaves with exit 0 or 1 and no word of ours). So ``fit()`` runs
+on a helper thread, signals stay the main thread's, and a second signal (or a grace
+that ran out) becomes a KeyboardInterrupt there, which :func:`run_ray` answers by
+shutting Ray down (every worker of the job goes with it) before it reaches the command
+line. A stopped job shuts Ray down too (a joined cluster: this job's actors).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from turnout.config import TurnoutConfig
+from turnout.launch.preempt import DriverStop
 from turnout.launch.ray.cluster import check_reachable, cluster_address, join_cluster
 from turnout.launch.ray.failures import find_worker_error, gave_up
 from turnout.launch.ray.logs import printer, quiet_ray_output, verbose
@@ -67,8 +69,9 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _fit_off_main_thread(trainer: Any) -> Any:
-    """``trainer.fit()`` on a helper thread (see the module doc); its result or error."""
+def _fit_off_main_thread(trainer: Any, stop: DriverStop | None = None) -> Any:
+    """``trainer.fit()`` on a helper thread (see the module doc); its result or error.
+    KeyboardInterrupt when ``stop``'s grace runs out before the workers stopped."""
     box: dict[str, Any] = {}
 
     def _fit() -> None:
@@ -81,6 +84,8 @@ def _fit_off_main_thread(trainer: Any) -> Any:
     thread.start()
     while thread.is_alive():
         thread.join(0.25)
+        if stop is not None and stop.expired():
+            raise KeyboardInterrupt
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -112,10 +117,13 @@ def _init_ray(cfg: TurnoutConfig) -> bool:
     return embedded
 
 
-def run_ray(cfg: TurnoutConfig, data_path: Path, run_id: str = "") -> dict[str, Any]:
+def run_ray(
+    cfg: TurnoutConfig, data_path: Path, run_id: str = "", stop: DriverStop | None = None
+) -> dict[str, Any]:
     """Train ``cfg`` (paths already absolute) on Ray; returns rank 0's TrainResult dict.
 
     ``run_id``: the MLflow run the launcher opened for the job ('' = rank 0 opens one).
+    ``stop``: the launcher's signal handling, armed once Ray is up (its ``run_dir`` set).
 
     Raises :class:`WorkerError` (see :func:`find_worker_error`) when training fails.
     """
@@ -154,6 +162,8 @@ def run_ray(cfg: TurnoutConfig, data_path: Path, run_id: str = "") -> dict[str, 
 
     interrupted = False
     embedded = _init_ray(cfg)
+    if stop is not None:  # after ray.init: ours replace the handlers Ray installed
+        stop.arm(run_dir)
     try:
         trainer = TorchTrainer(
             # Ray types the loop as returning None; v2 hands rank 0's return value back.
@@ -177,7 +187,7 @@ def run_ray(cfg: TurnoutConfig, data_path: Path, run_id: str = "") -> dict[str, 
             torch_config=RendezvousConfig(),
         )
         try:
-            result = _fit_off_main_thread(trainer)
+            result = _fit_off_main_thread(trainer, stop)
         except KeyboardInterrupt:
             interrupted = True
             raise
@@ -191,5 +201,6 @@ def run_ray(cfg: TurnoutConfig, data_path: Path, run_id: str = "") -> dict[str, 
         if interrupted:  # a second Ctrl-C must not cut the clean-up short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         printer.close()
-        if embedded or interrupted:  # leaving a joined cluster ends this job's actors
+        stopped = stop is not None and stop.signum
+        if embedded or interrupted or stopped:  # leaving a joined cluster ends our actors
             ray.shutdown()

@@ -79,6 +79,13 @@ CASES = [
         "tracking.register_as",
     ),
     ("zero-stage", ["tiny", "parallel.zero_stage=4"], "parallel.zero_stage"),
+    ("negative-grace", ["tiny", "launch.preempt_grace_s=-1"], "launch.preempt_grace_s"),
+    # A checkpoint of megabytes in a microsecond: no disk writes a terabyte a second.
+    (
+        "grace-shorter-than-the-checkpoint",
+        ["tiny", "launch.preempt_grace_s=0.000001"],
+        "launch.preempt_grace_s",
+    ),
     ("override-without-equals", ["tiny", "train.steps"], "train.steps"),
     ("unknown-preset", ["no-such-preset"], "config"),
     ("missing-yaml", ["missing.yaml"], "config"),

@@ -40,6 +40,9 @@ Everything is arithmetic on the config; nothing is built or run. The estimates:
   ``D`` values each: ``min(k' T, E C)`` rows in capacity mode (no bucket padding
   travels), the ``k' T`` real rows dropless (``T`` the tokens reaching the layer, ``k'``
   as in :mod:`turnout.models.flops`). ``(ep - 1) / ep`` of it leaves the rank.
+- **Checkpoint bytes**: every parameter's fp32 master and its two AdamW moments (12
+  bytes per parameter, experts included), the size of a step folder
+  (:mod:`turnout.trainer.checkpointing.collective`) give or take its small files.
 - **Step-time lower bound**: ``max(compute, all-to-all)``, compute = training FLOPs
   per rank at the device's dense peak, all-to-all = off-rank bytes at its link
   bandwidth. Data-parallel gradient traffic and kernel efficiency are not counted, so
@@ -63,6 +66,9 @@ from turnout.models.flops import (
 from turnout.models.params import ParamCount, count_params
 from turnout.trainer.planner.devices import DEFAULT_GPU, Device, device, resolve_precision
 from turnout.trainer.planner.memory import Memory, a2a_bytes, activation_bytes, state_memory
+
+#: Bytes a checkpoint keeps per parameter: the fp32 master and two fp32 AdamW moments.
+CHECKPOINT_BYTES_PER_PARAM = 12
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,11 @@ class Plan:
     """train.activation_checkpointing."""
     a2a_bytes: float
     """All-to-all buffer bytes per rank per step (its own slice included)."""
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """Bytes of one checkpoint (every parameter's master and moments, fp32)."""
+        return self.params.total * CHECKPOINT_BYTES_PER_PARAM
 
     @property
     def expert_dp(self) -> int:

@@ -194,13 +194,19 @@ def open_run(cfg: TurnoutConfig, world: int) -> str:
     return run_id
 
 
-def end_run(uri: str, run_id: str, status: str, timeout_s: float) -> str:
-    """Mark ``run_id`` ``status``, waiting at most ``timeout_s``; '' or why it failed."""
+def end_run(
+    uri: str, run_id: str, status: str, timeout_s: float, tags: dict[str, str] | None = None
+) -> str:
+    """Mark ``run_id`` ``status`` (after setting ``tags``), waiting at most ``timeout_s``;
+    '' or why it failed."""
     outcome: list[str] = [f"timed out after {timeout_s:.0f} s"]
 
     def _end() -> None:
         try:
-            client_for(uri).set_terminated(run_id, status=status)
+            client = client_for(uri)
+            for key, value in (tags or {}).items():
+                client.set_tag(run_id, key, value)
+            client.set_terminated(run_id, status=status)
             outcome[0] = ""
         except Exception as e:  # an unreachable store: say so, never raise here
             outcome[0] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -7,6 +7,7 @@ upward. Loading (presets, YAML files, overrides) is in :mod:`turnout.config.load
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from turnout.config.choices import Placement, Recompute
@@ -40,6 +41,11 @@ class LaunchConfig:
     0 = fail the job on the first death."""
     placement: str = "PACK"
     """Worker placement on the cluster's nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
+    preempt_grace_s: float = 0.0
+    """Seconds SIGTERM (or Ctrl-C) leaves the job to finish its step and write a checkpoint
+    before it gives up and exits 143 without one (0 = sized for the model: 30 s plus twice
+    the checkpoint's bytes at the write speed measured in train.ckpt_dir); a value the
+    checkpoint cannot be written in is refused before any worker starts."""
 
 
 @dataclass
@@ -69,6 +75,10 @@ def validate(cfg: TurnoutConfig) -> None:
         )
     if cfg.launch.max_failures < 0:
         raise ConfigError("launch.max_failures", f"must be >= 0, got {cfg.launch.max_failures}")
+    if not (0 <= cfg.launch.preempt_grace_s < math.inf):  # also rejects nan
+        raise ConfigError(
+            "launch.preempt_grace_s", f"must be >= 0 seconds, got {cfg.launch.preempt_grace_s}"
+        )
     if cfg.launch.placement not in Placement.values():
         raise ConfigError(
             "launch.placement", f"must be {Placement.spelled()}, got {cfg.launch.placement!r}"

@@ -41,6 +41,10 @@ class DataConfig:
     """Tokenizer processes, one shard each at a time (0 = one per CPU core)."""
 
 
+#: ``train.resume`` value: the newest checkpoint of a run of the same config, or fresh.
+RESUME_AUTO = "auto"
+
+
 @dataclass
 class TrainConfig:
     steps: int = 300
@@ -80,7 +84,9 @@ class TrainConfig:
     ckpt_dir: str = "checkpoints"
     """Where checkpoints are written (one folder per run)."""
     resume: str = ""
-    """Checkpoint folder to resume from ('' = start fresh)."""
+    """Checkpoint folder to resume from ('' = start fresh; 'auto' = the newest complete
+    checkpoint in train.ckpt_dir that a run of this same config saved, else start fresh:
+    a scheduler re-running one command line continues)."""
     init_from: str = ""
     """Initialise the model weights (not the optimizer) from a checkpoint (run or step
     folder) or a `turnout export` folder: equal shapes copy, a dense FFN becomes every

@@ -1,0 +1,246 @@
+"""Preemption through the real CLI and Ray: SIGTERM to the driver, and to one worker.
+
+- SIGTERM to ``turnout train`` (as Slurm, Kubernetes or a spot shutdown send it) with
+  the next scheduled checkpoint far away: exit 143, one ``turnout:`` line naming the
+  checkpoint and the command that resumes it, a complete checkpoint at the step every
+  rank stopped after (no step lost), the MLflow run KILLED with a ``stop_reason`` tag,
+  and no process of the job's Ray session left. The same command with
+  ``train.resume=auto`` then continues from that step, in the same MLflow run (every
+  step's loss logged once), to the uninterrupted run's final parameters (CPU, fp32,
+  same seed: bit-equal, as in tests/e2e/test_recovery.py).
+- SIGTERM to one training worker: every rank stops after the same step and saves it;
+  Ray restarts the workers, which resume from that checkpoint with no step to train
+  again, and the job ends with the uninterrupted run's parameters.
+
+The moment to signal is read from the run folder's ``recovery.json`` (rank 0 rewrites
+it after every step). The job's processes: the driver's descendants while it trains,
+and any process whose command line names its Ray session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from turnout.trainer.checkpointing.manifest import is_complete
+from turnout.trainer.resume.recovery import RECOVERY_FILE
+from turnout.trainer.weights.from_checkpoint import consolidated_state
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+STEPS, SIGNAL_AFTER = 24, 8
+RUN = [
+    "tiny",
+    f"train.steps={STEPS}",
+    f"train.ckpt_every={STEPS * 10}",  # no scheduled checkpoint before the end
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.warmup_steps=1",
+    "train.micro_batch_size=2",
+    "train.precision=fp32",
+    "model.max_seq_len=32",
+    "data.max_bytes=200000",
+    "launch.num_workers=2",
+    "tracking.experiment=preempt",
+    # Room for the stop on a loaded 2-core machine: the test is about what happens, not
+    # how fast (the sized default is tests/unit/test_preempt.py's).
+    "launch.preempt_grace_s=600",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _train(cwd: Path, extra: list[str]) -> subprocess.Popen:
+    exe = str(Path(sys.executable).with_name("turnout"))
+    return subprocess.Popen(
+        [exe, "train", *RUN, *extra],
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _recovery(cwd: Path) -> dict | None:
+    for path in (cwd / "checkpoints").glob(f"*/{RECOVERY_FILE}"):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # replaced while read: read again
+            return None
+    return None
+
+
+def _wait(cond: Callable[[dict], bool], proc: subprocess.Popen, cwd: Path, what: str) -> dict:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        record = _recovery(cwd)
+        if record is not None and cond(record):
+            return record
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the job ended (exit {proc.returncode}) before {what}:\n{err[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"no {what} within 300 s")
+
+
+def _summary(stdout: str, label: str) -> str:
+    m = re.search(rf"^\s+{re.escape(label)}\s+(\S+)", stdout, re.MULTILINE)
+    assert m, f"no {label!r} in:\n{stdout}"
+    return m.group(1)
+
+
+def _session(job: list[psutil.Process]) -> str:
+    """The Ray session name on the job's processes' command lines."""
+    for p in job:
+        try:
+            m = re.search(r"session_\d{4}-[\d_-]+", " ".join(p.cmdline()))
+        except psutil.Error:
+            continue
+        if m:
+            return m.group(0)
+    pytest.fail("no Ray session among the job's processes")
+
+
+def _alive(job: list[psutil.Process], session: str) -> list[str]:
+    """The job's processes still running: its known ones, and any naming its session."""
+    left = {}
+    for p in [*job, *psutil.process_iter()]:
+        try:
+            line = " ".join(p.cmdline())
+            if p.status() == psutil.STATUS_ZOMBIE or not p.is_running():
+                continue
+            if p in job or session in line:
+                left[p.pid] = line[:120]
+        except psutil.Error:
+            continue
+    return [f"{pid} {line}" for pid, line in left.items()]
+
+
+def _same_params(got_ckpt: str, want_ckpt: str) -> None:
+    got, _, got_step = consolidated_state(got_ckpt)
+    want, _, want_step = consolidated_state(want_ckpt)
+    assert got_step == want_step == STEPS
+    assert got.keys() == want.keys()
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, different[:5]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The final checkpoint of the same job, never interrupted."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    out, err = _finish(_train(cwd, []))
+    assert "terminated" not in err, err
+    return _summary(out, "checkpoint")
+
+
+def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
+    tmp_path: Path, uninterrupted: str
+) -> None:
+    from mlflow import MlflowClient
+
+    proc = _train(tmp_path, [])
+    try:
+        at = _wait(lambda r: r["step"] >= SIGNAL_AFTER, proc, tmp_path, f"step {SIGNAL_AFTER}")
+        job = psutil.Process(proc.pid).children(recursive=True)
+        session = _session(job)
+        assert any("RayTrainWorker" in " ".join(p.cmdline()) for p in job), job
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)  # the driver alone, as `kill` or Kubernetes do
+        out, err = proc.communicate(timeout=300)
+        exit_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, out + err
+    assert "Traceback" not in out + err and "SIGTERM received" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("turnout:")]
+    assert len(lines) == 1 and lines[0].startswith("turnout: terminated (SIGTERM): "), err
+    m = re.search(r"stopped after step (\d+) and saved (\S+) in", lines[0])
+    assert m, lines[0]
+    stopped, folder = int(m.group(1)), Path(m.group(2))
+    assert "train.resume=auto" in lines[0]
+    # The checkpoint is complete and holds the last step done: no step lost.
+    assert SIGNAL_AFTER <= at["step"] <= stopped < STEPS
+    assert folder.name == f"step{stopped}" and is_complete(folder)
+    assert (_recovery(tmp_path) or {})["step"] == stopped
+    left = _alive(job, session)
+    print(
+        f"preemption: SIGTERM after step {at['step']} -> exit 143 in {exit_s:.1f} s, "
+        f"stopped after step {stopped} with its checkpoint, 0 steps lost"
+    )
+    assert not left, f"left behind: {left}"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("preempt").experiment_id])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["stop_reason"] == "SIGTERM to the launcher"
+
+    # A scheduler re-runs the same command line: it continues from that step.
+    out, err = _finish(_train(tmp_path, ["train.resume=auto"]))
+    assert f"turnout: train.resume=auto: resuming {folder} " in out, out + err
+    assert _summary(out, "steps") == str(STEPS)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))  # each step once
+    _same_params(_summary(out, "checkpoint"), uninterrupted)
+
+
+def test_sigterm_to_a_worker_checkpoints_and_restarts_with_nothing_redone(
+    tmp_path: Path, uninterrupted: str
+) -> None:
+    proc = _train(tmp_path, ["launch.max_failures=1"])
+    at = _wait(lambda r: r["step"] >= SIGNAL_AFTER, proc, tmp_path, f"step {SIGNAL_AFTER}")
+    job = psutil.Process(proc.pid).children(recursive=True)
+    workers = [p for p in job if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert len(workers) == 2, [" ".join(p.cmdline()) for p in job]
+    t0 = time.monotonic()
+    os.kill(max(workers, key=lambda p: p.pid).pid, signal.SIGTERM)
+    _wait(
+        lambda r: r["attempt"] == 1 and r["step"] > r["restarts"][-1]["from_step"],
+        proc,
+        tmp_path,
+        "a training step after the restart",
+    )
+    resume_s = time.monotonic() - t0
+    out, err = _finish(proc)
+    assert proc.returncode == 0, out + err
+    assert "Traceback" not in out + err and "SIGTERM received" not in err
+    (restart,) = (_recovery(tmp_path) or {})["restarts"]
+    print(
+        f"worker preemption: SIGTERM after step {at['step']} -> checkpoint of step "
+        f"{restart['from_step']}, first step after the restart {resume_s:.1f} s later, "
+        f"{restart['failed_at'] - restart['from_step']} steps redone"
+    )
+    assert restart["failed_at"] == restart["from_step"] >= at["step"], restart
+    assert Path(restart["resumed_from"]).name == f"step{restart['from_step']}"
+    assert _summary(out, "restarts") == "1"
+    assert _summary(out, "steps redone") == "0"
+    _same_params(_summary(out, "checkpoint"), uninterrupted)
