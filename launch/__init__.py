@@ -6,7 +6,8 @@ any worker starts), ``summary`` (the end-of-run lines), ``tracked_run`` (the lau
 hold on the MLflow run), ``paths``, ``cli_checkpoint`` (generate / eval / export),
 ``keys`` and ``metrics_doc`` (the generated reference pages).
 
-``ray/`` holds everything Ray: running a job on an embedded or joined cluster, the
+``ray/`` holds everything Ray: running a job on an embedded or joined cluster, who may
+talk to that cluster (loopback and a per-run token; token authentication to join), the
 driver's log printer, failure mapping and restart policy, the rendezvous backend, and
 ``turnout submit``.
 

@@ -100,11 +100,13 @@ def _trial_space(spec: SweepSpec, trials: list[Trial]) -> list[dict[str, Any]]:
 
 
 def _init_ray(address: str | None, spec: SweepSpec) -> bool:
-    """Start an embedded cluster or join one; True when we started it."""
+    """Start an embedded cluster or join one (token authentication checked already, in
+    :func:`run_sweep`); True when we started it."""
     import logging
 
     import ray
 
+    from turnout.launch.ray.auth import isolate_local_cluster, local_init_kw
     from turnout.launch.ray.cluster import check_reachable, join_cluster
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -116,7 +118,8 @@ def _init_ray(address: str | None, spec: SweepSpec) -> bool:
         check_reachable(address)
         join_cluster(address, quiet, verbose=False)
         return False
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
+    isolate_local_cluster()  # loopback only, a token of this sweep's own
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **local_init_kw(), **quiet)
     return True
 
 
@@ -181,6 +184,11 @@ def run_sweep(spec_path: str | Path, address: str | None = None) -> int:
     trials = expand(spec)
     cfgs = _configs(trials)
     first = _check_tracking(cfgs)
+    if address:  # before any work: no token, no sweep (unless the spec allows it)
+        from turnout.launch.ray.auth import require_token_auth
+        from turnout.launch.ray.cluster import KEY
+
+        require_token_auth(address, first.launch.allow_unauthenticated, KEY)
     _prepare_corpora(cfgs)
     folder = sweep_dir(spec)
     folder.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,9 @@ class LaunchConfig:
     0 = fail the job on the first death."""
     placement: str = "PACK"
     """Worker placement on the cluster's nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
+    allow_unauthenticated: bool = False
+    """Join (or submit to) a Ray cluster without token authentication configured here
+    (RAY_AUTH_MODE=token and the cluster's token); refused unless true (docs/security.md)."""
 
 
 @dataclass
