@@ -32,6 +32,7 @@ from turnout.config.sweep import SweepSpec, load_spec
 from turnout.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
 from turnout.launch.sweep.trial_run import RECORD_FILE, run_trial, write_json
 from turnout.launch.sweep.trials import Trial, expand
+from turnout.redact import redact
 
 PARENT_FILE = "mlflow_parent_run_id"
 RESULTS_FILE = "results.json"
@@ -241,10 +242,16 @@ def _end_parent(cfg: TurnoutConfig, run_id: str, status: str, results: Path) -> 
     try:
         client_for(cfg.tracking.uri).log_artifact(run_id, str(results))
     except Exception as e:  # noqa: BLE001 - the results file is on disk either way
-        print(f"turnout: warning: could not log {results} to MLflow: {e}", file=sys.stderr)
+        print(
+            f"turnout: warning: could not log {results} to MLflow: {redact(str(e))}",
+            file=sys.stderr,
+        )
     why = end_run(cfg.tracking.uri, run_id, status, 15.0)
     if why:
-        print(f"turnout: warning: could not mark the sweep's run {status}: {why}", file=sys.stderr)
+        print(
+            f"turnout: warning: could not mark the sweep's run {status}: {redact(why)}",
+            file=sys.stderr,
+        )
 
 
 def report_sweep(spec_path: str | Path) -> int:
