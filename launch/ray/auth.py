@@ -114,5 +114,6 @@ def isolate_local_cluster() -> None:
 
 
 def local_init_kw() -> dict[str, str]:
-    """``ray.init`` arguments that keep an embedded cluster's addresses on loopback."""
-    return {"_node_ip_address": LOOPBACK, "dashboard_host": LOOPBACK}
+    """``ray.init`` arguments for an embedded cluster: a new one (never a cluster Ray would
+    find on this machine by itself, through /tmp/ray), its addresses on loopback."""
+    return {"address": "local", "_node_ip_address": LOOPBACK, "dashboard_host": LOOPBACK}
