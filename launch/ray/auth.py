@@ -105,7 +105,10 @@ def isolate_local_cluster() -> None:
     # Read at import: when Ray was imported before the line above, set it there too.
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:  # this process may have read an earlier mode or token already (Ray caches both)
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import (  # type: ignore[attr-defined]  # compiled, no stubs
+            AuthenticationTokenLoader,
+            Config,
+        )
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
