@@ -25,6 +25,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 from turnout.errors import ConfigError
 
@@ -116,7 +117,7 @@ def isolate_local_cluster() -> None:
         pass
 
 
-def local_init_kw() -> dict[str, str]:
+def local_init_kw() -> dict[str, Any]:
     """``ray.init`` arguments for an embedded cluster: a new one (never a cluster Ray would
     find on this machine by itself, through /tmp/ray), its addresses on loopback."""
     return {"address": "local", "_node_ip_address": LOOPBACK, "dashboard_host": LOOPBACK}
