@@ -5,12 +5,12 @@ on loopback, its admin password one of the planted secrets. Known secret values 
 planted where a user keeps them: ``MLFLOW_TRACKING_PASSWORD`` and
 ``MLFLOW_TRACKING_TOKEN``, ``HF_TOKEN`` and ``HUGGING_FACE_HUB_TOKEN``, a
 ``RAY_AUTH_TOKEN`` of the user's own (the embedded cluster must use a fresh one), and
-``user:password@`` inside ``tracking.uri``. Short jobs of the tiny preset log to the
-server: one with the credentials in the environment, one with them in the URI, and one
-with a wrong password (refused in one line). While the first runs, the embedded
-cluster's own token is read from its raylet's environment, and becomes a secret too.
+``user:password@`` inside ``tracking.uri``. A short job of the tiny preset logs to the
+server with the credentials in the environment and in the URI; one with a wrong
+password is refused in one line. While the first runs, the embedded cluster's own
+token is read from its raylet's environment, and becomes a secret too.
 
-Then everything those runs wrote is searched for every secret: the run folder (the
+Then everything the runs wrote is searched for every secret: the run folder (the
 working directory: checkpoints, Ray Train's state and turnout's worker logs), the
 server's store (its database, holding params and tags, and its artifacts: the logged
 config.yaml), the Ray session's logs (where the workers' output goes), and the
@@ -155,7 +155,7 @@ def _train(
     while proc.poll() is None and not token:
         token, session = _ray_token_and_session(root)
         time.sleep(0.2)
-    out, err = proc.communicate(timeout=900)
+    out, err = proc.communicate(timeout=2400)  # a busy 2-core machine
     done = subprocess.CompletedProcess(cmd, proc.returncode, out.decode(), err.decode())
     return done, token, session
 
@@ -182,29 +182,20 @@ def test_planted_secrets_reach_no_record(auth_server: Server, tmp_path: Path) ->
     sessions: list[str] = []
     ray_tokens: list[str] = []
 
-    # 1. Credentials in the environment, where MLflow reads them.
-    run_env = tmp_path / "env-creds"
-    run_env.mkdir()
+    # A run whose credentials are in the environment (where MLflow reads them) and, the
+    # same ones, inside tracking.uri; beside them the planted secrets.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
     env = _env(MLFLOW_TRACKING_USERNAME=ADMIN, MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD, **PLANTED)
-    proc, token, session = _train(run_env, auth_server.uri, env)
+    proc, token, session = _train(run_dir, f"http://{ADMIN}:{ADMIN_PASSWORD}@{host}", env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    outputs["stdout of the env-credentials run"] = proc.stdout.encode()
-    outputs["stderr of the env-credentials run"] = proc.stderr.encode()
-    sessions.append(session)
-    ray_tokens.append(token)
-
-    # 2. Credentials inside tracking.uri.
-    run_uri = tmp_path / "uri-creds"
-    run_uri.mkdir()
-    proc, token, session = _train(run_uri, f"http://{ADMIN}:{ADMIN_PASSWORD}@{host}", _env())
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    outputs["stdout of the URI-credentials run"] = proc.stdout.encode()
-    outputs["stderr of the URI-credentials run"] = proc.stderr.encode()
+    outputs["stdout of the run"] = proc.stdout.encode()
+    outputs["stderr of the run"] = proc.stderr.encode()
     sessions.append(session)
     ray_tokens.append(token)
     assert f"tracking http://{host}" in proc.stdout  # the store is named, without them
 
-    # 3. A wrong password: refused by the server, one line, the password not in it.
+    # A wrong password: refused by the server, one line, the password not in it.
     run_bad = tmp_path / "wrong-creds"
     run_bad.mkdir()
     bad = subprocess.run(
@@ -228,14 +219,13 @@ def test_planted_secrets_reach_no_record(auth_server: Server, tmp_path: Path) ->
     outputs["stderr of the wrong-password run"] = bad.stderr.encode()
 
     # Each embedded cluster ran with a fresh token of its own, not the user's.
-    assert all(re.fullmatch(r"[0-9a-f]{64}", t) for t in ray_tokens), "no token read"
-    assert len(set(ray_tokens)) == 2
+    assert re.fullmatch(r"[0-9a-f]{64}", ray_tokens[0]), "no token read"
     assert PLANTED["RAY_AUTH_TOKEN"] not in ray_tokens
 
-    # The server holds both runs, with the store named in their params, no credentials.
+    # The server holds the run, with the store named in its params, no credentials.
     client = MlflowClient(tracking_uri=f"http://{ADMIN}:{ADMIN_PASSWORD}@{host}")
     runs = client.search_runs([client.get_experiment_by_name("turnout").experiment_id])
-    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert {r.data.params["tracking.uri"] for r in runs} == {f"http://{host}"}
     for r in runs:
         params = " ".join(f"{k}={v}" for k, v in r.data.params.items())
@@ -243,8 +233,8 @@ def test_planted_secrets_reach_no_record(auth_server: Server, tmp_path: Path) ->
         outputs[f"params and tags of run {r.info.run_id}"] = (params + tags).encode()
 
     session_logs = [Path("/tmp/ray") / s / "logs" for s in sessions if s]
-    assert len(session_logs) == 2 and all(p.is_dir() for p in session_logs), sessions
-    files = list(_files(run_env, run_uri, run_bad, auth_server.store, *session_logs))
+    assert len(session_logs) == 1 and session_logs[0].is_dir(), sessions
+    files = list(_files(run_dir, run_bad, auth_server.store, *session_logs))
     assert any(p.name == "config.yaml" for p in files)  # the logged config is among them
     texts = {str(p): p.read_bytes() for p in files}
     texts.update(outputs)
@@ -252,8 +242,7 @@ def test_planted_secrets_reach_no_record(auth_server: Server, tmp_path: Path) ->
         **PLANTED,
         "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
         "the wrong password": WRONG_PASSWORD,
-        "the first run's Ray token": ray_tokens[0],
-        "the second run's Ray token": ray_tokens[1],
+        "the run's own Ray token": ray_tokens[0],
     }
     leaks = _leaks(planted, texts)
     assert not leaks, "\n".join(leaks)
