@@ -7,7 +7,8 @@ hold on the MLflow run), ``preempt`` (SIGTERM and Ctrl-C: a stop with a checkpoi
 ``paths``, ``cli_checkpoint`` (generate / eval / export), ``export_mlflow`` (``turnout
 export --mlflow``), ``keys`` and ``metrics_doc`` (the generated reference pages).
 
-``ray/`` holds everything Ray: running a job on an embedded or joined cluster, the
+``ray/`` holds everything Ray: running a job on an embedded or joined cluster, who may
+talk to that cluster (loopback and a per-run token; token authentication to join), the
 driver's log printer, failure mapping and restart policy, the rendezvous backend, and
 ``turnout submit``.
 

@@ -58,6 +58,7 @@ from turnout.errors import (
 )
 from turnout.launch.cli_checkpoint import add_checkpoint_commands
 from turnout.launch.processes import die_with_parent
+from turnout.redact import redact
 
 if TYPE_CHECKING:
     from turnout.launch.preempt import DriverStop
@@ -150,7 +151,7 @@ def cmd_replay_tracking(args: argparse.Namespace) -> int:
     done = replay(args.file, args.uri)
     print(
         f"turnout: sent {done.records} tracking record(s) of run(s) {', '.join(done.run_ids)} "
-        f"to {args.uri}; the file is now {done.done_file}"
+        f"to {redact(args.uri)}; the file is now {done.done_file}"
     )
     return EXIT_OK
 
@@ -241,10 +242,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop.install()  # until the job runs, a signal ends the launcher at once (exit 143/130)
     cfg = _resolve_resume(resolve_paths(cfg))
     if args.launcher == "ray":
-        from turnout.launch.ray.cluster import check_reachable, cluster_address
+        from turnout.launch.ray.auth import require_token_auth
+        from turnout.launch.ray.cluster import KEY, check_reachable, cluster_address
 
-        if cluster_address(cfg):  # an address nobody answers on: one line, at once
-            check_reachable(cluster_address(cfg))
+        address = cluster_address(cfg)
+        if address:  # no token, or an address nobody answers on: one line, at once
+            require_token_auth(address, cfg.launch.allow_unauthenticated, KEY)
+            check_reachable(address)
     stop.grace_s = check_grace(cfg)  # measures the checkpoint folder's write speed
     data_path = preflight(cfg)  # validation ends here: Ray, DeepSpeed, MLflow not imported
     if args.launcher == "torchrun":
@@ -258,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     where = cfg.launch.address or os.environ.get("RAY_ADDRESS") or "an embedded local Ray cluster"
     print(
         f"turnout: {cfg.launch.num_workers} worker(s) on {where}; "
-        f"tracking {cfg.tracking.uri if cfg.tracking.enabled else 'off'}",
+        f"tracking {redact(cfg.tracking.uri) if cfg.tracking.enabled else 'off'}",
         flush=True,
     )
     try:

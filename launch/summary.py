@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from turnout.config import TurnoutConfig
+from turnout.redact import redact
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -22,7 +23,8 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 
 
 def ui_hint(uri: str) -> str:
-    """How to look at the MLflow store ``uri``."""
+    """How to look at the MLflow store ``uri`` (its credentials left out)."""
+    uri = redact(uri)
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from turnout.config import TurnoutConfig
 from turnout.errors import RunError
+from turnout.redact import redact
 
 #: How long the launcher waits for the store to take the run's final status.
 END_TIMEOUT_S = 15.0
@@ -37,7 +38,8 @@ class TrackedRun:
         why = end_run(self.uri, self.run_id, status, END_TIMEOUT_S, tags)
         if why:
             print(
-                f"turnout: warning: could not mark MLflow run {self.run_id} {status}: {why}",
+                f"turnout: warning: could not mark MLflow run {self.run_id} {status}: "
+                f"{redact(why)}",
                 file=sys.stderr,
                 flush=True,
             )

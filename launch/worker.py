@@ -39,6 +39,7 @@ from turnout.errors import (
 from turnout.files import write_atomic
 from turnout.launch.preflight import preflight
 from turnout.launch.summary import format_summary
+from turnout.redact import redact
 
 
 def result_to_dict(result: Any) -> dict[str, Any]:
@@ -111,11 +112,12 @@ def run_worker(
 
 
 def write_traceback(log_dir: Path, rank: int, exc: BaseException) -> Path | None:
-    """Write the full traceback of ``exc`` to ``log_dir/rank<r>.log``; return the path."""
+    """Write the full traceback of ``exc`` (secrets left out) to ``log_dir/rank<r>.log``;
+    return the path."""
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / f"rank{rank}.log"
-        path.write_text("".join(traceback.format_exception(exc)))
+        path.write_text(redact("".join(traceback.format_exception(exc))))
         return path
     except OSError:
         return None

@@ -7,6 +7,12 @@ which torchrun sets, and which turnout's Ray backend (``turnout.launch.ray.backe
 sets on every Ray Train worker; with none set it creates a single-process group of
 world 1. It refuses to run twice, so no other code path can have created the group.
 
+A rendezvous on a loopback address (every rank on this host: a single-node run, the
+embedded Ray cluster) stays on loopback: rank 0's store listens on that address only
+(not on every interface, as torch's TCPStore does when left alone), and gloo and NCCL
+are pointed at the loopback interface (``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME``,
+where the user has not set them). Nothing of the group is reachable from the network.
+
 Every collective waits at most ``parallel.timeout_s`` (the group's timeout) for the
 other ranks. The collectives here, and the blocks of the training step wrapped in
 :func:`collective`, turn a backend failure (gloo's "Timed out waiting ...", a peer that
@@ -16,11 +22,13 @@ collective, so the job's one error line says which rank stalled where.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -89,6 +97,51 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is this host's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def interface_of(ip: str) -> str | None:
+    """The name of this host's network interface that holds address ``ip`` (None: none)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%", 1)[0] == ip for a in addrs):
+            return name
+    return None
+
+
+def _loopback_store(addr: str, port: int, rank: int, world: int, timeout_s: float) -> Any:
+    """The group's TCPStore, rank 0's server listening on loopback ``addr`` only."""
+    timeout = timedelta(seconds=timeout_s)
+    host = "127.0.0.1" if addr == "localhost" else addr
+    if rank != 0:
+        return dist.TCPStore(host, port, world, False, timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    # The store owns the descriptor from here on (it closes it).
+    return dist.TCPStore(host, port, world, True, timeout, master_listen_fd=listener.detach())
+
+
+def _stay_on_loopback() -> None:
+    """Point gloo and NCCL at the loopback interface, unless the user chose one."""
+    lo = interface_of("127.0.0.1")
+    if lo:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", lo)
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -113,10 +166,18 @@ def init_distributed(backend: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tupl
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr = os.environ.get("MASTER_ADDR", "")
+    store = None
+    if is_loopback(addr):
+        _stay_on_loopback()
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # torchrun's agent's
+            store = _loopback_store(addr, int(os.environ["MASTER_PORT"]), rank, world, timeout_s)
     dist.init_process_group(
         backend,
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
+        store=store,
+        rank=rank,
+        world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
     return dist.get_rank(), dist.get_world_size()

@@ -64,8 +64,8 @@ from turnout.trainer.resume.recovery import Attempt, begin_attempt, log_restart
 from turnout.trainer.run_setup import Run, progress_bar, setup
 from turnout.trainer.skips import SkipCounter
 from turnout.trainer.step import NonFiniteLossError, run_step
-from turnout.trainer.tracking.model_log import log_run_model
 from turnout.trainer.stop import PreemptedError, StopVote, signalled, stop_requested
+from turnout.trainer.tracking.model_log import log_run_model
 from turnout.trainer.tracking.store import record_run_id
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]

@@ -86,8 +86,11 @@ def one_line(error: BaseException) -> str:
 
 
 def error_line(text: str) -> str:
-    """The line the command line prints for an error (whitespace collapsed to one line)."""
-    return "turnout: error: " + " ".join(text.split())
+    """The line the command line prints for an error (whitespace collapsed to one line,
+    secrets left out: :func:`turnout.redact.redact`)."""
+    from turnout.redact import redact
+
+    return "turnout: error: " + " ".join(redact(text).split())
 
 
 class WorkerError(TurnoutError):

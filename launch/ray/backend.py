@@ -9,7 +9,9 @@ per-worker CUDA device context is wanted) but swaps the backend class, the exten
 point Ray's own ``TorchftConfig`` uses, for :class:`RendezvousBackend`, which only sets
 the torchrun environment on each worker:
 
-- MASTER_ADDR / MASTER_PORT: the node address of worker 0 and a port free there;
+- MASTER_ADDR / MASTER_PORT: the node address of worker 0 and a port free there; when
+  every worker runs on one node, 127.0.0.1 instead, so the rendezvous and the group stay
+  on loopback (``turnout.parallel.dist.init_distributed``);
 - RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK: from the worker's Ray
   Train context;
 - GLOO_SOCKET_IFNAME, when the workers span more than one node (and the user has not
@@ -44,23 +46,17 @@ def _node_address_and_port() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), free_port()
 
 
-def interface_of(ip: str) -> str | None:
-    """The name of this host's network interface that holds address ``ip`` (None: none)."""
-    import psutil
-
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address == ip for a in addrs):
-            return name
-    return None
-
-
 def _publish_rendezvous(addr: str, port: int) -> None:
     """Runs on every worker: the environment ``init_distributed`` reads."""
     import ray
     import ray.train
 
+    from turnout.parallel.dist import interface_of
+
     ctx = ray.train.get_context()
-    if ctx.get_local_world_size() < ctx.get_world_size():  # more than one node
+    if ctx.get_local_world_size() == ctx.get_world_size():  # one node: worker 0 is here
+        addr = "127.0.0.1"
+    else:
         node_ip = ray.util.get_node_ip_address()
         ifname = os.environ.get("GLOO_SOCKET_IFNAME") or interface_of(node_ip)
         if ifname:

@@ -4,6 +4,10 @@ The driver (``turnout train``) has already validated the config and prepared the
 cache; here we start or join Ray, run ``cfg.launch.num_workers`` workers with Ray
 Train's ``TorchTrainer`` (gloo on CPU, NCCL on GPU) and hand back rank 0's TrainResult.
 
+An embedded cluster listens on loopback only and runs with token authentication, a
+token made for the run; joining one needs token authentication configured
+(:mod:`turnout.launch.ray.auth`).
+
 Ray is chatty. The user should see the trainer's own progress and the summary, so the
 driver keeps only the training workers' output (:mod:`turnout.launch.ray.logs`); Ray
 Train's own logs go to WARNING. A failed job becomes one line
@@ -29,7 +33,8 @@ from typing import Any, cast
 
 from turnout.config import TurnoutConfig
 from turnout.launch.preempt import DriverStop
-from turnout.launch.ray.cluster import check_reachable, cluster_address, join_cluster
+from turnout.launch.ray.auth import isolate_local_cluster, local_init_kw, require_token_auth
+from turnout.launch.ray.cluster import KEY, check_reachable, cluster_address, join_cluster
 from turnout.launch.ray.failures import find_worker_error, gave_up
 from turnout.launch.ray.logs import printer, quiet_ray_output, verbose
 from turnout.launch.ray.restarts import (
@@ -102,14 +107,17 @@ def _init_ray(cfg: TurnoutConfig) -> bool:
         configure_logging=True,
     )
     if address:
+        require_token_auth(address, cfg.launch.allow_unauthenticated, KEY)
         check_reachable(address)
         join_cluster(address, quiet, verbose=verbose())
         embedded = False
     else:
+        isolate_local_cluster()  # loopback only, a token of this run's own
         ray.init(
             num_cpus=cfg.launch.num_workers * cfg.launch.cpus_per_worker,
             num_gpus=cfg.launch.num_workers if cfg.launch.use_gpu else 0,
             include_dashboard=False,
+            **local_init_kw(),
             **quiet,
         )
         embedded = True

@@ -9,6 +9,9 @@ the job joins that cluster; the job's output is followed here until it ends; and
 exit code says how it ended (0 only for SUCCEEDED; the job's own exit code otherwise,
 else 1). Ctrl-C stops the job and exits 130; ``--no-wait`` returns once it is queued.
 
+Submitting needs token authentication configured here (the cluster's token; see
+:mod:`turnout.launch.ray.auth`), unless ``launch.allow_unauthenticated=true``.
+
 The job server is part of Ray's dashboard (``ray start --head --include-dashboard=true``,
 needs ``ray[default]``); its address is the dashboard's, ``http://HEAD:8265``, given by
 ``--address`` or ``RAY_API_SERVER_ADDRESS``.
@@ -28,6 +31,7 @@ from urllib.parse import urlparse
 from turnout.config import TurnoutConfig
 from turnout.config.load import load_config, split_source
 from turnout.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError, RunError
+from turnout.launch.ray.auth import require_token_auth
 
 KEY = "--address"
 # Never shipped with the working directory (gitignore syntax, as Ray reads it).
@@ -159,6 +163,7 @@ def submit(items: list[str], address: str | None, wait: bool = True) -> int:
     workdir = Path.cwd()
     job_items = shipped_items(items, workdir)
     url = job_server_address(address)
+    require_token_auth(url, cfg.launch.allow_unauthenticated, KEY)
     client = _client(url)
     note = _relative_paths_note(cfg)
     if note:

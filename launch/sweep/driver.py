@@ -32,6 +32,7 @@ from turnout.config.sweep import SweepSpec, load_spec
 from turnout.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
 from turnout.launch.sweep.trial_run import RECORD_FILE, run_trial, write_json
 from turnout.launch.sweep.trials import Trial, expand
+from turnout.redact import redact
 
 PARENT_FILE = "mlflow_parent_run_id"
 RESULTS_FILE = "results.json"
@@ -100,11 +101,13 @@ def _trial_space(spec: SweepSpec, trials: list[Trial]) -> list[dict[str, Any]]:
 
 
 def _init_ray(address: str | None, spec: SweepSpec) -> bool:
-    """Start an embedded cluster or join one; True when we started it."""
+    """Start an embedded cluster or join one (token authentication checked already, in
+    :func:`run_sweep`); True when we started it."""
     import logging
 
     import ray
 
+    from turnout.launch.ray.auth import isolate_local_cluster, local_init_kw
     from turnout.launch.ray.cluster import check_reachable, join_cluster
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -116,7 +119,8 @@ def _init_ray(address: str | None, spec: SweepSpec) -> bool:
         check_reachable(address)
         join_cluster(address, quiet, verbose=False)
         return False
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
+    isolate_local_cluster()  # loopback only, a token of this sweep's own
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **local_init_kw(), **quiet)
     return True
 
 
@@ -181,6 +185,11 @@ def run_sweep(spec_path: str | Path, address: str | None = None) -> int:
     trials = expand(spec)
     cfgs = _configs(trials)
     first = _check_tracking(cfgs)
+    if address:  # before any work: no token, no sweep (unless the spec allows it)
+        from turnout.launch.ray.auth import require_token_auth
+        from turnout.launch.ray.cluster import KEY
+
+        require_token_auth(address, first.launch.allow_unauthenticated, KEY)
     _prepare_corpora(cfgs)
     folder = sweep_dir(spec)
     folder.mkdir(parents=True, exist_ok=True)
@@ -233,10 +242,16 @@ def _end_parent(cfg: TurnoutConfig, run_id: str, status: str, results: Path) -> 
     try:
         client_for(cfg.tracking.uri).log_artifact(run_id, str(results))
     except Exception as e:  # noqa: BLE001 - the results file is on disk either way
-        print(f"turnout: warning: could not log {results} to MLflow: {e}", file=sys.stderr)
+        print(
+            f"turnout: warning: could not log {results} to MLflow: {redact(str(e))}",
+            file=sys.stderr,
+        )
     why = end_run(cfg.tracking.uri, run_id, status, 15.0)
     if why:
-        print(f"turnout: warning: could not mark the sweep's run {status}: {why}", file=sys.stderr)
+        print(
+            f"turnout: warning: could not mark the sweep's run {status}: {redact(why)}",
+            file=sys.stderr,
+        )
 
 
 def report_sweep(spec_path: str | Path) -> int:

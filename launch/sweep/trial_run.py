@@ -24,6 +24,7 @@ from typing import Any
 
 from turnout.files import write_atomic
 from turnout.launch.processes import die_with_parent
+from turnout.redact import redact
 
 RECORD_FILE = "record.json"
 #: Each attempt's result: ``result-1.json``, ``result-2.json``, ... (a resumed trial has
@@ -105,7 +106,7 @@ def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> d
     env.setdefault("OMP_NUM_THREADS", str(trial["threads"]))
     start = time.perf_counter()
     with open(folder / LOG_FILE, "a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.write(f"\n$ {redact(' '.join(cmd))}\n")
         log.flush()
         proc = subprocess.Popen(
             cmd,
@@ -124,7 +125,7 @@ def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> d
     res = json.loads(result_file.read_text())
     record = {
         **{k: v for k, v in trial.items() if k not in ("overrides", "cwd", "source")},
-        "overrides": list(trial["overrides"]),
+        "overrides": [redact(o) for o in trial["overrides"]],
         "val_loss": res.get("final_val_loss"),
         "val_bpb": res.get("final_val_bpb"),
         "val_loss_causal": res.get("final_val_loss_causal"),

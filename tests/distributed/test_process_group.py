@@ -29,3 +29,33 @@ def test_second_init_is_refused_and_groups_follow_the_environment() -> None:
     assert [(rank, ep_rank) for rank, ep_rank, _ in results] == [(0, 0), (1, 1)]
     for _, _, message in results:
         assert message.startswith("torch.distributed is already initialised"), message
+
+
+def _listeners(rank: int, world: int) -> tuple[list[str], str, float]:
+    import socket
+
+    import psutil
+    import torch
+
+    from turnout.parallel.dist import all_reduce_sum
+
+    total = float(all_reduce_sum(torch.ones(1)).item())  # the group works
+    found = [
+        c.laddr.ip
+        for c in psutil.Process().net_connections("inet")
+        if c.laddr and c.type == socket.SOCK_STREAM and c.status == psutil.CONN_LISTEN
+    ]
+    import os
+
+    return found, os.environ.get("GLOO_SOCKET_IFNAME", ""), total
+
+
+def test_a_loopback_rendezvous_listens_on_loopback_only() -> None:
+    from turnout.parallel.dist import interface_of, is_loopback
+
+    results = run_ranks(_listeners, 2)  # MASTER_ADDR=127.0.0.1 (tests/spawn.py)
+    assert results[0][0], "rank 0 holds the store: it listens somewhere"
+    for found, ifname, total in results:
+        assert total == 2.0
+        assert ifname == interface_of("127.0.0.1")
+        assert all(is_loopback(ip) for ip in found), found

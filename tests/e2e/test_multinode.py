@@ -8,8 +8,10 @@ by a veth where we may create them, else two loopback node addresses on this hos
 - ``turnout submit``: the same job through Ray's job API, the working dir shipped,
   logs followed, the exit code returned (0 for a job that succeeds, the job's own 2
   for one whose config fails on the cluster);
-- a cluster that refuses our token (a wrong one, or none) is one line naming
-  ``launch.address``, exit 2; and so, at once, is an address where nothing listens.
+- a cluster that refuses our token (a wrong one, or none with
+  ``launch.allow_unauthenticated=true``) is one line naming ``launch.address``, exit 2;
+  so is no token at all (turnout refuses before reaching out), and, at once, an
+  address where nothing listens.
 """
 
 from __future__ import annotations
@@ -109,34 +111,60 @@ def test_train_one_worker_per_node(cluster: Cluster, tmp_path: Path) -> None:
         assert crossed > MIN_VETH_BYTES, f"only {crossed} bytes crossed the veth"
 
 
+def _stderr_lines(proc: subprocess.CompletedProcess) -> tuple[list[str], list[str]]:
+    """(error lines, warning lines) of a command's stderr; nothing else may be there."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    warnings = [ln for ln in lines if ln.startswith("turnout: warning: ")]
+    errors = [ln for ln in lines if ln not in warnings]
+    return errors, warnings
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("token", ["wrong", "missing"])
+@pytest.mark.parametrize("token", ["wrong", "missing", "missing-allowed"])
 def test_refused_token_is_one_line(cluster: Cluster, tmp_path: Path, token: str) -> None:
+    """A wrong token: the cluster refuses it, one line. No token: turnout refuses to go,
+    one line, unless launch.allow_unauthenticated=true: then it warns once and the
+    cluster refuses, one line."""
     drop: tuple[str, ...] = ()
+    allow: list[str] = []
     if token == "wrong":
         env = {"RAY_AUTH_TOKEN": "0" * 64}
     else:  # no token anywhere (an empty home), auth mode left to Ray
         env, drop = {"HOME": str(tmp_path)}, ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")
+        allow = ["launch.allow_unauthenticated=true"] if token == "missing-allowed" else []
     # Ray retries a refused connection once a second; 2 tries keep the test short.
     env["RAY_gcs_server_port_wait_time_s"] = "2"
-    args = ["train", "tiny", *SHORT, "--address", cluster.gcs]
+    refused_here = token == "missing"
+    args = ["train", "tiny", *SHORT, *allow, "--address", cluster.gcs]
     proc = _on_head(cluster, args, tmp_path, timeout=120, drop=drop, **env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors, warnings = _stderr_lines(proc)
     assert len(errors) == 1, proc.stderr
+    assert len(warnings) == (1 if allow else 0), proc.stderr
     line = errors[0]
     assert line.startswith("turnout: error: launch.address: "), line
-    assert "refused our authentication token" in line and "RAY_AUTH_TOKEN" in line, line
+    if refused_here:
+        assert "without token authentication" in line and "RAY_AUTH_MODE=token" in line, line
+        assert "launch.allow_unauthenticated=true" in line, line
+    else:
+        assert "refused our authentication token" in line and "RAY_AUTH_TOKEN" in line, line
+    if allow:
+        assert "without token authentication" in warnings[0], warnings
 
     # The job server refuses the same token: one line too, nothing submitted.
-    args = ["submit", "tiny", *SHORT, "--address", cluster.dashboard]
+    args = ["submit", "tiny", *SHORT, *allow, "--address", cluster.dashboard]
     proc = _on_head(cluster, args, tmp_path, timeout=120, drop=drop, **env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors, warnings = _stderr_lines(proc)
     assert len(errors) == 1, proc.stderr
+    assert len(warnings) == (1 if allow else 0), proc.stderr
     line = errors[0]
-    assert line.startswith("turnout: error: --address: the job server at "), line
-    assert "refused our authentication token" in line, line
+    assert line.startswith("turnout: error: --address: "), line
+    if refused_here:
+        assert "without token authentication" in line, line
+    else:
+        assert line.startswith("turnout: error: --address: the job server at "), line
+        assert "refused our authentication token" in line, line
     assert "submitted" not in proc.stdout
 
 
@@ -175,7 +203,8 @@ def test_submit_ships_folder_follows_logs_returns_exit_code(
 
 def test_unreachable_address_is_one_line_at_once(tmp_path: Path) -> None:
     env = base_env()
-    env.pop("RAY_AUTH_MODE")
+    env.pop("RAY_AUTH_MODE")  # left to Ray: a token is enough
+    env["RAY_AUTH_TOKEN"] = "0" * 64  # token authentication configured: the probe runs
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
     proc = subprocess.run(
@@ -200,6 +229,7 @@ def test_unreachable_address_is_one_line_at_once(tmp_path: Path) -> None:
 def test_submit_without_job_server_is_one_line(tmp_path: Path) -> None:
     env = base_env()
     env.pop("RAY_AUTH_MODE")
+    env["RAY_AUTH_TOKEN"] = "0" * 64
     address = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.run(
         [*_turnout(), "submit", "tiny", *SHORT, "--address", address],

@@ -136,7 +136,7 @@ def test_submit_entrypoint_and_runtime_env(tmp_path: Path) -> None:
 
 
 def test_interface_of_finds_loopback_and_nothing_for_a_foreign_address() -> None:
-    from turnout.launch.ray.backend import interface_of
+    from turnout.parallel.dist import interface_of
 
     assert interface_of("127.0.0.1") == "lo"
     assert interface_of("203.0.113.77") is None  # TEST-NET-3: on no interface here

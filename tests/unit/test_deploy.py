@@ -3,7 +3,9 @@
 Neither can run here, so each is parsed and held to what makes it work: the cluster
 YAML validates against the schema Ray's cluster launcher itself uses, both pin the Ray
 version we test with, the RayJob's entrypoint is a `turnout train` command whose config
-loads, and the GPUs and CPUs they provide fit the preset they run.
+loads, and the GPUs and CPUs they provide fit the preset they run. Both keep strangers
+out: token authentication on every node (the RayJob's token from a Kubernetes Secret),
+and the RayJob's NetworkPolicy admits its GCS and dashboard ports only from its own pods.
 """
 
 from __future__ import annotations
@@ -29,10 +31,20 @@ RAY_JOB = DEPLOY / "rayjob-gpu.yaml"
 RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 
 
-def _load(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text())
-    assert isinstance(data, dict)
-    return data
+def _docs(path: Path) -> list[dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs and all(isinstance(d, dict) for d in docs)
+    return docs
+
+
+def _load(path: Path, kind: str | None = None) -> dict[str, Any]:
+    """The file's only document, or its one document of ``kind``."""
+    docs = _docs(path)
+    if kind is None:
+        assert len(docs) == 1, [d.get("kind") for d in docs]
+        return docs[0]
+    (doc,) = [d for d in docs if d.get("kind") == kind]
+    return doc
 
 
 def _train_config(command: str) -> TurnoutConfig:
@@ -84,7 +96,7 @@ def test_ray_up_yaml_installs_turnout_and_starts_ray_with_token_auth() -> None:
 
 
 def test_rayjob_runs_turnout_train_on_gpu_workers() -> None:
-    job = _load(RAY_JOB)
+    job = _load(RAY_JOB, "RayJob")
     assert job["apiVersion"] == "ray.io/v1"
     assert job["kind"] == "RayJob"
     spec = job["spec"]
@@ -115,7 +127,7 @@ def test_rayjob_runs_turnout_train_on_gpu_workers() -> None:
 
 
 def test_rayjob_checkpoints_land_on_a_volume_every_pod_mounts() -> None:
-    spec = _load(RAY_JOB)["spec"]
+    spec = _load(RAY_JOB, "RayJob")["spec"]
     cfg = _train_config(spec["entrypoint"])
     cluster = spec["rayClusterSpec"]
     pods = [cluster["headGroupSpec"]["template"]["spec"]] + [
@@ -134,3 +146,53 @@ def test_rayjob_checkpoints_land_on_a_volume_every_pod_mounts() -> None:
         }
         for path in (cfg.train.ckpt_dir, cfg.launch.storage_path):
             assert any(path.startswith(f"{mount}/") for mount in mounts), (path, mounts)
+
+
+def _job_pods(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every pod template of the RayJob: head, each worker group, the submitter."""
+    cluster = spec["rayClusterSpec"]
+    pods = {"head": cluster["headGroupSpec"]["template"]}
+    pods.update({g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]})
+    pods["submitter"] = spec["submitterPodTemplate"]
+    return pods
+
+
+def test_rayjob_pods_authenticate_with_a_token_from_a_secret() -> None:
+    spec = _load(RAY_JOB, "RayJob")["spec"]
+    secrets = set()
+    for name, pod in _job_pods(spec).items():
+        for container in pod["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (name, env)
+            token = env.get("RAY_AUTH_TOKEN", {})
+            assert "value" not in token, f"{name}: a literal token in the manifest"
+            ref = token["valueFrom"]["secretKeyRef"]
+            secrets.add((ref["name"], ref["key"]))
+    assert len(secrets) == 1, secrets  # one cluster, one token
+    assert "Secret" not in {d["kind"] for d in _docs(RAY_JOB)}  # created by hand, never shipped
+
+
+def test_rayjob_network_policy_admits_gcs_and_dashboard_only_from_the_jobs_pods() -> None:
+    spec = _load(RAY_JOB, "RayJob")["spec"]
+    policy = _load(RAY_JOB, "NetworkPolicy")
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector and "Ingress" in policy["spec"]["policyTypes"]
+    for name, pod in _job_pods(spec).items():  # the policy covers every pod of the job
+        labels = pod.get("metadata", {}).get("labels", {})
+        assert selector.items() <= labels.items(), (name, labels)
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    gcs_and_dashboard = {ports["gcs"], ports["dashboard"]}
+    admitted_from: list[Any] = []
+    for rule in policy["spec"].get("ingress", []):
+        rule_ports = {p.get("port") for p in rule.get("ports", [])}
+        if rule.get("ports") and not rule_ports & (gcs_and_dashboard | {"gcs", "dashboard"}):
+            continue
+        peers = rule.get("from")
+        assert peers, f"a rule admits the GCS or dashboard from anywhere: {rule}"
+        admitted_from.extend(peers)
+    assert admitted_from, "nothing may reach the GCS: the job could not run"
+    for peer in admitted_from:
+        assert set(peer) == {"podSelector"}, peer  # no ipBlock, no other namespace
+        assert peer["podSelector"]["matchLabels"] == selector, peer

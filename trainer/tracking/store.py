@@ -48,6 +48,9 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # MLflow prints "View run ... at: <store URL>" when a run ends, credentials and all;
+    # turnout's summary names the store (without them) instead.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 _NOISY_LOGGERS = (
     "alembic",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from turnout.config import TurnoutConfig
+from turnout.redact import redact
 from turnout.trainer.tracking.queue import Outbox, Record
 from turnout.trainer.tracking.records import deliver
 from turnout.trainer.tracking.store import client_for, open_run
@@ -54,7 +55,8 @@ def fallback_file(run_id: str) -> Path:
 
 
 def _warn(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    """A warning on stderr, secrets left out (an MLflow error may quote the store's URL)."""
+    print(redact(line), file=sys.stderr, flush=True)
 
 
 class Tracker:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -17,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from turnout.config.root import TurnoutConfig, validate
 from turnout.errors import ConfigError
+from turnout.redact import redact
 
 DEFAULT_PRESET = "tiny"
 
@@ -101,12 +103,26 @@ def load_config(
     return cfg
 
 
+def _record(cfg: TurnoutConfig) -> Any:
+    """``cfg`` as a plain container, every string without secrets (turnout.redact)."""
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return redact(node) if isinstance(node, str) else node
+
+    return clean(OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
 def to_yaml(cfg: TurnoutConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """``cfg`` as YAML for a record or the screen: credentials and secrets left out."""
+    return OmegaConf.to_yaml(OmegaConf.create(_record(cfg)))
 
 
 def flatten(cfg: TurnoutConfig) -> dict[str, str]:
-    """Dotted key -> string value, for MLflow params."""
+    """Dotted key -> string value, for MLflow params (secrets left out, as in to_yaml)."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, node: object) -> None:
@@ -116,5 +132,5 @@ def flatten(cfg: TurnoutConfig) -> dict[str, str]:
         else:
             out[prefix] = str(node)
 
-    walk("", OmegaConf.to_container(OmegaConf.structured(cfg)))
+    walk("", _record(cfg))
     return out

@@ -46,6 +46,9 @@ class LaunchConfig:
     before it gives up and exits 143 without one (0 = sized for the model: 30 s plus twice
     the checkpoint's bytes at the write speed measured in train.ckpt_dir); a value the
     checkpoint cannot be written in is refused before any worker starts."""
+    allow_unauthenticated: bool = False
+    """Join (or submit to) a Ray cluster without token authentication configured here
+    (RAY_AUTH_MODE=token and the cluster's token); refused unless true (docs/security.md)."""
 
 
 @dataclass

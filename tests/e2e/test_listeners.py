@@ -1,0 +1,111 @@
+"""End to end: while the default job trains on its embedded Ray cluster, nothing of it
+listens on a network interface other than loopback.
+
+The job (``turnout train tiny``, a few steps) runs as a subprocess. While it runs, the
+listening sockets (TCP in LISTEN, UDP bound without a peer) of every process of the job
+are collected again and again: the processes descended from the ``turnout`` process, and
+every process whose command line names the Ray session that job started (a Ray
+process that left the tree still carries its session's name). Ray processes of other
+sessions on this machine are never looked at. Any listener whose address is not a
+loopback address fails the test, named with its process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.e2e.test_cli_train import SHORT, _env, _turnout
+from turnout.parallel.dist import is_loopback
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
+_POLL_S = 0.2
+Listener = tuple[str, str, str, int]  # (process name, kind, address, port)
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+
+
+def job_processes(root: psutil.Process, sessions: set[str]) -> list[psutil.Process]:
+    """``root``, its descendants and every process of a Ray session they name.
+
+    ``sessions`` grows with each session name found on a descendant's command line.
+    """
+    try:
+        procs = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    except psutil.NoSuchProcess:
+        procs = {}
+    for proc in procs.values():
+        sessions.update(_SESSION.findall(_cmdline(proc)))
+    if sessions:
+        for proc in psutil.process_iter():
+            if proc.pid not in procs and any(s in _cmdline(proc) for s in sessions):
+                procs[proc.pid] = proc
+    return list(procs.values())
+
+
+def listeners(proc: psutil.Process) -> set[Listener]:
+    """The sockets ``proc`` listens on: TCP in LISTEN and UDP bound without a peer."""
+    found: set[Listener] = set()
+    try:
+        name = proc.name()
+        conns = proc.net_connections(kind="inet")
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return found
+    for c in conns:
+        if not c.laddr:
+            continue
+        if c.type == socket.SOCK_STREAM and c.status == psutil.CONN_LISTEN:
+            found.add((name, "tcp", c.laddr.ip, c.laddr.port))
+        elif c.type == socket.SOCK_DGRAM and not c.raddr:
+            found.add((name, "udp", c.laddr.ip, c.laddr.port))
+    return found
+
+
+def _table(found: set[Listener]) -> str:
+    return "\n".join(f"  {n:<28} {k} {a}:{p}" for n, k, a, p in sorted(found))
+
+
+def test_default_job_listens_on_loopback_only(tmp_path: Path) -> None:
+    cmd = [*_turnout(), "train", "tiny", *SHORT, "train.steps=8", "tracking.enabled=false"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    root = psutil.Process(proc.pid)
+    sessions: set[str] = set()
+    found: set[Listener] = set()
+    names: set[str] = set()
+    try:
+        while proc.poll() is None:
+            for p in job_processes(root, sessions):
+                with_names = listeners(p)
+                found |= with_names
+                names |= {n for n, *_ in with_names}
+            time.sleep(_POLL_S)
+        out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    finally:
+        if proc.poll() is None:  # the job and what it started, by pid
+            for p in job_processes(root, sessions):
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    print(f"\nlisteners of the job (Ray sessions {sorted(sessions)}):\n{_table(found)}")
+    # The job was seen while Ray ran: its GCS and raylet listened somewhere.
+    assert len(sessions) == 1, sessions
+    assert {"gcs_server", "raylet"} <= names, _table(found)
+    exposed = {entry for entry in found if not is_loopback(entry[2])}
+    assert not exposed, f"listening beyond loopback:\n{_table(exposed)}"
