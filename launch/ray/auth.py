@@ -37,6 +37,7 @@ LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOOPBACK = "127.0.0.1"
 ALLOW_KEY = "launch.allow_unauthenticated"
 _warned: set[str] = set()  # targets this process has warned about (once each)
+_saved: dict[str, str | None] = {}  # the environment isolate_local_cluster replaced
 _HOW = (
     "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or in the file "
     "named by RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token), as on its nodes "
@@ -96,7 +97,12 @@ def isolate_local_cluster() -> None:
     """Environment for an embedded cluster: loopback only, a fresh token (module doc).
 
     Call before ``ray.init`` starts the cluster; the processes it starts inherit it.
+    :func:`leave_local_cluster`, after ``ray.shutdown``, puts this process's environment
+    back, so a later cluster it joins or a ``ray start`` it runs is not loopback-only.
     """
+    if not _saved:
+        for var in (LOCAL_ONLY_ENV, MODE_ENV, TOKEN_ENV, TOKEN_PATH_ENV):
+            _saved[var] = os.environ.get(var)
     os.environ[LOCAL_ONLY_ENV] = "0"
     os.environ[MODE_ENV] = "token"
     os.environ[TOKEN_ENV] = secrets.token_hex(32)
@@ -105,6 +111,28 @@ def isolate_local_cluster() -> None:
 
     # Read at import: when Ray was imported before the line above, set it there too.
     ray_constants.ENABLE_RAY_CLUSTER = False
+    _reset_token_cache()
+
+
+def leave_local_cluster() -> None:
+    """Undo :func:`isolate_local_cluster` in this process (after ``ray.shutdown``)."""
+    if not _saved:
+        return
+    for var, value in _saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    _saved.clear()
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(
+        LOCAL_ONLY_ENV, not ray_constants.IS_WINDOWS_OR_OSX
+    )
+    _reset_token_cache()
+
+
+def _reset_token_cache() -> None:
     try:  # this process may have read an earlier mode or token already (Ray caches both)
         from ray._raylet import (  # type: ignore[attr-defined]  # compiled, no stubs
             AuthenticationTokenLoader,

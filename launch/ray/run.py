@@ -33,7 +33,12 @@ from typing import Any, cast
 
 from turnout.config import TurnoutConfig
 from turnout.launch.preempt import DriverStop
-from turnout.launch.ray.auth import isolate_local_cluster, local_init_kw, require_token_auth
+from turnout.launch.ray.auth import (
+    isolate_local_cluster,
+    leave_local_cluster,
+    local_init_kw,
+    require_token_auth,
+)
 from turnout.launch.ray.cluster import KEY, check_reachable, cluster_address, join_cluster
 from turnout.launch.ray.failures import find_worker_error, gave_up
 from turnout.launch.ray.logs import printer, quiet_ray_output, verbose
@@ -212,3 +217,5 @@ def run_ray(
         stopped = stop is not None and stop.signum
         if embedded or interrupted or stopped:  # leaving a joined cluster ends our actors
             ray.shutdown()
+        if embedded:
+            leave_local_cluster()

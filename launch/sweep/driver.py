@@ -215,7 +215,10 @@ def run_sweep(spec_path: str | Path, address: str | None = None) -> int:
         import ray
 
         if embedded:
+            from turnout.launch.ray.auth import leave_local_cluster
+
             ray.shutdown()
+            leave_local_cluster()
     records = collect(folder, trials)
     write_json(folder / RESULTS_FILE, records)
     missing = [t for t in trials if not (folder / "trials" / t.folder / RECORD_FILE).is_file()]

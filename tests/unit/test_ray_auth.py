@@ -107,3 +107,7 @@ def test_an_embedded_cluster_gets_a_fresh_token(monkeypatch: pytest.MonkeyPatch)
     from ray._private.services import get_node_ip_address
 
     assert get_node_ip_address() == "127.0.0.1"
+    auth.leave_local_cluster()  # the process's own environment back, cluster flag too
+    assert os.environ[auth.TOKEN_PATH_ENV] == "/somewhere/else"
+    assert not {auth.MODE_ENV, auth.TOKEN_ENV, auth.LOCAL_ONLY_ENV} & set(os.environ)
+    assert ray_constants.ENABLE_RAY_CLUSTER is True

@@ -20,9 +20,13 @@ line, never the run. ``turnout export --mlflow`` calls :func:`log_folder` direct
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -89,6 +93,29 @@ def estimated_mb(cfg: TurnoutConfig, bytes_per_weight: int) -> float:
     return count_params(cfg.model).total * bytes_per_weight / _BYTES_PER_MIB
 
 
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """MLflow's advice while it logs our model, which a run's output should not carry: type
+    hints and input examples (the model has an explicit signature instead; an example would
+    be run while logging), the CloudPickle caution (the pickled object is our own class,
+    its code is turnout), and the artifact download progress bar."""
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"(?is).*(type hint|input example)", UserWarning)
+            yield
+    finally:
+        pyfunc_log.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
 def log_folder(
     uri: str,
     run_id: str,
@@ -120,19 +147,14 @@ def log_folder(
         tags=tags,
         params=dict(run.data.params),
     )
-    from turnout.trainer.tracking.pyfunc_model import ARTIFACT, SOURCE_KEY
+    with _quiet_mlflow():
+        from turnout.trainer.tracking import pyfunc_model
 
-    where: dict[str, Any] = (
-        {"artifacts": {ARTIFACT: str(folder)}}
-        if copy
-        else {"model_config": {SOURCE_KEY: str(folder)}}
-    )
-    with warnings.catch_warnings():
-        # MLflow's advice for type-hinted predict functions and input examples: the model
-        # has an explicit signature instead (an example would be run while logging).
-        warnings.filterwarnings("ignore", r"(?is).*(type hint|input example)", UserWarning)
-        from turnout.trainer.tracking.pyfunc_model import TextGenerator, signature
-
+        where: dict[str, Any] = (
+            {"artifacts": {pyfunc_model.ARTIFACT: str(folder)}}
+            if copy
+            else {"model_config": {pyfunc_model.SOURCE_KEY: str(folder)}}
+        )
         info = Model.log(
             artifact_path=None,
             name=MODEL_NAME,
@@ -140,8 +162,8 @@ def log_folder(
             run_id=run_id,
             model_id=created.model_id,
             step=step,
-            python_model=TextGenerator(),
-            signature=signature(),
+            python_model=pyfunc_model.TextGenerator(),
+            signature=pyfunc_model.signature(),
             pip_requirements=requirements(),
             registered_model_name=register_as or None,
             **where,
