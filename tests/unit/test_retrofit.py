@@ -101,14 +101,19 @@ def test_removing_mod_routing_is_refused(tmp_path: Path) -> None:
     assert err.value.key == "model.layer_pattern" and "cannot be removed" in err.value.message
 
 
+ROUTER = {"layers.1.router.weight"} | {
+    f"layers.1.predictor.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")
+}  # the default causal predictor: an MLP, trained with the router
+
+
 @pytest.mark.parametrize(
     ("mode", "want"),
     [
-        ("routers", {"layers.1.router.weight"}),
+        ("routers", ROUTER),
         (
             "routers+norms",
-            {
-                "layers.1.router.weight",
+            ROUTER
+            | {
                 "layers.0.norm_attn.weight",
                 "layers.0.norm_ffn.weight",
                 "layers.1.block.norm_attn.weight",
@@ -132,7 +137,8 @@ def test_trainable_includes_moe_routers() -> None:
     model = TransformerLM(_model_cfg(["moe"]))
     apply_trainable(model, "routers")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "layers.0.ffn.router_DE"
+        "layers.0.ffn.router_DE",
+        "layers.1.ffn.router_DE",
     }
 
 
