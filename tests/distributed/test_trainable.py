@@ -57,6 +57,7 @@ def _check_then_train(rank: int, world: int, items: list[str], data: str) -> dic
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_routers_only_under_every_zero_stage(tmp_path: Path, stage: int) -> None:
     base = [
