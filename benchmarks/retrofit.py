@@ -2,6 +2,7 @@
 
     python benchmarks/retrofit.py --out /tmp/retrofit                       # full table
     python benchmarks/retrofit.py --out /tmp/retrofit --smoke               # a few steps
+    python benchmarks/retrofit.py --out /tmp/r --capacities 0.125 -- data.max_bytes=300000
 
 1. ``turnout train tiny`` with ``model.layer_pattern=[dense]`` for ``--dense-steps``
    (one worker, ZeRO 0, no MLflow): the source model.
