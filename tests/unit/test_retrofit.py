@@ -15,6 +15,7 @@ from turnout.config.load import load_config
 from turnout.config.model import ExitConfig, ModelConfig
 from turnout.errors import ConfigError
 from turnout.models.lm import TransformerLM
+from turnout.models.mod import MoDBlock
 from turnout.trainer.trainable import apply_trainable
 from turnout.trainer.weights.upcycle import check_init_from
 
@@ -25,12 +26,14 @@ def _with_mod(m: ModelConfig, capacity: float, gate: str = "sigmoid") -> ModelCo
     return m
 
 
-def _reference(source: TransformerLM, routed: set[int], g: float) -> torch.Tensor:
+def _reference(
+    source: TransformerLM, routed: set[int], g: float, tokens_BS: torch.Tensor = TOKENS_BS
+) -> torch.Tensor:
     """The source's forward with routed layers' increments scaled by ``g`` (every token)."""
-    B, S = TOKENS_BS.shape
+    B, S = tokens_BS.shape
     pos_BS = torch.arange(S).unsqueeze(0).expand(B, S)
     with torch.no_grad():
-        x_BSD = source.embed(TOKENS_BS)
+        x_BSD = source.embed(tokens_BS)
         for i, block in enumerate(source.layers):
             y_BSD, _ = block(x_BSD, pos_BS)
             x_BSD = x_BSD + g * (y_BSD - x_BSD) if i in routed else y_BSD
@@ -146,3 +149,33 @@ def test_trainable_routers_without_routers_is_one_line_naming_the_key() -> None:
     with pytest.raises(ConfigError) as err:
         load_config("tiny", ["train.trainable=experts"])
     assert err.value.key == "train.trainable"
+
+
+def test_retrofit_from_an_hf_llama_folder(tmp_path: Path) -> None:
+    import dataclasses
+
+    from tests.unit.test_hf_import import _hf_model, _tokens
+    from turnout.models.pretrained import read_export
+    from turnout.trainer.weights.hf_import import import_hf
+    from turnout.trainer.weights.upcycle import init_from
+
+    _hf_model("llama", tmp_path / "hf")
+    done = import_hf(tmp_path / "hf", tmp_path / "ours")
+    _, dense, _ = read_export(done.folder)
+    source = TransformerLM.from_pretrained(done.folder).eval()
+    mod = dataclasses.replace(dense.model.mod, capacity=1.0)
+    run = TurnoutConfig(
+        model=dataclasses.replace(dense.model, layer_pattern=["dense", "mod"], mod=mod)
+    )
+    run.train.init_from = str(tmp_path / "hf")
+    assert check_init_from(run) is not None
+    model = TransformerLM(run.model).eval()
+    init_from(model, run)
+    routed = set(range(1, run.model.n_layers, 2))
+    assert routed and all(isinstance(model.layers[i], MoDBlock) for i in routed)
+    with torch.no_grad():
+        got_BSV = model(_tokens()).logits
+    # As in test_capacity_1_first_forward_is_the_stated_one: the same terms in another order.
+    torch.testing.assert_close(
+        got_BSV, _reference(source, routed, 0.5, _tokens()), atol=1e-5, rtol=1e-5
+    )
