@@ -3,9 +3,9 @@
 Open :mod:`turnout.trainer.train` first: it is the loop (``train`` on every rank inside one
 process group) and names every stage of a step. Beside it, flat, the pieces the loop is
 made of: :mod:`~turnout.trainer.run_setup` (what a run builds once), ``step`` (one
-optimizer step), ``engine`` (the DeepSpeed engine), ``schedule``, ``balance`` (the
-aux-loss-free expert bias), ``skips`` and ``meter`` (step bookkeeping), ``stop`` (a
-SIGTERM's stop request, agreed by every rank).
+optimizer step), ``engine`` (the DeepSpeed engine), ``trainable`` (freezing all but the
+routers), ``schedule``, ``balance`` (the aux-loss-free expert bias), ``skips`` and
+``meter`` (step bookkeeping), ``stop`` (a SIGTERM's stop request, agreed by every rank).
 
 The rooms, one concern each; a room's ``__all__`` names the modules other code may
 import, the rest are its own (tests/unit/test_layering.py keeps that, and keeps the rooms

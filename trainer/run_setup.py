@@ -39,6 +39,7 @@ from turnout.trainer.metrics.compute import RunFlops, probe_dtype, probe_peak_tf
 from turnout.trainer.resume.recovery import run_folder
 from turnout.trainer.tracking.system import SystemMetrics
 from turnout.trainer.tracking.tracker import Tracker
+from turnout.trainer.trainable import apply_trainable
 from turnout.trainer.weights.upcycle import init_from
 
 log = logging.getLogger("turnout.trainer")
@@ -140,6 +141,7 @@ def setup(
     if t.init_from and not t.resume:  # a resumed run has its own weights
         init_from(model, cfg)
     install_expert_parallel(model, groups)  # a no-op at ep_size 1
+    apply_trainable(model, t.trainable)  # after EP, which rebuilds the expert parameters
     log.debug("rank %d: data and model ready after %.1fs", rank, time.perf_counter() - t0)
     engine, scheduler = build_engine(model, cfg, groups)
     log.debug("rank %d: engine ready after %.1fs", rank, time.perf_counter() - t0)

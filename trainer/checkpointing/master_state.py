@@ -27,6 +27,10 @@ given step) up front, which is what the first step would have created, so moment
 written into a freshly built engine and read from one that never stepped. After writing
 masters, :func:`refresh_model_weights` copies them into the weights the forward uses.
 
+A frozen parameter (``train.trainable``, ``requires_grad=False``) is in no optimizer: its
+weight is its master and its moments read as zeros (:func:`_frozen`); writing one writes
+the weight (this rank's partition under ZeRO-3).
+
 Getters are collective over each parameter's group: every rank calls them for the same
 parameters in the same order (``named_parameters`` order, the same on every rank).
 """
@@ -149,6 +153,8 @@ def get_master(engine: Any, p: nn.Parameter) -> dict[str, torch.Tensor]:
     """Collective: ``{'param', 'exp_avg', 'exp_avg_sq'}`` of ``p``, whole, fp32, on the CPU."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    if not p.requires_grad:
+        return _frozen(p)
     if _is_deepspeed_managed(p):
         out = {"param": safe_get_full_fp32_param(p)}
         out.update({k: safe_get_full_optimizer_state(p, k) for k in MOMENTS})
@@ -164,6 +170,9 @@ def set_master(engine: Any, p: nn.Parameter, value: dict[str, torch.Tensor]) -> 
     """Write ``p``'s fp32 master and moments (each whole, ``p``'s logical shape); local."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    if not p.requires_grad:
+        _set_frozen(engine, p, value["param"])
+        return
     if hasattr(p, "ds_id"):
         _set_zero3(engine, p, value)
         return
@@ -179,6 +188,37 @@ def set_master(engine: Any, p: nn.Parameter, value: dict[str, torch.Tensor]) -> 
         master.copy_(value["param"].to(master.device, master.dtype))
         for k in MOMENTS:
             state[k].copy_(value[k].to(state[k].device, state[k].dtype))
+
+
+def _frozen(p: nn.Parameter) -> dict[str, torch.Tensor]:
+    """A frozen parameter (``train.trainable``): no optimizer holds it, so its weight is its
+    master (gathered whole under ZeRO-3) and its moments are zero."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            whole = p.detach().float().cpu().clone()
+    else:
+        whole = p.detach().float().cpu().clone()
+    zeros = torch.zeros_like(whole)
+    return {"param": whole, **{k: zeros.clone() for k in MOMENTS}}
+
+
+def _set_frozen(engine: Any, p: nn.Parameter, whole: torch.Tensor) -> None:
+    """Write a frozen parameter's weight (this rank's partition under ZeRO-3); local."""
+    with torch.no_grad():
+        if not hasattr(p, "ds_id"):
+            p.copy_(whole.to(p.device, p.dtype))
+            return
+        import torch.distributed as dist
+
+        group = getattr(p, "ds_process_group", None) or engine.optimizer.dp_process_group
+        rank, size = dist.get_rank(group=group), dist.get_world_size(group=group)
+        ds_tensor: torch.Tensor = getattr(p, "ds_tensor")  # noqa: B009 (ZeRO-3's partition)
+        n = ds_tensor.numel()
+        padded = torch.zeros(n * size, dtype=torch.float32)
+        padded[: whole.numel()] = whole.flatten().float()
+        ds_tensor.copy_(padded[rank * n : (rank + 1) * n].to(ds_tensor.device, ds_tensor.dtype))
 
 
 def _set_zero3(engine: Any, p: nn.Parameter, value: dict[str, torch.Tensor]) -> None:

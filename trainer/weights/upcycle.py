@@ -10,7 +10,11 @@ of the new model is mapped from the source:
 - a dense SwiGLU FFN -> every expert of the new MoE layer (sparse upcycling); the new
   router keeps its fresh random init;
 - E experts -> m*E: expert e becomes experts e*m .. e*m+m-1, its router column is
-  repeated likewise (and so is a selection bias ``expert_bias``).
+  repeated likewise (and so is a selection bias ``expert_bias``);
+- a dense block -> a MoD-routed one (retrofit, :mod:`.retrofit_rules`): its weights move
+  under ``layers.<i>.block.``, the new router is zero (a predictor keeps its fresh init);
+  early exits need no weights (they share the final norm and head). A second log line
+  states the first forward's relation to the source.
 
 Upcycled experts may get ``train.upcycle_noise`` (each weight times 1 + N(0, std^2)) and
 ``train.upcycle_reinit`` (Drop-Upcycling: per expert, that fraction of the hidden units
@@ -52,6 +56,11 @@ from turnout.trainer.weights.from_checkpoint import (
 )
 from turnout.trainer.weights.hf_config import HF_KEY
 from turnout.trainer.weights.hf_import import hf_source, is_hf, read_config
+from turnout.trainer.weights.retrofit_rules import (
+    rename_source,
+    retrofit_note,
+    retrofitted_layers,
+)
 from turnout.trainer.weights.upcycle_rules import (
     FROM_DENSE,
     KEY,
@@ -110,7 +119,8 @@ def check_init_from(cfg: TurnoutConfig) -> TurnoutConfig | None:
         return None
     src = source_config(path)
     check_configs(src.model, cfg.model, path)
-    weight_rules(_shapes(src.model), _shapes(cfg.model), path)
+    moved = retrofitted_layers(src.model, cfg.model)
+    weight_rules(rename_source(_shapes(src.model), moved), _shapes(cfg.model), path)
     return src
 
 
@@ -121,6 +131,7 @@ def init_from(model: nn.Module, cfg: TurnoutConfig) -> TurnoutConfig:
     path = cfg.train.init_from
     state, src, step = read_source(path)
     check_configs(src.model, cfg.model, path)
+    state = rename_source(state, retrofitted_layers(src.model, cfg.model))
     target = model.state_dict()
     rules = weight_rules(
         {k: v.shape for k, v in state.items()}, {k: v.shape for k, v in target.items()}, path
@@ -132,6 +143,9 @@ def init_from(model: nn.Module, cfg: TurnoutConfig) -> TurnoutConfig:
         dtype = target[key].dtype
         if rule.kind == "fresh":
             out[key] = target[key]
+            continue
+        if rule.kind == "zero":
+            out[key] = torch.zeros_like(target[key])
             continue
         w = state[rule.source].to(dtype)
         if rule.kind == "dense":
@@ -158,4 +172,7 @@ def init_from(model: nn.Module, cfg: TurnoutConfig) -> TurnoutConfig:
         len(upcycled),
         f"; the first forward may differ from the source's: {note}" if note else "",
     )
+    retrofit = retrofit_note(src.model, cfg.model)
+    if retrofit:
+        log.info("init_from retrofit: %s", retrofit)
     return src

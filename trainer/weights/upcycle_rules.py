@@ -14,6 +14,7 @@ import torch
 
 from turnout.config.model import ModelConfig
 from turnout.errors import ConfigError
+from turnout.trainer.weights.retrofit_rules import new_mod_part
 
 KEY = "train.init_from"
 
@@ -38,7 +39,7 @@ class Rule:
 
     kind: str
     """'copy', 'dense' (dense FFN -> experts), 'expand' (repeat m times along dim),
-    or 'fresh' (keep the new model's init)."""
+    'fresh' (keep the new model's init) or 'zero' (a retrofitted MoD router)."""
     source: str = ""
     """Source state-dict key."""
     factor: int = 1
@@ -60,8 +61,8 @@ def check_configs(src: ModelConfig, dst: ModelConfig, path: str) -> None:
         raise _mismatch("tie_embeddings", True, False, path)
     for i, (s, d) in enumerate(zip(src.blocks(), dst.blocks(), strict=True)):
         where = f"layer {i} is {d.name!r} here, {s.name!r} in the source"
-        if s.mod_routed != d.mod_routed:
-            raise ConfigError("model.layer_pattern", f"{where}: MoD routing must match")
+        if s.mod_routed and not d.mod_routed:
+            raise ConfigError("model.layer_pattern", f"{where}: MoD routing cannot be removed")
         if s.has_moe and not d.has_moe:
             raise ConfigError("model.layer_pattern", f"{where}: experts cannot fold into one FFN")
         if not s.has_moe and d.has_moe and src.ffn_dim != dst.expert_hidden():
@@ -113,6 +114,8 @@ def weight_rules(
                 rule = Rule("expand", key, m, dim)
         elif leaf in (_ROUTER, _BIAS) and ffn + FROM_DENSE["experts.w_gate_EDF"] in src_shapes:
             rule = Rule("fresh")
+        elif have is None and new_mod_part(key):
+            rule = Rule(str(new_mod_part(key)))
         if rule is None:
             there = "absent" if have is None else f"{tuple(have)}"
             raise ConfigError(KEY, f"{key} {tuple(shape)} cannot map from {path} ({there} there)")

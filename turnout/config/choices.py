@@ -38,6 +38,16 @@ class RouterGate(Choice):
     IDENTITY = "identity"
 
 
+class Trainable(Choice):
+    """train.trainable: which parameters the optimizer steps (the rest are frozen)."""
+
+    ALL = "all"
+    ROUTERS = "routers"
+    """MoD routers and causal predictors, MoE routers, ponder halting heads."""
+    ROUTERS_NORMS = "routers+norms"
+    """The routers and every RMSNorm weight (block, q/k and final norms)."""
+
+
 class RouterInput(Choice):
     """model.moe.router_input: what the MoE router of a 'mode' block reads."""
 

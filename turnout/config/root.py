@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from turnout.config.choices import Placement, Recompute
+from turnout.config.choices import Placement, Recompute, Trainable
 from turnout.config.model import ModelConfig, validate_model
 from turnout.config.parallel import ParallelConfig, validate_parallel
 from turnout.config.train import (
@@ -99,4 +99,15 @@ def validate(cfg: TurnoutConfig) -> None:
             "'moe' recomputes the blocks with an MoE FFN and model.layer_pattern has none; "
             "use 'full' or 'none'",
         )
+    if cfg.train.trainable != Trainable.ALL and not _has_routers(cfg.model):
+        raise ConfigError(
+            "train.trainable",
+            f"is {cfg.train.trainable!r} but model.layer_pattern has no routed block "
+            "(mod, moe, mode, imode, ponder); use 'all' or add routing",
+        )
     validate_tracking(cfg.tracking)
+
+
+def _has_routers(model: ModelConfig) -> bool:
+    """Whether the model has a router (MoD, MoE or a ponder halting head) to train."""
+    return any(k.mod_routed or k.has_moe or k.ponder for k in model.blocks())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from turnout.config.choices import Precision, Recompute
+from turnout.config.choices import Precision, Recompute, Trainable
 from turnout.errors import ConfigError
 
 
@@ -89,9 +89,15 @@ class TrainConfig:
     a scheduler re-running one command line continues)."""
     init_from: str = ""
     """Initialise the model weights (not the optimizer) from a checkpoint (run or step
-    folder) or a `turnout export` folder: equal shapes copy, a dense FFN becomes every
-    expert of a MoE layer, E experts become m*E copies ('' = random init; ignored when
+    folder), a `turnout export` folder or a Hugging Face folder: equal shapes copy, a dense
+    FFN becomes every expert of a MoE layer, E experts become m*E copies, a dense block
+    becomes a MoD-routed one (a new zero router) ('' = random init; ignored when
     resuming)."""
+    trainable: str = "all"
+    """Which parameters train: 'all', 'routers' (MoD routers and predictors, MoE routers,
+    ponder halting heads) or 'routers+norms' (and every RMSNorm weight); the others are
+    frozen (no gradient, no optimizer state, bit-equal after every step). For retrofitting
+    routing onto a trained model (``init_from``)."""
     upcycle_noise: float = 0.0
     """Std of the multiplicative noise w * (1 + N(0, std^2)) put on every upcycled expert
     weight (0 = exact copies)."""
@@ -234,6 +240,10 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError("train.peak_tflops", f"must be >= 0, got {cfg.peak_tflops}")
     if not (0 <= cfg.upcycle_noise < math.inf):
         raise ConfigError("train.upcycle_noise", f"must be >= 0, got {cfg.upcycle_noise}")
+    if cfg.trainable not in Trainable.values():
+        raise ConfigError(
+            "train.trainable", f"must be {Trainable.spelled()}, got {cfg.trainable!r}"
+        )
     if not (0 <= cfg.upcycle_reinit <= 1):
         raise ConfigError("train.upcycle_reinit", f"must be in [0, 1], got {cfg.upcycle_reinit}")
     if cfg.max_consecutive_skipped_steps < 0:
