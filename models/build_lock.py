@@ -150,15 +150,13 @@ def _settle_torch_lock(
             removed = True
             break
         who = f"pid {', '.join(map(str, holders))}" if holders else "a process"
-        if time.monotonic() >= deadline:
-            raise BuildLockTimeout(
-                f"torch's build lock {torch_lock}, held by {who}, is still there after "
-                f"{wait_s:g} s ({WAIT_ENV})"
-            )
-        if not said:
-            _say(f"torch's build lock {torch_lock} (held by {who})", wait_s)
-            said = True
-        time.sleep(_POLL_S)
+        said = _wait_a_little(
+            said,
+            deadline,
+            wait_s,
+            f"torch's build lock {torch_lock} (held by {who})",
+            f"torch's build lock {torch_lock}, held by {who}, is still there",
+        )
     if previous:
         state = _alive(previous)
         what = (
@@ -173,12 +171,20 @@ def _settle_torch_lock(
     warnings.warn(f"turnout: {what}", RuntimeWarning, stacklevel=4)
 
 
-def _say(what: str, wait_s: float) -> None:
-    print(
-        f"turnout: waiting for {what} to finish; at most {wait_s:g} s ({WAIT_ENV})",
-        file=sys.stderr,
-        flush=True,
-    )
+def _wait_a_little(said: bool, deadline: float, wait_s: float, what: str, late: str) -> bool:
+    """One turn of a bounded wait for ``what``: :class:`BuildLockTimeout` (``late``, then
+    the bound) once ``deadline`` has passed, one line the first time, then a short sleep.
+    Returns True: the line has been said."""
+    if time.monotonic() >= deadline:
+        raise BuildLockTimeout(f"{late} after {wait_s:g} s ({WAIT_ENV})")
+    if not said:
+        print(
+            f"turnout: waiting for {what} to finish; at most {wait_s:g} s ({WAIT_ENV})",
+            file=sys.stderr,
+            flush=True,
+        )
+    time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+    return True
 
 
 @contextlib.contextmanager
@@ -223,14 +229,11 @@ def _acquire(fd: int, build_dir: Path, deadline: float, wait_s: float) -> bool:
                 return False
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-        owner = _read(fd)
-        where = build_dir / LOCK_FILE
-        if time.monotonic() >= deadline:
-            raise BuildLockTimeout(
-                f"the build by {_describe(owner)} still holds {where} after {wait_s:g} s "
-                f"({WAIT_ENV})"
-            )
-        if not said:
-            _say(f"the csrc/ kernel build by {_describe(owner)} ({where})", wait_s)
-            said = True
-        time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+        owner, where = _describe(_read(fd)), build_dir / LOCK_FILE
+        said = _wait_a_little(
+            said,
+            deadline,
+            wait_s,
+            f"the csrc/ kernel build by {owner} ({where})",
+            f"the build by {owner} still holds {where}",
+        )
