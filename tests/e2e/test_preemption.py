@@ -19,22 +19,18 @@ and any process whose command line names its Ray session.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
+from tests.jobs import finish, recovery_record, start_train, summary_value, wait_for_record
 from turnout.trainer.checkpointing.manifest import is_complete
-from turnout.trainer.resume.recovery import RECOVERY_FILE
 from turnout.trainer.weights.from_checkpoint import consolidated_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -57,62 +53,6 @@ RUN = [
     # how fast (the sized default is tests/unit/test_preempt.py's).
     "launch.preempt_grace_s=600",
 ]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _train(cwd: Path, extra: list[str]) -> subprocess.Popen:
-    exe = str(Path(sys.executable).with_name("turnout"))
-    return subprocess.Popen(
-        [exe, "train", *RUN, *extra],
-        cwd=cwd,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _recovery(cwd: Path) -> dict | None:
-    for path in (cwd / "checkpoints").glob(f"*/{RECOVERY_FILE}"):
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):  # replaced while read: read again
-            return None
-    return None
-
-
-def _wait(cond: Callable[[dict], bool], proc: subprocess.Popen, cwd: Path, what: str) -> dict:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        record = _recovery(cwd)
-        if record is not None and cond(record):
-            return record
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the job ended (exit {proc.returncode}) before {what}:\n{err[-3000:]}")
-        time.sleep(0.05)
-    pytest.fail(f"no {what} within 300 s")
-
-
-def _summary(stdout: str, label: str) -> str:
-    m = re.search(rf"^\s+{re.escape(label)}\s+(\S+)", stdout, re.MULTILINE)
-    assert m, f"no {label!r} in:\n{stdout}"
-    return m.group(1)
 
 
 def _session(job: list[psutil.Process]) -> str:
@@ -155,9 +95,9 @@ def _same_params(got_ckpt: str, want_ckpt: str) -> None:
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The final checkpoint of the same job, never interrupted."""
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    out, err = _finish(_train(cwd, []))
+    out, err = finish(start_train(cwd, []), 900)
     assert "terminated" not in err, err
-    return _summary(out, "checkpoint")
+    return summary_value(out, "checkpoint")
 
 
 def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
@@ -165,9 +105,11 @@ def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
 ) -> None:
     from mlflow import MlflowClient
 
-    proc = _train(tmp_path, [])
+    proc = start_train(tmp_path, [])
     try:
-        at = _wait(lambda r: r["step"] >= SIGNAL_AFTER, proc, tmp_path, f"step {SIGNAL_AFTER}")
+        at = wait_for_record(
+            lambda r: r["step"] >= SIGNAL_AFTER, proc, tmp_path, 300, f"step {SIGNAL_AFTER}"
+        )
         job = psutil.Process(proc.pid).children(recursive=True)
         session = _session(job)
         assert any("RayTrainWorker" in " ".join(p.cmdline()) for p in job), job
@@ -190,7 +132,7 @@ def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
     # The checkpoint is complete and holds the last step done: no step lost.
     assert SIGNAL_AFTER <= at["step"] <= stopped < STEPS
     assert folder.name == f"step{stopped}" and is_complete(folder)
-    assert (_recovery(tmp_path) or {})["step"] == stopped
+    assert (recovery_record(tmp_path) or {})["step"] == stopped
     left = _alive(job, session)
     print(
         f"preemption: SIGTERM after step {at['step']} -> exit 143 in {exit_s:.1f} s, "
@@ -203,37 +145,40 @@ def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
     assert run.data.tags["stop_reason"] == "SIGTERM to the launcher"
 
     # A scheduler re-runs the same command line: it continues from that step.
-    out, err = _finish(_train(tmp_path, ["train.resume=auto"]))
+    out, err = finish(start_train(tmp_path, ["train.resume=auto"]), 900)
     assert f"turnout: train.resume=auto: resuming {folder} " in out, out + err
-    assert _summary(out, "steps") == str(STEPS)
+    assert summary_value(out, "steps") == str(STEPS)
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))  # each step once
-    _same_params(_summary(out, "checkpoint"), uninterrupted)
+    _same_params(summary_value(out, "checkpoint"), uninterrupted)
 
 
 def test_sigterm_to_a_worker_checkpoints_and_restarts_with_nothing_redone(
     tmp_path: Path, uninterrupted: str
 ) -> None:
-    proc = _train(tmp_path, ["launch.max_failures=1"])
-    at = _wait(lambda r: r["step"] >= SIGNAL_AFTER, proc, tmp_path, f"step {SIGNAL_AFTER}")
+    proc = start_train(tmp_path, ["launch.max_failures=1"])
+    at = wait_for_record(
+        lambda r: r["step"] >= SIGNAL_AFTER, proc, tmp_path, 300, f"step {SIGNAL_AFTER}"
+    )
     job = psutil.Process(proc.pid).children(recursive=True)
     workers = [p for p in job if "RayTrainWorker" in " ".join(p.cmdline())]
     assert len(workers) == 2, [" ".join(p.cmdline()) for p in job]
     t0 = time.monotonic()
     os.kill(max(workers, key=lambda p: p.pid).pid, signal.SIGTERM)
-    _wait(
+    wait_for_record(
         lambda r: r["attempt"] == 1 and r["step"] > r["restarts"][-1]["from_step"],
         proc,
         tmp_path,
+        300,
         "a training step after the restart",
     )
     resume_s = time.monotonic() - t0
-    out, err = _finish(proc)
+    out, err = finish(proc, 900)
     assert proc.returncode == 0, out + err
     assert "Traceback" not in out + err and "SIGTERM received" not in err
-    (restart,) = (_recovery(tmp_path) or {})["restarts"]
+    (restart,) = (recovery_record(tmp_path) or {})["restarts"]
     print(
         f"worker preemption: SIGTERM after step {at['step']} -> checkpoint of step "
         f"{restart['from_step']}, first step after the restart {resume_s:.1f} s later, "
@@ -241,6 +186,6 @@ def test_sigterm_to_a_worker_checkpoints_and_restarts_with_nothing_redone(
     )
     assert restart["failed_at"] == restart["from_step"] >= at["step"], restart
     assert Path(restart["resumed_from"]).name == f"step{restart['from_step']}"
-    assert _summary(out, "restarts") == "1"
-    assert _summary(out, "steps redone") == "0"
-    _same_params(_summary(out, "checkpoint"), uninterrupted)
+    assert summary_value(out, "restarts") == "1"
+    assert summary_value(out, "steps redone") == "0"
+    _same_params(summary_value(out, "checkpoint"), uninterrupted)

@@ -13,21 +13,26 @@ rewrites it after every step).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from turnout.trainer.resume.recovery import RECOVERY_FILE
+from tests.jobs import (
+    finish,
+    job_env,
+    recovery_record,
+    start_train,
+    summary_value,
+    turnout_exe,
+    wait_for_record,
+)
 from turnout.trainer.weights.from_checkpoint import consolidated_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -48,77 +53,21 @@ RUN = [
 ]
 
 
-def _turnout() -> str:
-    return str(Path(sys.executable).with_name("turnout"))
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _recovery(cwd: Path) -> dict | None:
-    for path in (cwd / "checkpoints").glob(f"*/{RECOVERY_FILE}"):
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):  # replaced while read: read again
-            return None
-    return None
-
-
-def _wait(
-    cond: Callable[[dict], bool], proc: subprocess.Popen, cwd: Path, timeout: float, what: str
-) -> dict:
-    """The job's recovery record once ``cond`` holds for it (polled every 50 ms)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = _recovery(cwd)
-        if record is not None and cond(record):
-            return record
-        if proc.poll() is not None:
-            pytest.fail(f"the job ended (exit {proc.returncode}) before {what}")
-        time.sleep(0.05)
-    pytest.fail(f"no {what} within {timeout} s")
-
-
 def _start(cwd: Path, extra: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [_turnout(), "train", "tiny", *RUN, *extra],
-        cwd=cwd,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    return proc
+    return start_train(cwd, ["tiny", *RUN, *extra])
 
 
 def _kill_a_worker(proc: subprocess.Popen, cwd: Path) -> tuple[float, int]:
     """SIGKILL one training worker once step KILL_AFTER is done; (when, its step)."""
-    record = _wait(lambda r: r["step"] >= KILL_AFTER, proc, cwd, 300, f"step {KILL_AFTER}")
+    record = wait_for_record(
+        lambda r: r["step"] >= KILL_AFTER, proc, cwd, 300, f"step {KILL_AFTER}"
+    )
     job = psutil.Process(proc.pid).children(recursive=True)
     workers = [p for p in job if "RayTrainWorker" in " ".join(p.cmdline())]
     assert len(workers) == 2, [" ".join(p.cmdline()) for p in job]
     victim = max(workers, key=lambda p: p.pid)
     os.kill(victim.pid, signal.SIGKILL)
     return time.monotonic(), int(record["step"])
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _summary(stdout: str, label: str) -> str:
-    m = re.search(rf"^\s+{re.escape(label)}\s+(\S+)", stdout, re.MULTILINE)
-    assert m, f"no {label!r} in:\n{stdout}"
-    return m.group(1)
 
 
 def test_a_killed_worker_restarts_from_the_newest_checkpoint(tmp_path: Path) -> None:
@@ -130,7 +79,7 @@ def test_a_killed_worker_restarts_from_the_newest_checkpoint(tmp_path: Path) -> 
 
     proc = _start(killed, ["launch.max_failures=2"])
     t_kill, step_at_kill = _kill_a_worker(proc, killed)
-    resumed = _wait(
+    resumed = wait_for_record(
         lambda r: r["attempt"] == 1 and r["step"] > r["restarts"][-1]["from_step"],
         proc,
         killed,
@@ -138,7 +87,7 @@ def test_a_killed_worker_restarts_from_the_newest_checkpoint(tmp_path: Path) -> 
         "training step after the restart",
     )
     resume_s = time.monotonic() - t_kill
-    out, err = _finish(proc)
+    out, err = finish(proc, 400)
     assert proc.returncode == 0, out + err
     assert "Traceback" not in out + err
     (restart,) = resumed["restarts"]
@@ -152,16 +101,16 @@ def test_a_killed_worker_restarts_from_the_newest_checkpoint(tmp_path: Path) -> 
     assert restart["failed_at"] >= step_at_kill
     redone = restart["failed_at"] - restart["from_step"]
     assert 0 <= redone <= CKPT_EVERY
-    assert _summary(out, "restarts") == "1"
-    assert _summary(out, "steps redone") == str(redone)
+    assert summary_value(out, "restarts") == "1"
+    assert summary_value(out, "steps redone") == str(redone)
     assert f"turnout: restart 1: a worker failed after step {restart['failed_at']}" in out
-    assert (_recovery(killed) or {})["step"] == STEPS
+    assert (recovery_record(killed) or {})["step"] == STEPS
 
     # The same MLflow run carried on and says where it resumed.
     client = MlflowClient(tracking_uri=f"sqlite:///{killed / 'mlflow.db'}")
     exp = client.get_experiment_by_name("recovery")
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.run_id == _summary(out, "MLflow run id")
+    assert run.info.run_id == summary_value(out, "MLflow run id")
     assert run.info.status == "FINISHED"
     assert run.data.tags["resumed_from"] == restart["resumed_from"]
     assert run.data.tags["restarts"] == "1"
@@ -171,17 +120,17 @@ def test_a_killed_worker_restarts_from_the_newest_checkpoint(tmp_path: Path) -> 
 
     # The same job, never interrupted: the same final parameters.
     ref = subprocess.run(
-        [_turnout(), "train", "tiny", *RUN],
+        [turnout_exe(), "train", "tiny", *RUN],
         cwd=uninterrupted,
-        env=_env(),
+        env=job_env(),
         capture_output=True,
         text=True,
         timeout=400,
     )
     assert ref.returncode == 0, ref.stdout + ref.stderr
     assert not re.search(r"^\s+restarts\s", ref.stdout, re.MULTILINE), ref.stdout
-    got, _, got_step = consolidated_state(_summary(out, "checkpoint"))
-    want, _, want_step = consolidated_state(_summary(ref.stdout, "checkpoint"))
+    got, _, got_step = consolidated_state(summary_value(out, "checkpoint"))
+    want, _, want_step = consolidated_state(summary_value(ref.stdout, "checkpoint"))
     assert got_step == want_step == STEPS
     assert got.keys() == want.keys()
     different = [k for k in want if not torch.equal(got[k], want[k])]
@@ -191,7 +140,7 @@ def test_a_killed_worker_restarts_from_the_newest_checkpoint(tmp_path: Path) -> 
 def test_without_restarts_a_killed_worker_fails_the_job_in_one_line(tmp_path: Path) -> None:
     proc = _start(tmp_path, ["launch.max_failures=0"])
     _kill_a_worker(proc, tmp_path)
-    out, err = _finish(proc, timeout=120)
+    out, err = finish(proc, 120)
     assert proc.returncode == 1, out + err
     assert "Traceback" not in out + err
     errors = [ln for ln in err.splitlines() if ln.startswith("turnout: error:")]
@@ -199,4 +148,4 @@ def test_without_restarts_a_killed_worker_fails_the_job_in_one_line(tmp_path: Pa
     assert "launch.max_failures=0" in errors[0]
     assert "worker logs:" in errors[0]  # the dead worker is named, not a peer's echo
     assert "turnout: restart" not in out
-    assert (_recovery(tmp_path) or {}).get("attempt") == 0
+    assert (recovery_record(tmp_path) or {}).get("attempt") == 0

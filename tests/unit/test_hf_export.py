@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.decisions import recorded
+from tests.unit.test_hf_import import logits_match_hf
 from turnout.config import TurnoutConfig
 from turnout.config.model import ModelConfig, MoEConfig
 from turnout.errors import ConfigError
@@ -84,17 +84,7 @@ def test_hf_logits_equal_ours(tmp_path: Path, m: ModelConfig, arch: str) -> None
     tokens_BS = torch.randint(
         0, m.vocab_size, (3, m.max_seq_len), generator=torch.Generator().manual_seed(1)
     )
-    with torch.no_grad(), recorded(model) as decisions:
-        ours_BSV = model(tokens_BS).logits
-    # Mixtral routes from its own router GEMM (torch.topk of its probabilities): the same
-    # experts only where ours are clear of a tie.
-    decisions.assert_clear("our routers' top-2")
-    with torch.no_grad():
-        theirs_BSV = hf(tokens_BS).logits
-    assert ours_BSV.abs().max() > 1.0  # logits large enough for a mapping error to show
-    # Another implementation of the same fp32 math (HF's attention, RoPE and per-expert
-    # loop): 3.8e-6 measured on logits of magnitude ~4.4; atol + rtol * |x| allows ~5e-5.
-    torch.testing.assert_close(theirs_BSV, ours_BSV, atol=1e-5, rtol=1e-5)
+    logits_match_hf(model, hf, tokens_BS)
 
 
 @pytest.mark.parametrize(

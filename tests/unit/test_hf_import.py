@@ -114,8 +114,12 @@ def _tokens() -> torch.Tensor:
 
 def _max_diff(hf: torch.nn.Module, folder: Path) -> float:
     """Max |our logits - HF's| of the export ``folder``, our routing clear of ties."""
-    ours = from_pretrained(folder)
-    tokens_BS = _tokens()
+    return logits_match_hf(from_pretrained(folder), hf, _tokens())
+
+
+def logits_match_hf(ours: torch.nn.Module, hf: torch.nn.Module, tokens_BS: torch.Tensor) -> float:
+    """Assert our logits equal HF's on ``tokens_BS`` (fp32); return the max difference.
+    Shared with test_hf_export.py (the export direction)."""
     with torch.no_grad(), recorded(ours) as decisions:
         ours_BSV = ours(tokens_BS).logits
     # HF routes from its own router GEMM: the same experts only where ours are clear of a tie.

@@ -1,0 +1,91 @@
+"""A ``turnout train`` job as a real subprocess, for the e2e tests that signal or kill it.
+
+Shared by tests/e2e/test_recovery.py and tests/e2e/test_preemption.py: start the job in
+its own session (so it can be killed as a group), read its recovery record while it
+runs, wait for a condition on it, collect its output, and read its summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from turnout.trainer.resume.recovery import RECOVERY_FILE
+
+
+def turnout_exe() -> str:
+    """The ``turnout`` command of this interpreter's environment."""
+    return str(Path(sys.executable).with_name("turnout"))
+
+
+def job_env() -> dict[str, str]:
+    """This environment, without a Ray address to join and without Python's warnings."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def start_train(cwd: Path, args: list[str]) -> subprocess.Popen:
+    """``turnout train ARGS`` in ``cwd``, in a session of its own, output piped."""
+    return subprocess.Popen(
+        [turnout_exe(), "train", *args],
+        cwd=cwd,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """(stdout, stderr) of the job once it ends; killed (its whole group) past ``timeout``."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def recovery_record(cwd: Path) -> dict | None:
+    """The job's recovery record (under ``cwd/checkpoints``), None before it exists."""
+    for path in (cwd / "checkpoints").glob(f"*/{RECOVERY_FILE}"):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # replaced while read: read again
+            return None
+    return None
+
+
+def wait_for_record(
+    cond: Callable[[dict], bool], proc: subprocess.Popen, cwd: Path, timeout: float, what: str
+) -> dict:
+    """The job's recovery record once ``cond`` holds for it (polled every 50 ms); fails the
+    test, with the job's last stderr, when the job ends first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = recovery_record(cwd)
+        if record is not None and cond(record):
+            return record
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            pytest.fail(f"the job ended (exit {proc.returncode}) before {what}:\n{err[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"no {what} within {timeout} s")
+
+
+def summary_value(stdout: str, label: str) -> str:
+    """The value after ``label`` in the job's closing summary."""
+    m = re.search(rf"^\s+{re.escape(label)}\s+(\S+)", stdout, re.MULTILINE)
+    assert m, f"no {label!r} in:\n{stdout}"
+    return m.group(1)
