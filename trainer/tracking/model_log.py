@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -93,6 +94,10 @@ def estimated_mb(cfg: TurnoutConfig, bytes_per_weight: int) -> float:
     return count_params(cfg.model).total * bytes_per_weight / _BYTES_PER_MIB
 
 
+#: MLflow's advice about type hints and input examples (see :func:`_quiet_mlflow`).
+_ADVICE = re.compile(r"type hint|input example", re.IGNORECASE)
+
+
 @contextlib.contextmanager
 def _quiet_mlflow() -> Iterator[None]:
     """MLflow's advice while it logs our model, which a run's output should not carry: type
@@ -105,8 +110,17 @@ def _quiet_mlflow() -> Iterator[None]:
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     pyfunc_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", r"(?is).*(type hint|input example)", UserWarning)
+        with warnings.catch_warnings():  # restores showwarning on the way out
+            # A filter cannot drop these: MLflow wraps its checks in its own
+            # catch_warnings with simplefilter("once") in front of ours. What reaches the
+            # display is dropped there instead; every other warning still shows.
+            show = warnings.showwarning
+
+            def drop_advice(message: Any, category: Any, *args: Any, **kw: Any) -> None:
+                if not _ADVICE.search(str(message)):
+                    show(message, category, *args, **kw)
+
+            warnings.showwarning = drop_advice
             yield
     finally:
         pyfunc_log.setLevel(level)
