@@ -79,19 +79,20 @@ def checkpoint_seconds(cfg: TurnoutConfig, bytes_per_s: float) -> tuple[int, flo
     return nbytes, nbytes / bytes_per_s
 
 
-def grace_s(cfg: TurnoutConfig, bytes_per_s: float) -> float:
-    """``launch.preempt_grace_s``, or the grace sized for the model when it is 0."""
+def grace_s(cfg: TurnoutConfig, checkpoint_s: float) -> float:
+    """``launch.preempt_grace_s``, or, when it is 0, the grace sized for a checkpoint that
+    takes ``checkpoint_s`` seconds to write."""
     if cfg.launch.preempt_grace_s > 0:
         return float(cfg.launch.preempt_grace_s)
-    return STEP_ALLOWANCE_S + 2 * checkpoint_seconds(cfg, bytes_per_s)[1]
+    return STEP_ALLOWANCE_S + 2 * checkpoint_s
 
 
 def check_grace(cfg: TurnoutConfig) -> float:
     """The job's grace in seconds; ConfigError('launch.preempt_grace_s') when a grace set
     by hand is shorter than writing the checkpoint at the speed measured here."""
     speed = write_speed(Path(cfg.train.ckpt_dir))
-    grace = grace_s(cfg, speed)
-    nbytes, need = checkpoint_seconds(cfg, speed)
+    nbytes, need = checkpoint_seconds(cfg, speed)  # the planner runs once
+    grace = grace_s(cfg, need)
     if need > grace:
         raise ConfigError(
             "launch.preempt_grace_s",

@@ -116,6 +116,6 @@ def test_the_default_grace_is_sized_for_the_model(tmp_path: Path) -> None:
     assert speed > 0 and not (tmp_path / "not").exists() and not list(tmp_path.iterdir())
     nbytes, seconds = checkpoint_seconds(cfg, speed)
     assert nbytes == plan(cfg).params.total * 12  # fp32 master + two AdamW moments
-    assert grace_s(cfg, speed) == pytest.approx(STEP_ALLOWANCE_S + 2 * seconds)
+    assert grace_s(cfg, seconds) == pytest.approx(STEP_ALLOWANCE_S + 2 * seconds)
     set_by_hand = load_config("tiny", ["launch.preempt_grace_s=45"])
-    assert grace_s(set_by_hand, speed) == 45.0
+    assert grace_s(set_by_hand, seconds) == 45.0
