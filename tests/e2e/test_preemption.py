@@ -95,7 +95,7 @@ def _same_params(got_ckpt: str, want_ckpt: str) -> None:
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The final checkpoint of the same job, never interrupted."""
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    out, err = finish(start_train(cwd, []), 900)
+    out, err = finish(start_train(cwd, RUN), 900)
     assert "terminated" not in err, err
     return summary_value(out, "checkpoint")
 
@@ -105,7 +105,7 @@ def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
 ) -> None:
     from mlflow import MlflowClient
 
-    proc = start_train(tmp_path, [])
+    proc = start_train(tmp_path, RUN)
     try:
         at = wait_for_record(
             lambda r: r["step"] >= SIGNAL_AFTER, proc, tmp_path, 300, f"step {SIGNAL_AFTER}"
@@ -145,7 +145,7 @@ def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
     assert run.data.tags["stop_reason"] == "SIGTERM to the launcher"
 
     # A scheduler re-runs the same command line: it continues from that step.
-    out, err = finish(start_train(tmp_path, ["train.resume=auto"]), 900)
+    out, err = finish(start_train(tmp_path, [*RUN, "train.resume=auto"]), 900)
     assert f"turnout: train.resume=auto: resuming {folder} " in out, out + err
     assert summary_value(out, "steps") == str(STEPS)
     run = client.get_run(run.info.run_id)
@@ -158,7 +158,7 @@ def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
 def test_sigterm_to_a_worker_checkpoints_and_restarts_with_nothing_redone(
     tmp_path: Path, uninterrupted: str
 ) -> None:
-    proc = start_train(tmp_path, ["launch.max_failures=1"])
+    proc = start_train(tmp_path, [*RUN, "launch.max_failures=1"])
     at = wait_for_record(
         lambda r: r["step"] >= SIGNAL_AFTER, proc, tmp_path, 300, f"step {SIGNAL_AFTER}"
     )
