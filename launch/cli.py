@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from turnout.config import TurnoutConfig
 from turnout.config.load import (
@@ -50,19 +48,16 @@ from turnout.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_TERMINATED,
     ConfigError,
     RunError,
     WorkerError,
     error_line,
 )
 from turnout.launch.cli_checkpoint import add_checkpoint_commands
-from turnout.launch.processes import die_with_parent
 from turnout.redact import redact
 
 if TYPE_CHECKING:
-    from turnout.launch.preempt import DriverStop
-    from turnout.launch.tracked_run import TrackedRun
+    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,66 +151,6 @@ def cmd_replay_tracking(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _train_torchrun(args: argparse.Namespace, cfg: TurnoutConfig) -> int:
-    """Run the same worker entry under torchrun on this machine (no Ray).
-
-    The MLflow run is the launcher's here too: opened before torchrun starts, handed to
-    the workers (rank 0 attaches and logs), and ended by torchrun's exit: FINISHED,
-    KILLED (Ctrl-C, or SIGTERM to this launcher, which it forwards to torchrun) or FAILED
-    (anything else, a SIGKILLed rank included). torchrun gets SIGTERM if this launcher
-    dies (:func:`turnout.launch.processes.die_with_parent`)."""
-    from turnout.launch.tracked_run import open_tracked_run
-    from turnout.launch.worker import ATTACH_ENV
-
-    tracked = open_tracked_run(cfg)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={cfg.launch.num_workers}",
-        "-m",
-        "turnout.launch.worker",
-        *args.items,
-        # The store the launcher resolved against its cwd (same machine, same cwd).
-        f"tracking.uri={cfg.tracking.uri}",
-        # train.resume=auto, as the launcher resolved it (its MLflow run is that one's).
-        f"train.resume={cfg.train.resume}",
-    ]
-    env = dict(os.environ, **{ATTACH_ENV: tracked.run_id})
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
-    terminated: list[int] = []
-
-    def _forward(signum: int, _frame: object) -> None:  # SIGTERM: stop torchrun's job too
-        terminated.append(signum)
-        proc.send_signal(signal.SIGTERM)
-
-    previous = signal.signal(signal.SIGTERM, _forward)
-    try:
-        code = proc.wait()
-        if terminated:  # torchrun stops its ranks on SIGTERM; wait for that to finish
-            code = EXIT_TERMINATED
-    except KeyboardInterrupt:  # the terminal's SIGINT reached torchrun's group as well
-        code = EXIT_INTERRUPTED
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    interrupted = code in (EXIT_INTERRUPTED, EXIT_TERMINATED, -2)  # -2: torchrun's SIGINT
-    why = {"stop_reason": "SIGTERM to the launcher"} if terminated else None
-    tracked.end("FINISHED" if code == 0 else "KILLED" if interrupted else "FAILED", why)
-    if code == EXIT_TERMINATED:
-        print("turnout: terminated (SIGTERM): every rank stopped", file=sys.stderr, flush=True)
-        return EXIT_TERMINATED
-    if interrupted:
-        print("turnout: interrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
-    return code
-
-
 def _resolve_resume(cfg: TurnoutConfig) -> TurnoutConfig:
     """``train.resume=auto`` as the checkpoint it finds, said in one line."""
     from turnout.config.train import RESUME_AUTO
@@ -233,7 +168,9 @@ def _resolve_resume(cfg: TurnoutConfig) -> TurnoutConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _load(args.items, args.address)
+    from turnout.launch.torchrun import launcher_overrides
+
+    cfg = _load([*args.items, *launcher_overrides()], args.address)
     from turnout.launch.paths import resolve_paths
     from turnout.launch.preempt import DriverStop, check_grace
     from turnout.launch.preflight import preflight
@@ -252,7 +189,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop.grace_s = check_grace(cfg)  # measures the checkpoint folder's write speed
     data_path = preflight(cfg)  # validation ends here: Ray, DeepSpeed, MLflow not imported
     if args.launcher == "torchrun":
-        return _train_torchrun(args, cfg)
+        from turnout.launch.torchrun import train_torchrun
+
+        return train_torchrun(cfg, stop)
 
     from turnout.launch.ray.run import run_ray
     from turnout.launch.summary import format_summary
@@ -269,13 +208,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         res = run_ray(cfg, data_path, tracked.run_id, stop)
     except WorkerError as e:  # a config error only a worker could find still exits 2
         if stop.signum:  # the stop went wrong: still the signal's ending
-            return _stopped(stop, tracked, {}, str(stop.run_dir or ""))
+            return stop.finish(tracked, {})
         tracked.end("FAILED")
         print(error_line(e.text()), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if stop.signum:  # a second signal, or the grace ran out
-            return _stopped(stop, tracked, {}, str(stop.run_dir or ""))
+            return stop.finish(tracked, {})
         tracked.end("KILLED")
         run = f"; MLflow run {tracked.run_id} marked KILLED" if tracked.run_id else ""
         print(f"turnout: interrupted: every worker stopped{run}", file=sys.stderr, flush=True)
@@ -284,30 +223,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         tracked.end("FAILED")
         raise
     if stop.signum and res.get("stopped_at"):
-        return _stopped(stop, tracked, res, str(stop.run_dir or ""))
+        return stop.finish(tracked, res)
     tracked.end("FINISHED")
     print(format_summary(cfg, res), flush=True)
     return EXIT_OK
-
-
-def _stopped(stop: DriverStop, tracked: TrackedRun, res: dict[str, Any], run_dir: str) -> int:
-    """The launcher's signal ended the job: the run KILLED with its ``stop_reason``, one
-    line naming the checkpoint to resume (the stop's, else the newest complete one)."""
-    from pathlib import Path
-
-    from turnout.launch.preempt import STOP_REASON_TAG
-    from turnout.trainer.resume.recovery import newest_checkpoint
-
-    step = int(res.get("stopped_at") or 0)
-    checkpoint = str(res.get("checkpoint") or "")
-    reason = f"{stop.name} to the launcher"
-    if not checkpoint:
-        reason += f": no checkpoint within launch.preempt_grace_s={stop.grace_s:g} s"
-        newest = newest_checkpoint(Path(run_dir)) if run_dir else None
-        step = int(newest.name.removeprefix("step")) if newest is not None else 0
-    tracked.end("KILLED", {STOP_REASON_TAG: reason, "stopped_at": str(step)})
-    print(stop.line(step, checkpoint, tracked.run_id), file=sys.stderr, flush=True)
-    return int(stop.exit_code)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -31,9 +31,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from turnout.config import TurnoutConfig
 from turnout.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError
+
+if TYPE_CHECKING:
+    from turnout.launch.tracked_run import TrackedRun
 
 #: Seconds the automatic grace allows for the step in flight (and leaving Ray).
 STEP_ALLOWANCE_S = 30.0
@@ -164,6 +168,23 @@ class DriverStop:
 
     def seconds(self) -> float:
         return time.monotonic() - self.at if self.at else 0.0
+
+    def finish(self, tracked: TrackedRun, res: dict[str, Any]) -> int:
+        """The signal ended the job (``res``: rank 0's result, {} when none came): the
+        run KILLED with its ``stop_reason``, one line naming the checkpoint to resume (the
+        stop's, else the newest complete one); the exit code."""
+        from turnout.trainer.resume.recovery import newest_checkpoint
+
+        step = int(res.get("stopped_at") or 0)
+        checkpoint = str(res.get("checkpoint") or "")
+        reason = f"{self.name} to the launcher"
+        if not checkpoint:
+            reason += f": no checkpoint within launch.preempt_grace_s={self.grace_s:g} s"
+            newest = newest_checkpoint(self.run_dir) if self.run_dir else None
+            step = int(newest.name.removeprefix("step")) if newest is not None else 0
+        tracked.end("KILLED", {STOP_REASON_TAG: reason, "stopped_at": str(step)})
+        print(self.line(step, checkpoint, tracked.run_id), file=sys.stderr, flush=True)
+        return int(self.exit_code)
 
     def line(self, stopped_at: int, checkpoint: str, run_id: str) -> str:
         """The one line the launcher prints when the job stopped for this signal."""

@@ -135,6 +135,9 @@ ATTACH_ENV = "TURNOUT_MLFLOW_RUN_ID"
 #: Where rank 0 writes the run's result as JSON when it finishes ('' = nowhere): how
 #: ``turnout sweep`` reads a trial's losses and times without parsing the summary.
 RESULT_ENV = "TURNOUT_RESULT_FILE"
+#: The job's checkpoint run folder, fixed by ``turnout train --launcher torchrun`` (unset
+#: under a bare torchrun: rank 0 names one). The launcher's stop request lands there.
+RUN_DIR_ENV = "TURNOUT_RUN_DIR"
 
 
 def write_result(path: str, res: dict[str, Any]) -> None:
@@ -204,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     try:
-        res = train_on_group(cfg, data_path, attach_to=os.environ.get(ATTACH_ENV, ""))
+        run_dir = Path(os.environ[RUN_DIR_ENV]) if os.environ.get(RUN_DIR_ENV) else None
+        res = train_on_group(
+            cfg, data_path, attach_to=os.environ.get(ATTACH_ENV, ""), run_dir=run_dir
+        )
     except PreemptedError as e:  # no launcher here restarts it: leave as SIGTERM asks
         if rank == 0:
             print(f"turnout: terminated: {e}", file=sys.stderr, flush=True)
@@ -216,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     from turnout.parallel.dist import leave_process_group
 
-    if res.get("stopped_at"):  # SIGTERM: every rank stopped after this step, saved
+    if res.get("stopped_at") and run_dir is not None:  # our launcher asked; it says so
+        if rank == 0:
+            write_result(os.environ.get(RESULT_ENV, ""), res)
+        leave_process_group(finished=True)
+        return EXIT_OK  # a clean stop, as asked (torchrun reports no failure)
+    if res.get("stopped_at"):  # a stop file by hand: every rank stopped after this step
         if rank == 0:
             print(
                 f"turnout: terminated ({res['stop_reason']}): every rank stopped after step "

@@ -2,7 +2,9 @@
 
 Shared by tests/e2e/test_recovery.py and tests/e2e/test_preemption.py: start the job in
 its own session (so it can be killed as a group), read its recovery record while it
-runs, wait for a condition on it, collect its output, and read its summary.
+runs, wait for a condition on it, collect its output, read its summary, and compare
+its final parameters with those of the same job never interrupted (trained once per
+test session: tests/conftest.py's ``uninterrupted`` fixture).
 """
 
 from __future__ import annotations
@@ -18,8 +20,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from turnout.trainer.resume.recovery import RECOVERY_FILE
+from turnout.trainer.weights.from_checkpoint import consolidated_state
+
+#: The job the recovery and preemption tests interrupt: ``tiny`` on 2 CPU workers, fp32,
+#: ``STEPS`` steps. Where it checkpoints, and into which experiment, is each test's; the
+#: parameters it ends with are not (the uninterrupted run, :func:`uninterrupted_run`).
+STEPS = 24
+JOB = [
+    "tiny",
+    f"train.steps={STEPS}",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.warmup_steps=1",
+    "train.micro_batch_size=2",
+    "train.precision=fp32",
+    "model.max_seq_len=32",
+    "data.max_bytes=200000",
+    "launch.num_workers=2",
+]
 
 
 def turnout_exe() -> str:
@@ -89,3 +110,21 @@ def summary_value(stdout: str, label: str) -> str:
     m = re.search(rf"^\s+{re.escape(label)}\s+(\S+)", stdout, re.MULTILINE)
     assert m, f"no {label!r} in:\n{stdout}"
     return m.group(1)
+
+
+def uninterrupted_run(cwd: Path) -> str:
+    """The final checkpoint of :data:`JOB`, trained without interruption in ``cwd``."""
+    out, err = finish(start_train(cwd, [*JOB, "tracking.enabled=false"]), 900)
+    assert "terminated" not in err and "restart" not in out, out + err
+    return summary_value(out, "checkpoint")
+
+
+def assert_same_params(got_ckpt: str, want_ckpt: str) -> None:
+    """Both checkpoints hold step :data:`STEPS` and bit-equal parameters (CPU, fp32, the
+    same seed: an interrupted job that lost or redid nothing ends exactly the same)."""
+    got, _, got_step = consolidated_state(got_ckpt)
+    want, _, want_step = consolidated_state(want_ckpt)
+    assert got_step == want_step == STEPS
+    assert got.keys() == want.keys()
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, different[:5]

@@ -52,8 +52,11 @@ def write_json(path: Path, data: Any) -> None:
 
 def command(trial: dict[str, Any], folder: Path, parent_run_id: str) -> list[str]:
     """The ``turnout train`` command line of ``trial``."""
+    from turnout.launch.torchrun import split_secret
+
+    shown, _ = split_secret(list(trial["overrides"]))  # the rest go in the environment
     overrides = [
-        *trial["overrides"],
+        *shown,
         f"train.ckpt_dir={folder / 'ckpt'}",
         f"tracking.run_name={trial['folder']}",
     ]
@@ -90,6 +93,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
 
 def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> dict[str, Any]:
     """Train ``trial`` to its record (or read the record of an earlier attempt)."""
+    from turnout.launch.torchrun import OVERRIDES_ENV, split_secret
     from turnout.launch.worker import RESULT_ENV
 
     folder = sweep_dir / "trials" / trial["folder"]
@@ -102,6 +106,7 @@ def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> d
     cmd = command(trial, folder, parent_run_id)
     resumed = any(item.startswith("train.resume=") for item in cmd)
     env = dict(os.environ, **{RESULT_ENV: str(result_file)})
+    env[OVERRIDES_ENV] = json.dumps(split_secret(list(trial["overrides"]))[1])
     # Each rank uses the CPUs the trial holds for it, not every core of the machine.
     env.setdefault("OMP_NUM_THREADS", str(trial["threads"]))
     start = time.perf_counter()

@@ -1,5 +1,6 @@
-"""End to end: while the default job trains on its embedded Ray cluster, nothing of it
-listens on a network interface other than loopback.
+"""End to end: while the default job trains, on its embedded Ray cluster or under
+``--launcher torchrun``, nothing of it listens on a network interface other than
+loopback, and no process it starts shows the tracking URI on its command line.
 
 The job (``turnout train tiny``, a few steps) runs as a subprocess. While it runs, the
 listening sockets (TCP in LISTEN, UDP bound without a peer) of every process of the job
@@ -79,21 +80,22 @@ def _table(found: set[Listener]) -> str:
     return "\n".join(f"  {n:<28} {k} {a}:{p}" for n, k, a, p in sorted(found))
 
 
-def test_default_job_listens_on_loopback_only(tmp_path: Path) -> None:
-    cmd = [*_turnout(), "train", "tiny", *SHORT, "train.steps=8", "tracking.enabled=false"]
+def _watch(cmd: list[str], cwd: Path) -> tuple[int, str, set[Listener], set[str], list[str]]:
+    """Run ``cmd``; (exit code, output, listeners seen, Ray sessions seen, the command
+    lines of the job's processes other than the one started)."""
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     root = psutil.Process(proc.pid)
     sessions: set[str] = set()
     found: set[Listener] = set()
-    names: set[str] = set()
+    lines: dict[int, str] = {}
     try:
         while proc.poll() is None:
             for p in job_processes(root, sessions):
-                with_names = listeners(p)
-                found |= with_names
-                names |= {n for n, *_ in with_names}
+                found |= listeners(p)
+                if p.pid != root.pid:
+                    lines[p.pid] = lines.get(p.pid) or _cmdline(p)
             time.sleep(_POLL_S)
         out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
     finally:
@@ -102,10 +104,29 @@ def test_default_job_listens_on_loopback_only(tmp_path: Path) -> None:
                 with contextlib.suppress(psutil.Error):
                     p.kill()
             proc.wait()
-    assert proc.returncode == 0, out
-    print(f"\nlisteners of the job (Ray sessions {sorted(sessions)}):\n{_table(found)}")
-    # The job was seen while Ray ran: its GCS and raylet listened somewhere.
-    assert len(sessions) == 1, sessions
-    assert {"gcs_server", "raylet"} <= names, _table(found)
+    return proc.returncode, out, found, sessions, [ln for ln in lines.values() if ln]
+
+
+#: In the tracking URI on the launcher's command line; no process the launcher starts
+#: may show it on its own (a URI can hold a password).
+_MARK = "store-pw-hunter2"
+
+
+@pytest.mark.parametrize("launcher", ["ray", "torchrun"])
+def test_default_job_listens_on_loopback_only(tmp_path: Path, launcher: str) -> None:
+    uri = f"tracking.uri=sqlite:///{tmp_path / _MARK}.db"
+    cmd = [*_turnout(), "train", "tiny", *SHORT, "train.steps=8", "tracking.enabled=false", uri]
+    code, out, found, sessions, lines = _watch([*cmd, "--launcher", launcher], tmp_path)
+    assert code == 0, out
+    print(f"\nlisteners of the {launcher} job (Ray sessions {sorted(sessions)}):\n{_table(found)}")
+    names = {n for n, *_ in found}
+    if launcher == "ray":  # the job was seen while Ray ran: its GCS and raylet listened
+        assert len(sessions) == 1, sessions
+        assert {"gcs_server", "raylet"} <= names, _table(found)
+    else:  # torchrun's ranks were seen: rank 0's store listened
+        assert any("turnout.launch.worker" in ln for ln in lines), lines
+        assert found, "no listener of the torchrun job was seen"
     exposed = {entry for entry in found if not is_loopback(entry[2])}
     assert not exposed, f"listening beyond loopback:\n{_table(exposed)}"
+    shown = [ln for ln in lines if _MARK in ln]
+    assert not shown, f"the tracking URI on a command line: {shown}"
