@@ -28,7 +28,8 @@ One MLflow run per job, logged by rank 0 (experiment `tracking.experiment`, defa
 - tags: `world_size`, `ep_size`, `zero_stage`, `git_commit`; `resumed_from` (a resumed
   run); `stop_reason` and `stopped_at` (a run SIGTERM or Ctrl-C stopped with a
   checkpoint, marked KILLED); `checkpoint/step<N>`, `checkpoint/latest` and
-  `checkpoint/latest_step` (the folders saved, no upload); `node/node<N>` (each node's
+  `checkpoint/latest_step` (the folders saved, no upload; `pruned: <folder>` once
+  `train.keep_checkpoints` deleted it); `node/node<N>` (each node's
   host name); `turnout.parent` (the source of `train.init_from`, also logged as a
   param); the experiment is tagged
   `mlflow.experimentKind=custom_model_development` (MLflow 3's training view);

@@ -224,11 +224,12 @@ def _checkpoint(run: Run, done: int) -> str:
         run.engine, run.run_dir, done, state, run.groups, run.cfg, run.tokenizer_file
     )
     log.debug("rank %d: checkpoint %.1fs", run.rank, time.perf_counter() - t0)
+    pruned: list[str] = []
     if run.rank == 0:  # the save has finished on every rank: prune, check the space left
-        retention.after_save(run.run_dir, folder, run.cfg.train)
+        pruned = retention.after_save(run.run_dir, folder, run.cfg.train).removed
     if run.tracker.run_id:  # rank 0: the run a resume from this folder appends to
         record_run_id(run.run_dir, run.tracker.run_id)
-    run.tracker.log_checkpoint(str(folder), done)
+    run.tracker.log_checkpoint(str(folder), done, pruned)
     return str(folder)
 
 

@@ -50,7 +50,8 @@ def test_owner_opens_logs_and_ends_the_run(tmp_path: Path, monkeypatch: pytest.M
     tracker = Tracker(_cfg(tmp_path), rank=0, world_size=2)
     for step in (1, 2, 3):
         tracker.log_metrics({"loss": 4.0 - step, "bad": float("nan")}, step=step)
-    tracker.log_checkpoint(str(tmp_path / "ckpt" / "step3"), 3)
+    tracker.log_checkpoint(str(tmp_path / "ckpt" / "step1"), 1)
+    tracker.log_checkpoint(str(tmp_path / "ckpt" / "step3"), 3, pruned=["step1"])
     tracker.finish("FAILED")
     client = _client(tmp_path)
     run = client.get_run(tracker.run_id)
@@ -59,6 +60,8 @@ def test_owner_opens_logs_and_ends_the_run(tmp_path: Path, monkeypatch: pytest.M
     assert "bad" not in run.data.metrics
     assert run.data.tags["checkpoint/latest_step"] == "3"
     assert run.data.tags["checkpoint/step3"] == str(tmp_path / "ckpt" / "step3")
+    # Retention deleted step1 when step3 was saved: its tag no longer names a folder.
+    assert run.data.tags["checkpoint/step1"] == f"pruned: {tmp_path / 'ckpt' / 'step1'}"
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.params["model.moe.num_experts"] == "4"

@@ -18,6 +18,7 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -121,15 +122,20 @@ class Tracker:
         if self.active and tags:
             self._outbox.put({"kind": "tags", "run_id": self.run_id, "tags": dict(tags)})
 
-    def log_checkpoint(self, folder: str, step: int) -> None:
-        """Record a saved checkpoint in the run: its path and step as tags (no upload)."""
-        self.set_tags(
+    def log_checkpoint(self, folder: str, step: int, pruned: Sequence[str] = ()) -> None:
+        """Record a saved checkpoint in the run: its path and step as tags (no upload).
+        ``pruned``: the step folders beside it that retention just deleted; their tags
+        say so (``pruned: <path>``) instead of naming a folder that is gone."""
+        parent = Path(folder).parent
+        tags = {f"checkpoint/{name}": f"pruned: {parent / name}" for name in pruned}
+        tags.update(
             {
                 f"checkpoint/step{step}": folder,
                 "checkpoint/latest": folder,
                 "checkpoint/latest_step": str(step),
             }
         )
+        self.set_tags(tags)
 
     def log_image(self, image: Any, key: str, step: int) -> None:
         """Queue a step-indexed image (an RGB ``uint8`` array; MLflow shows one per step).
