@@ -101,12 +101,17 @@ def size_stats(recs: list[Record]) -> dict[str, Any]:
     }
 
 
+def _lrs_at(rows: list[dict[str, Any]], budget: float) -> set[str]:
+    return {row["lr"] for row in rows if row["budget"] == budget}
+
+
 def choose_lr(recs: list[Record]) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """Each family's learning rate and the whole LR table.
 
     A family whose runs carry an 'lr' label keeps the LR whose best size (lowest seed-mean
-    loss) is lowest at the family's smallest budget; ties go to the smaller label. The
-    table has one row per (family, lr, budget, size) of usable runs.
+    loss) is lowest at the family's LR budget: the smallest budget at which it ran more
+    than one LR (its LR sweep), else its smallest budget; ties go to the smaller label.
+    The table has one row per (family, lr, budget, size) of usable runs.
     """
     labelled = [r for r in recs if lr_of(r) is not None]
     table = []
@@ -120,10 +125,11 @@ def choose_lr(recs: list[Record]) -> tuple[dict[str, str], list[dict[str, Any]]]
         )
     choice = {}
     for fam, rows in group(table, lambda row: row["family"]).items():
-        smallest = min(row["budget"] for row in rows)
+        swept = [b for b in {row["budget"] for row in rows} if len(_lrs_at(rows, b)) > 1]
+        at = min(swept or [row["budget"] for row in rows])
         best: dict[str, float] = {}
         for row in rows:
-            if row["budget"] == smallest:
+            if row["budget"] == at:
                 best[row["lr"]] = min(best.get(row["lr"], math.inf), row["loss_mean"])
         choice[fam] = min(best, key=lambda lr: (best[lr], lr))
     for row in table:

@@ -152,6 +152,17 @@ def test_fewer_than_three_sizes_are_not_fitted() -> None:
 # ----------------------------------------------------------------------------- LR choice
 
 
+def test_lr_is_chosen_where_several_were_tried_and_kept_at_every_budget() -> None:
+    recs = (
+        # a smaller budget added later, at the chosen LR only: it does not choose
+        curve("dense", 1e11, 0.3, 6.0, 2.5, lr="3e-3")
+        + curve("dense", 1e12, 0.3, 6.0, 2.0, lr="1e-3")
+        + curve("dense", 1e12, 0.3, 6.0, 2.1, lr="3e-3")
+    )
+    doc = build(recs, CMD, "t")
+    assert doc["lr_choice"] == {"dense": "1e-3"}
+
+
 def test_lr_is_chosen_at_the_smallest_budget_and_kept_at_every_budget() -> None:
     recs = (
         curve("dense", 1e12, 0.3, 6.0, 2.0, lr="1e-3")
