@@ -258,16 +258,20 @@ def _end_parent(cfg: TurnoutConfig, run_id: str, status: str, results: Path) -> 
 
 
 def report_sweep(spec_path: str | Path) -> int:
-    """Fit and plot the sweep's finished trials into ``<report>.json/.md/.png``."""
+    """Fit and plot the spec's finished trials into ``<report>.json/.md/.png``."""
     from turnout.launch.sweep.report import write_report
 
     spec_path = spec_file(spec_path)
     spec = load_spec(spec_path)
     folder = sweep_dir(spec)
-    results = folder / RESULTS_FILE
-    if not results.is_file():
-        raise ConfigError("sweep", f"{results} does not exist: run `turnout sweep {spec_path}`")
-    records = json.loads(results.read_text())
+    # The spec's trials finished so far, read from their own records: a sweep still
+    # running, or stopped part-way, is reported as far as it got (results.json is only
+    # written when a sweep command ends).
+    records = collect(folder, expand(spec))
+    if not records:
+        raise ConfigError(
+            "sweep", f"no finished trial in {folder}: run `turnout sweep {spec_path}`"
+        )
     stem = Path(spec.report) if spec.report else folder / "report"
     write_report(records, stem, command=f"turnout sweep {spec_path}", title=spec.name)
     print(f"turnout: report of {len(records)} trial(s): {stem}.md, {stem}.json, {stem}.png")
