@@ -50,11 +50,12 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def command(trial: dict[str, Any], folder: Path, parent_run_id: str) -> list[str]:
-    """The ``turnout train`` command line of ``trial``."""
+def command(trial: dict[str, Any], folder: Path, parent_run_id: str) -> tuple[list[str], list[str]]:
+    """The ``turnout train`` command line of ``trial``, and the overrides that must not be
+    on it (:data:`turnout.launch.torchrun.SECRET_KEYS`: they go in the environment)."""
     from turnout.launch.torchrun import split_secret
 
-    shown, _ = split_secret(list(trial["overrides"]))  # the rest go in the environment
+    shown, secret = split_secret(list(trial["overrides"]))  # those go in the environment
     overrides = [
         *shown,
         f"train.ckpt_dir={folder / 'ckpt'}",
@@ -66,7 +67,7 @@ def command(trial: dict[str, Any], folder: Path, parent_run_id: str) -> list[str
     if resume is not None:
         overrides.append(f"train.resume={resume}")
     cli = [sys.executable, "-m", "turnout.launch.cli", "train", trial["source"]]
-    return [*cli, *overrides, "--launcher", "torchrun"]
+    return [*cli, *overrides, "--launcher", "torchrun"], secret
 
 
 def _training_seconds(trial: dict[str, Any], folder: Path) -> float:
@@ -93,7 +94,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
 
 def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> dict[str, Any]:
     """Train ``trial`` to its record (or read the record of an earlier attempt)."""
-    from turnout.launch.torchrun import OVERRIDES_ENV, split_secret
+    from turnout.launch.torchrun import OVERRIDES_ENV
     from turnout.launch.worker import RESULT_ENV
 
     folder = sweep_dir / "trials" / trial["folder"]
@@ -103,10 +104,10 @@ def train_trial(trial: dict[str, Any], sweep_dir: Path, parent_run_id: str) -> d
     folder.mkdir(parents=True, exist_ok=True)
     attempt = 1 + len(list(folder.glob(RESULT_PATTERN.format("*"))))
     result_file = folder / RESULT_PATTERN.format(attempt)
-    cmd = command(trial, folder, parent_run_id)
+    cmd, secret = command(trial, folder, parent_run_id)
     resumed = any(item.startswith("train.resume=") for item in cmd)
     env = dict(os.environ, **{RESULT_ENV: str(result_file)})
-    env[OVERRIDES_ENV] = json.dumps(split_secret(list(trial["overrides"]))[1])
+    env[OVERRIDES_ENV] = json.dumps(secret)
     # Each rank uses the CPUs the trial holds for it, not every core of the machine.
     env.setdefault("OMP_NUM_THREADS", str(trial["threads"]))
     start = time.perf_counter()
