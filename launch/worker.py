@@ -222,22 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     from turnout.parallel.dist import leave_process_group
 
-    if res.get("stopped_at") and run_dir is not None:  # our launcher asked; it says so
+    if res.get("stopped_at"):  # a stop request: every rank stopped after this step, saved
         if rank == 0:
             write_result(os.environ.get(RESULT_ENV, ""), res)
+            if run_dir is None:  # no turnout launcher to say it (a stop file by hand)
+                print(
+                    f"turnout: terminated ({res['stop_reason']}): every rank stopped after "
+                    f"step {res['stopped_at']} and saved {res['checkpoint']}; resume with "
+                    f"train.resume={res['checkpoint']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         leave_process_group(finished=True)
-        return EXIT_OK  # a clean stop, as asked (torchrun reports no failure)
-    if res.get("stopped_at"):  # a stop file by hand: every rank stopped after this step
-        if rank == 0:
-            print(
-                f"turnout: terminated ({res['stop_reason']}): every rank stopped after step "
-                f"{res['stopped_at']} and saved {res['checkpoint']}; resume with "
-                f"train.resume={res['checkpoint']}",
-                file=sys.stderr,
-                flush=True,
-            )
-        leave_process_group(finished=True)
-        return EXIT_TERMINATED
+        # Our launcher asked and says so: a clean stop (torchrun reports no failure).
+        return EXIT_OK if run_dir is not None else EXIT_TERMINATED
     if rank == 0:
         print(format_summary(cfg, res), flush=True)
         write_result(os.environ.get(RESULT_ENV, ""), res)
