@@ -4,7 +4,8 @@
   KILLED, and no process of the job is left behind.
 - A diverging run (train.lr=50: DeepSpeed skips step after step for non-finite
   gradients while the loss stays finite) stops with one line naming
-  ``train.max_consecutive_skipped_steps``, exit 1, and the run is FAILED.
+  ``train.max_consecutive_skipped_steps``, the failing rank and its log, exit 1, and
+  the run is FAILED.
 - ``--launcher torchrun`` with rank 0 SIGKILLed: the launcher marks the run FAILED.
 
 The interrupt is sent as a terminal sends it: SIGINT to the whole foreground process
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,6 +165,16 @@ def test_diverging_run_stops_with_one_line_and_a_failed_run(tmp_path: Path) -> N
     assert len(errors) == 1, proc.stderr
     assert "optimizer steps in a row skipped" in errors[0]
     assert "train.max_consecutive_skipped_steps=3" in errors[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    # The worker's error came back through Ray as data: the failing rank and its log,
+    # which holds the traceback the line leaves out.
+    m = re.match(
+        r"turnout: error: training failed on rank (\d): .* \(traceback: (\S+)\)$", errors[0]
+    )
+    assert m, errors[0]
+    log = Path(m.group(2))
+    assert log.name == f"rank{m.group(1)}.log"
+    assert "SkippedStepsError" in log.read_text()
     # Final: not retried, though launch.max_failures allows restarts (its default, 3).
     assert "turnout: restart" not in proc.stdout
     (record,) = (tmp_path / "checkpoints").glob("*/recovery.json")

@@ -8,13 +8,15 @@ planted where a user keeps them: ``MLFLOW_TRACKING_PASSWORD`` and
 ``user:password@`` inside ``tracking.uri``. A short job of the tiny preset logs to the
 server with the credentials in the environment and in the URI; one with a wrong
 password is refused in one line. While the first runs, the embedded cluster's own
-token is read from its raylet's environment, and becomes a secret too.
+token is read from its raylet's environment, and becomes a secret too; and the job's
+processes are watched as tests/e2e/test_listeners.py watches a torchrun job: none may
+listen beyond loopback, and none may show a secret on its command line.
 
 Then everything the runs wrote is searched for every secret: the run folder (the
 working directory: checkpoints, Ray Train's state and turnout's worker logs), the
 server's store (its database, holding params and tags, and its artifacts: the logged
-config.yaml), the Ray session's logs (where the workers' output goes), and the
-commands' captured stdout and stderr.
+config.yaml), the Ray session's logs (where the workers' output goes), the commands'
+captured stdout and stderr, and the command lines of the job's processes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import psutil
 import pytest
 
 from tests.e2e.test_cli_train import SHORT
-from turnout.parallel.dist import free_port
+from tests.e2e.test_listeners import Listener, cmdline, job_processes, listeners, table
+from turnout.parallel.dist import free_port, is_loopback
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -144,20 +147,47 @@ def _ray_token_and_session(root: psutil.Process) -> tuple[str, str]:
     return "", ""
 
 
-def _train(
-    cwd: Path, uri: str, env: dict[str, str]
-) -> tuple[subprocess.CompletedProcess, str, str]:
-    """Run the short job; also the embedded cluster's token and Ray session it used."""
+@dataclass
+class Watched:
+    """What was seen of a job while it ran (tests/e2e/test_listeners.py's helpers)."""
+
+    proc: subprocess.CompletedProcess
+    ray_token: str  # the RAY_AUTH_TOKEN its raylet ran with
+    session: str  # its Ray session
+    found: set[Listener]  # every listening socket of its processes
+    lines: list[str]  # the command lines of its processes but the one started
+
+
+def _train(cwd: Path, uri: str, env: dict[str, str]) -> Watched:
+    """Run the short job; watch its processes (their listeners, command lines, and the
+    embedded cluster's token and session) until it ends."""
     cmd = [_bin("turnout"), "train", "tiny", *SHORT, f"tracking.uri={uri}"]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Files, not pipes: nothing reads the job's output until it ends.
+    out_f, err_f = (cwd / "train.out").open("w+b"), (cwd / "train.err").open("w+b")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out_f, stderr=err_f)
     root = psutil.Process(proc.pid)
     token, session = "", ""
-    while proc.poll() is None and not token:
-        token, session = _ray_token_and_session(root)
+    sessions: set[str] = set()
+    found: set[Listener] = set()
+    lines: dict[int, str] = {}
+    deadline = time.monotonic() + 2400  # a busy 2-core machine
+    while proc.poll() is None and time.monotonic() < deadline:
+        if not token:
+            token, session = _ray_token_and_session(root)
+        for p in job_processes(root, sessions):
+            found |= listeners(p)
+            if p.pid != root.pid:
+                lines[p.pid] = lines.get(p.pid) or cmdline(p)
         time.sleep(0.2)
-    out, err = proc.communicate(timeout=2400)  # a busy 2-core machine
-    done = subprocess.CompletedProcess(cmd, proc.returncode, out.decode(), err.decode())
-    return done, token, session
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    out_f.seek(0)
+    err_f.seek(0)
+    done = subprocess.CompletedProcess(
+        cmd, proc.returncode, out_f.read().decode(), err_f.read().decode()
+    )
+    return Watched(done, token, session, found, [ln for ln in lines.values() if ln])
 
 
 def _files(*folders: Path) -> Iterator[Path]:
@@ -187,13 +217,24 @@ def test_planted_secrets_reach_no_record(auth_server: Server, tmp_path: Path) ->
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     env = _env(MLFLOW_TRACKING_USERNAME=ADMIN, MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD, **PLANTED)
-    proc, token, session = _train(run_dir, f"http://{ADMIN}:{ADMIN_PASSWORD}@{host}", env)
+    job = _train(run_dir, f"http://{ADMIN}:{ADMIN_PASSWORD}@{host}", env)
+    proc = job.proc
     assert proc.returncode == 0, proc.stdout + proc.stderr
     outputs["stdout of the run"] = proc.stdout.encode()
     outputs["stderr of the run"] = proc.stderr.encode()
-    sessions.append(session)
-    ray_tokens.append(token)
+    # The password is in the URI on the launcher's command line (where the user put it);
+    # no process the launcher starts may show it, or any other secret, on its own.
+    outputs["command lines of the run's processes"] = "\n".join(job.lines).encode()
+    sessions.append(job.session)
+    ray_tokens.append(job.ray_token)
     assert f"tracking http://{host}" in proc.stdout  # the store is named, without them
+
+    # Nothing of the job listened beyond loopback (the job was seen while Ray ran: its
+    # GCS and raylet listened).
+    print(f"\nlisteners of the Ray job (session {job.session}):\n{table(job.found)}")
+    assert {"gcs_server", "raylet"} <= {n for n, *_ in job.found}, table(job.found)
+    exposed = {entry for entry in job.found if not is_loopback(entry[2])}
+    assert not exposed, f"listening beyond loopback:\n{table(exposed)}"
 
     # A wrong password: refused by the server, one line, the password not in it.
     run_bad = tmp_path / "wrong-creds"
