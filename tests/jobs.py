@@ -79,13 +79,20 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
 
 
 def recovery_record(cwd: Path) -> dict | None:
-    """The job's recovery record (under ``cwd/checkpoints``), None before it exists."""
+    """The job's recovery record (the newest under ``cwd/checkpoints``: a resumed job
+    writes into a run folder of its own), None before it exists."""
+    found = []
     for path in (cwd / "checkpoints").glob(f"*/{RECOVERY_FILE}"):
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):  # replaced while read: read again
-            return None
-    return None
+            found.append((path.stat().st_mtime_ns, path))
+        except OSError:
+            continue
+    if not found:
+        return None
+    try:
+        return json.loads(max(found)[1].read_text())
+    except (OSError, ValueError):  # replaced while read: read again
+        return None
 
 
 def wait_for_record(

@@ -179,7 +179,7 @@ def _log_interval(
     norm = run.engine.get_global_grad_norm()
     if norm is not None:
         metrics["grad_norm"] = float(norm)
-    run.tracker.log_metrics(metrics, step=done)
+    run.tracker.log_metrics(metrics, step=done, once=True)
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def _validate(run: Run, done: int, bar: Any) -> Validation:
         causal = evaluate(run.engine, run.sampler, batches, "causal")
         val = Validation(val.loss, causal, bpb=val.bpb)
         metrics["val_loss_causal"] = val.loss_causal
-    run.tracker.log_metrics(metrics, step=done)
+    run.tracker.log_metrics(metrics, step=done, once=True)
     if bar is not None:
         bar.write(
             f"step {done}: val_loss {val.loss:.4f} (unigram entropy {run.unigram_entropy:.4f})"

@@ -106,3 +106,37 @@ def test_resume_appends_to_the_checkpoints_run(tmp_path: Path) -> None:
     assert run.data.tags["resumed_from"] == str(step)
     with pytest.raises(RunError, match="tracking.run_id"):
         open_run(_cfg(tmp_path, "tracking.run_id=0123456789abcdef"), 2)
+
+
+def test_an_attempt_that_carries_on_a_run_logs_each_step_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted or resumed attempt trains again the steps after its checkpoint: the
+    store keeps the values of the step series the first attempt logged (each step once),
+    per key; what an attempt logs of itself (a restart counter) is always taken."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path)
+    first = Tracker(cfg, rank=0, world_size=2)
+    for step in range(1, 11):
+        first.log_metrics({"loss": float(step)}, step=step, once=True)
+    first.log_metrics({"val_loss": 5.0, "restarts": 0.0}, step=6, once=True)
+    first.finish("KILLED")
+    again = Tracker(cfg, rank=0, world_size=2, attach_to=first.run_id)
+    again.log_metrics({"restarts": 1.0}, step=8)  # resumed from step 8
+    for step in range(9, 13):
+        again.log_metrics({"loss": 100.0 + step, "val_loss": 50.0}, step=step, once=True)
+    again.finish()
+    client = _client(tmp_path)
+    loss = client.get_metric_history(first.run_id, "loss")
+    assert [(m.step, m.value) for m in loss] == [(s, float(s)) for s in range(1, 11)] + [
+        (11, 111.0),
+        (12, 112.0),
+    ]
+    assert [m.step for m in client.get_metric_history(first.run_id, "val_loss")] == [
+        6,
+        9,
+        10,
+        11,
+        12,
+    ]
+    assert [m.step for m in client.get_metric_history(first.run_id, "restarts")] == [6, 8]

@@ -10,6 +10,15 @@ run, the launcher or rank 0, does both). Every write from the training loop (met
 checkpoint tags, the final status) goes through an :class:`Outbox`: the loop never
 waits on the store, an outage costs one warning line, and what the store did not take
 within ``tracking.flush_timeout_s`` at the end lands in a local JSON-lines file.
+
+A run carried on by another attempt (a restart, a resumed job) holds each step of its
+training series (loss, lr, val_loss, ...: ``log_metrics(..., once=True)``) once: the
+tracker reads, when it starts, the newest step the store already has of every metric
+key, and drops this attempt's values of the steps at or before it, which it trains
+again (bit-equal on CPU, so the values dropped are the values kept). The outbox
+delivers in order, so what a killed attempt queued but never sent is past that step
+and is logged again. What each attempt measures of itself (its probed peak, its
+restarts, its end-of-run totals) is always logged.
 """
 
 from __future__ import annotations
@@ -55,6 +64,16 @@ def fallback_file(run_id: str) -> Path:
     return Path(".turnout", "mlflow-pending", f"{run_id}.jsonl").resolve()
 
 
+def logged_through(client: Any, run_id: str) -> dict[str, int]:
+    """The newest step the store has of each metric of ``run_id`` (empty for a new run).
+
+    MLflow keeps each key's latest value by step; ``get_run`` returns them, with their
+    steps in the run's proto form (``RunData.metrics`` holds the values only).
+    """
+    data = client.get_run(run_id).to_proto().data
+    return {m.key: int(m.step) for m in data.metrics}
+
+
 def _warn(line: str) -> None:
     """A warning on stderr, secrets left out (an MLflow error may quote the store's URL)."""
     print(redact(line), file=sys.stderr, flush=True)
@@ -85,6 +104,7 @@ class Tracker:
             self.run_id = str(self._client.get_run(attach_to).info.run_id)
         else:
             self.run_id = open_run(cfg, world_size)
+        self._logged = logged_through(self._client, self.run_id)
         self._outbox = Outbox(self._deliver, fallback_file(self.run_id), _warn)
 
     def _deliver(self, record: Record) -> None:
@@ -100,13 +120,17 @@ class Tracker:
             record["corpora"] = {k: list(v) for k, v in corpora.items()}
             self._outbox.put(record)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step`` (non-finite values are left out); never blocks."""
+    def log_metrics(self, metrics: dict[str, float], step: int, *, once: bool = False) -> None:
+        """Queue ``metrics`` at ``step`` (non-finite values left out); never blocks.
+        ``once``: values of the training's step series, left out where an earlier
+        attempt of the run already logged this step of the key (see the module doc)."""
         if not self.active or not metrics:
             return
         now = int(time.time() * 1000)
         rows = [
-            [k, float(v), now, int(step)] for k, v in metrics.items() if math.isfinite(float(v))
+            [k, float(v), now, int(step)]
+            for k, v in metrics.items()
+            if math.isfinite(float(v)) and not (once and step <= self._logged.get(k, -1))
         ]
         for i in range(0, len(rows), _METRICS_PER_BATCH):
             self._outbox.put(
