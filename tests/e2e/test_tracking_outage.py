@@ -140,6 +140,10 @@ def test_training_survives_a_tracking_server_outage(tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(tmp_path, port)
     env = dict(os.environ, PYTHONWARNINGS="ignore", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    # No HTTP retries inside MLflow's client (turnout's default is 2, with backoff): else
+    # a request in flight at the kill can retry across the whole outage and succeed, and
+    # the outage is never seen (no warning). turnout's own outbox retries regardless.
+    env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     env.pop("RAY_ADDRESS", None)
     err_log = tmp_path / "train.err"
     train = subprocess.Popen(
