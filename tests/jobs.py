@@ -1,6 +1,6 @@
 """A ``turnout train`` job as a real subprocess, for the e2e tests that signal or kill it.
 
-Shared by tests/e2e/test_recovery.py and tests/e2e/test_preemption.py: start the job in
+Shared by the recovery, preemption and chaos-soak tests (tests/e2e/): start the job in
 its own session (so it can be killed as a group), read its recovery record while it
 runs, wait for a condition on it, collect its output, read its summary, and compare
 its final parameters with those of the same job never interrupted (trained once per

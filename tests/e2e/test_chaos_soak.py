@@ -7,7 +7,8 @@ namespace (``unshare -Urm``) whose checkpoint folder is a 64 MiB tmpfs: the run 
 the newest 2 checkpoints of ~11 MB, and the fill leaves 2 MiB, room for the run
 folder's records but not for a checkpoint. Then:
 
-- the killed worker is restarted by Ray, the run goes on;
+- the killed worker is restarted by Ray from the newest checkpoint before the kill, and
+  the run goes on (the restart and the steps trained again are in the MLflow run);
 - the SIGTERM stops it with exit 143 and one line naming the checkpoint;
 - the full disk stops the resumed job with exit 1 and one line saying so, not
   retried, and the checkpoint before it stays the one to resume;
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.soak_scenario import CKPT_EVERY
 from tests.jobs import STEPS, assert_same_params, summary_value
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -78,8 +80,18 @@ def test_a_run_through_kills_stops_and_a_full_disk_ends_as_if_uninterrupted(
     for job in result["jobs"]:
         print(f"  job {job['name']!r}: exit {job['code']}; {job['lines']}")
 
-    # 1, 2: the worker's death was a restart; the SIGTERM a checkpoint and exit 143.
-    assert "turnout: restart 1: a worker failed after step" in killed["out"], killed
+    # 1, 2: the worker's death was a restart from the newest checkpoint before it (some
+    # steps to train again); the SIGTERM a checkpoint and exit 143.
+    restart = re.search(
+        r"turnout: restart 1: a worker failed after step (\d+); resumed from \S+ "
+        r"\(step (\d+)\), (\d+) step\(s\) to train again",
+        killed["out"],
+    )
+    assert restart, killed["out"]
+    failed_at, from_step, redone = (int(g) for g in restart.groups())
+    assert failed_at >= events["SIGKILL a worker"]["after_step"]
+    assert from_step % CKPT_EVERY == 0 and redone == failed_at - from_step
+    assert from_step >= (events["SIGKILL a worker"]["after_step"] // CKPT_EVERY) * CKPT_EVERY
     assert killed["code"] == 143, killed
     (line,) = killed["lines"]
     assert line.startswith("turnout: terminated (SIGTERM): "), line
@@ -107,3 +119,8 @@ def test_a_run_through_kills_stops_and_a_full_disk_ends_as_if_uninterrupted(
     assert run.info.status == "FINISHED"
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))  # each step once
+    # The restart is on record where it happened: at the step it resumed from.
+    restarts = client.get_metric_history(run.info.run_id, "restarts")
+    assert [(m.step, m.value) for m in restarts] == [(from_step, 1.0)]
+    steps_redone = client.get_metric_history(run.info.run_id, "steps_redone")
+    assert [(m.step, m.value) for m in steps_redone] == [(from_step, float(redone))]

@@ -8,7 +8,7 @@
   Ray session) left. Under torchrun, the same command with ``train.resume=auto`` then
   continues from that step, in the same MLflow run (every step's loss logged once), to
   the uninterrupted run's final parameters (CPU, fp32, same seed: bit-equal, as in
-  tests/e2e/test_recovery.py). Resuming is the launcher's and the worker's, the same
+  tests/e2e/test_chaos_soak.py). Resuming is the launcher's and the worker's, the same
   code under both launchers (``launch/cli.py``, ``trainer/resume/auto.py``), and the
   Ray path's resume from a checkpoint is the worker test's below: so it is run once,
   under the launcher that starts in seconds.
