@@ -24,6 +24,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -156,6 +157,38 @@ def _final_status(client: Any, job_id: str) -> Any:
         time.sleep(_POLL_S)
 
 
+#: What Ray's job server answers while it has no job agent ready (a cluster that has
+#: just started, a loaded head node): worth trying again.
+NO_AGENT = "No available agent to submit job"
+#: How long a submission waits for a job agent, at most.
+AGENT_WAIT_S = 120.0
+
+
+def submit_when_an_agent_is_ready(
+    submit_job: Callable[[], str], url: str, wait_s: float = AGENT_WAIT_S, every_s: float = 2.0
+) -> str:
+    """``submit_job()``'s job id, tried again every ``every_s`` while the job server says
+    it has no job agent ready (one line says so), for at most ``wait_s``; any other
+    error, or that one past the wait, is raised."""
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            return submit_job()
+        except Exception as e:
+            if NO_AGENT not in str(e) or time.monotonic() + every_s > deadline:
+                raise
+            if not said:
+                print(
+                    f"turnout: note: the job server at {url} has no job agent ready yet; "
+                    f"trying again for up to {wait_s:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
+            time.sleep(every_s)
+
+
 def submit(items: list[str], address: str | None, wait: bool = True) -> int:
     """Submit ``turnout train ITEMS`` to the cluster's job server; the exit code to return."""
     source, overrides = split_source(items)
@@ -169,10 +202,13 @@ def submit(items: list[str], address: str | None, wait: bool = True) -> int:
     if note:
         print(note, file=sys.stderr, flush=True)
     try:
-        job_id = client.submit_job(
-            entrypoint=entrypoint(job_items),
-            runtime_env=runtime_env(workdir),
-            metadata={"turnout": "train", "run_name": cfg.tracking.run_name},
+        job_id = submit_when_an_agent_is_ready(
+            lambda: client.submit_job(
+                entrypoint=entrypoint(job_items),
+                runtime_env=runtime_env(workdir),
+                metadata={"turnout": "train", "run_name": cfg.tracking.run_name},
+            ),
+            url,
         )
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1]

@@ -140,3 +140,40 @@ def test_interface_of_finds_loopback_and_nothing_for_a_foreign_address() -> None
 
     assert interface_of("127.0.0.1") == "lo"
     assert interface_of("203.0.113.77") is None  # TEST-NET-3: on no interface here
+
+
+def test_a_submission_waits_for_a_job_agent_then_goes_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ray's job server says "no available agent" until its job agent is up: tried again
+    (one note), then the job id; any other error is raised at once, as is that one once
+    the wait is over."""
+    from turnout.launch.ray.submit import NO_AGENT, submit_when_an_agent_is_ready
+
+    answers: list[object] = [RuntimeError(f"500: {NO_AGENT}, please try again later."), "job-7"]
+    answers.insert(0, answers[0])
+
+    def submit_job() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return str(answer)
+
+    assert submit_when_an_agent_is_ready(submit_job, "http://h:8265", every_s=0.01) == "job-7"
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [
+        "turnout: note: the job server at http://h:8265 has no job agent ready yet; "
+        "trying again for up to 120 s"
+    ]
+
+    def refused() -> str:
+        raise RuntimeError("401: token refused")
+
+    with pytest.raises(RuntimeError, match="token refused"):
+        submit_when_an_agent_is_ready(refused, "http://h:8265", every_s=0.01)
+
+    def no_agent() -> str:
+        raise RuntimeError(NO_AGENT)
+
+    with pytest.raises(RuntimeError, match=NO_AGENT):
+        submit_when_an_agent_is_ready(no_agent, "http://h:8265", wait_s=0.05, every_s=0.01)
