@@ -9,6 +9,7 @@ test session: tests/conftest.py's ``uninterrupted`` fixture).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,9 +17,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -68,14 +70,38 @@ def start_train(cwd: Path, args: list[str]) -> subprocess.Popen:
     )
 
 
-def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    """(stdout, stderr) of the job once it ends; killed (its whole group) past ``timeout``."""
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """The job, killed (its whole group) if it is still running when the block ends (a
+    failed wait, a timeout)."""
     try:
-        return proc.communicate(timeout=timeout)
+        yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """(stdout, stderr) of the job once it ends; killed (its whole group) past ``timeout``."""
+    with reaped(proc):
+        return proc.communicate(timeout=timeout)
+
+
+def ray_workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The job's Ray Train workers (``ray::RayTrainWorker`` descendants of the driver)."""
+    job = psutil.Process(proc.pid).children(recursive=True)
+    return [p for p in job if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def our_lines(stderr: str) -> list[str]:
+    """The job's ``turnout:`` lines but the kernel build's wait (a worker may wait on
+    another's build)."""
+    return [
+        ln
+        for ln in stderr.splitlines()
+        if ln.startswith("turnout:") and not ln.startswith("turnout: waiting for the csrc/")
+    ]
 
 
 def recovery_record(cwd: Path) -> dict | None:

@@ -28,13 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.jobs import (  # noqa: E402
     JOB,
     finish,
+    our_lines,
+    ray_workers,
+    reaped,
     recovery_record,
     start_train,
     summary_value,
@@ -42,20 +43,6 @@ from tests.jobs import (  # noqa: E402
 )
 
 CKPT_EVERY = 4
-
-
-def _ours(text: str) -> list[str]:
-    """The ``turnout:`` lines of a job's output, but a kernel build's wait."""
-    return [
-        ln
-        for ln in text.splitlines()
-        if ln.startswith("turnout:") and not ln.startswith("turnout: waiting for the csrc/")
-    ]
-
-
-def _workers(proc) -> list[psutil.Process]:  # noqa: ANN001
-    job = psutil.Process(proc.pid).children(recursive=True)
-    return [p for p in job if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
 def _fill(mnt: Path, leave: int) -> int:
@@ -90,13 +77,12 @@ def main() -> None:
     jobs: list[dict] = []
 
     def _record(name: str, proc, out: str, err: str) -> None:  # noqa: ANN001
-        jobs.append({"name": name, "code": proc.returncode, "out": out, "lines": _ours(err)})
+        jobs.append({"name": name, "code": proc.returncode, "out": out, "lines": our_lines(err)})
 
     # 1 and 2: one job, a worker killed, then the driver terminated.
-    proc = start_train(cwd, args)
-    try:
+    with reaped(start_train(cwd, args)) as proc:
         at = wait_for_record(lambda r: r["step"] >= kill_after, proc, mnt, 600, "the kill")
-        workers = _workers(proc)
+        workers = ray_workers(proc)
         assert len(workers) == 2, workers
         os.kill(max(workers, key=lambda p: p.pid).pid, signal.SIGKILL)
         events.append({"event": "SIGKILL a worker", "after_step": at["step"]})
@@ -106,24 +92,15 @@ def main() -> None:
         os.kill(proc.pid, signal.SIGTERM)
         events.append({"event": "SIGTERM the driver", "after_step": at["step"]})
         out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     _record("killed, then terminated", proc, out, err)
 
     # 3: resumed, and the disk fills under it.
     resume = [*args, "train.resume=auto"]
-    proc = start_train(cwd, resume)
-    try:
+    with reaped(start_train(cwd, resume)) as proc:
         at = wait_for_record(lambda r: r["step"] >= fill_after, proc, mnt, 600, "the fill")
         size = _fill(mnt, leave=2 << 20)  # the recovery record fits, a checkpoint does not
         events.append({"event": "disk filled", "after_step": at["step"], "filler": size})
         out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     _record("resumed, disk filled", proc, out, err)
 
     # 4: room again; resumed to the end.

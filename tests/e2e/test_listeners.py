@@ -82,31 +82,45 @@ def table(found: set[Listener]) -> str:
     return "\n".join(f"  {n:<28} {k} {a}:{p}" for n, k, a, p in sorted(found))
 
 
+class JobWatch:
+    """What is seen of a running job, poll after poll: the listeners of its processes,
+    the Ray sessions they name, and their command lines (all but the root's)."""
+
+    def __init__(self, root: psutil.Process) -> None:
+        self.root = root
+        self.sessions: set[str] = set()
+        self.found: set[Listener] = set()
+        self._lines: dict[int, str] = {}
+
+    def poll(self) -> None:
+        for p in job_processes(self.root, self.sessions):
+            self.found |= listeners(p)
+            if p.pid != self.root.pid:
+                self._lines[p.pid] = self._lines.get(p.pid) or cmdline(p)
+
+    def lines(self) -> list[str]:
+        return [ln for ln in self._lines.values() if ln]
+
+
 def _watch(cmd: list[str], cwd: Path) -> tuple[int, str, set[Listener], set[str], list[str]]:
     """Run ``cmd``; (exit code, output, listeners seen, Ray sessions seen, the command
     lines of the job's processes other than the one started)."""
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    root = psutil.Process(proc.pid)
-    sessions: set[str] = set()
-    found: set[Listener] = set()
-    lines: dict[int, str] = {}
+    watch = JobWatch(psutil.Process(proc.pid))
     try:
         while proc.poll() is None:
-            for p in job_processes(root, sessions):
-                found |= listeners(p)
-                if p.pid != root.pid:
-                    lines[p.pid] = lines.get(p.pid) or cmdline(p)
+            watch.poll()
             time.sleep(_POLL_S)
         out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
     finally:
         if proc.poll() is None:  # the job and what it started, by pid
-            for p in job_processes(root, sessions):
+            for p in job_processes(watch.root, watch.sessions):
                 with contextlib.suppress(psutil.Error):
                     p.kill()
             proc.wait()
-    return proc.returncode, out, found, sessions, [ln for ln in lines.values() if ln]
+    return proc.returncode, out, watch.found, watch.sessions, watch.lines()
 
 
 #: In the tracking URI on the launcher's command line; no process the launcher starts

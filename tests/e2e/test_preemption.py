@@ -37,6 +37,9 @@ from tests.jobs import (
     STEPS,
     assert_same_params,
     finish,
+    our_lines,
+    ray_workers,
+    reaped,
     recovery_record,
     start_train,
     summary_value,
@@ -91,8 +94,7 @@ def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
     from mlflow import MlflowClient
 
     run_args = [*RUN, "--launcher", launcher]
-    proc = start_train(tmp_path, run_args)
-    try:
+    with reaped(start_train(tmp_path, run_args)) as proc:
         at = wait_for_record(
             lambda r: r["step"] >= SIGNAL_AFTER, proc, tmp_path, 300, f"step {SIGNAL_AFTER}"
         )
@@ -104,18 +106,9 @@ def test_sigterm_to_the_driver_checkpoints_and_auto_resumes(
         os.kill(proc.pid, signal.SIGTERM)  # the driver alone, as `kill` or Kubernetes do
         out, err = proc.communicate(timeout=300)
         exit_s = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert proc.returncode == 143, out + err
     assert "Traceback" not in out + err and "SIGTERM received" not in err
-    # Every line of ours but the kernel build's wait (a worker may wait on another's build).
-    lines = [
-        ln
-        for ln in err.splitlines()
-        if ln.startswith("turnout:") and not ln.startswith("turnout: waiting for the csrc/")
-    ]
+    lines = our_lines(err)
     assert len(lines) == 1 and lines[0].startswith("turnout: terminated (SIGTERM): "), err
     m = re.search(r"stopped after step (\d+) and saved (\S+) in", lines[0])
     assert m, lines[0]
@@ -156,9 +149,8 @@ def test_sigterm_to_a_worker_checkpoints_and_restarts_with_nothing_redone(
     at = wait_for_record(
         lambda r: r["step"] >= SIGNAL_AFTER, proc, tmp_path, 300, f"step {SIGNAL_AFTER}"
     )
-    job = psutil.Process(proc.pid).children(recursive=True)
-    workers = [p for p in job if "RayTrainWorker" in " ".join(p.cmdline())]
-    assert len(workers) == 2, [" ".join(p.cmdline()) for p in job]
+    workers = ray_workers(proc)
+    assert len(workers) == 2, workers
     t0 = time.monotonic()
     os.kill(max(workers, key=lambda p: p.pid).pid, signal.SIGTERM)
     wait_for_record(

@@ -16,15 +16,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.jobs import (
     JOB,
     finish,
+    ray_workers,
     recovery_record,
     start_train,
     wait_for_record,
@@ -40,17 +39,12 @@ def _start(cwd: Path, extra: list[str]) -> subprocess.Popen:
     return start_train(cwd, [*RUN, *extra])
 
 
-def _kill_a_worker(proc: subprocess.Popen, cwd: Path) -> tuple[float, int]:
-    """SIGKILL one training worker once step KILL_AFTER is done; (when, its step)."""
-    record = wait_for_record(
-        lambda r: r["step"] >= KILL_AFTER, proc, cwd, 300, f"step {KILL_AFTER}"
-    )
-    job = psutil.Process(proc.pid).children(recursive=True)
-    workers = [p for p in job if "RayTrainWorker" in " ".join(p.cmdline())]
-    assert len(workers) == 2, [" ".join(p.cmdline()) for p in job]
-    victim = max(workers, key=lambda p: p.pid)
-    os.kill(victim.pid, signal.SIGKILL)
-    return time.monotonic(), int(record["step"])
+def _kill_a_worker(proc: subprocess.Popen, cwd: Path) -> None:
+    """SIGKILL one training worker once step KILL_AFTER is done."""
+    wait_for_record(lambda r: r["step"] >= KILL_AFTER, proc, cwd, 300, f"step {KILL_AFTER}")
+    workers = ray_workers(proc)
+    assert len(workers) == 2, workers
+    os.kill(max(workers, key=lambda p: p.pid).pid, signal.SIGKILL)
 
 
 def test_without_restarts_a_killed_worker_fails_the_job_in_one_line(tmp_path: Path) -> None:

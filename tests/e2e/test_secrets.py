@@ -37,7 +37,7 @@ import psutil
 import pytest
 
 from tests.e2e.test_cli_train import SHORT
-from tests.e2e.test_listeners import Listener, cmdline, job_processes, listeners, table
+from tests.e2e.test_listeners import JobWatch, Listener, table
 from turnout.parallel.dist import free_port, is_loopback
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -165,19 +165,13 @@ def _train(cwd: Path, uri: str, env: dict[str, str]) -> Watched:
     # Files, not pipes: nothing reads the job's output until it ends.
     out_f, err_f = (cwd / "train.out").open("w+b"), (cwd / "train.err").open("w+b")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out_f, stderr=err_f)
-    root = psutil.Process(proc.pid)
+    watch = JobWatch(psutil.Process(proc.pid))
     token, session = "", ""
-    sessions: set[str] = set()
-    found: set[Listener] = set()
-    lines: dict[int, str] = {}
     deadline = time.monotonic() + 2400  # a busy 2-core machine
     while proc.poll() is None and time.monotonic() < deadline:
         if not token:
-            token, session = _ray_token_and_session(root)
-        for p in job_processes(root, sessions):
-            found |= listeners(p)
-            if p.pid != root.pid:
-                lines[p.pid] = lines.get(p.pid) or cmdline(p)
+            token, session = _ray_token_and_session(watch.root)
+        watch.poll()
         time.sleep(0.2)
     if proc.poll() is None:
         proc.kill()
@@ -187,7 +181,7 @@ def _train(cwd: Path, uri: str, env: dict[str, str]) -> Watched:
     done = subprocess.CompletedProcess(
         cmd, proc.returncode, out_f.read().decode(), err_f.read().decode()
     )
-    return Watched(done, token, session, found, [ln for ln in lines.values() if ln])
+    return Watched(done, token, session, watch.found, watch.lines())
 
 
 def _files(*folders: Path) -> Iterator[Path]:
