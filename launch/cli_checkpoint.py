@@ -63,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     skipped = (
         f"{out.skipped_fraction:.1%} of routed-block work skipped"
         if out.skipped_fraction == out.skipped_fraction
-        else "no MoD-routed blocks"
+        else "no routed blocks"
     )
     cut = (
         f" (cut to fit max_seq_len {cfg.model.max_seq_len})"
@@ -74,6 +74,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if out.mean_depth == out.mean_depth:
         what = "exit layer" if cfg.model.uses_exit() else "depth (ponder)"
         depth = f", mean {what} {out.mean_depth:.2f} of {_full_depth(cfg)} blocks"
+        if cfg.model.uses_recursion():
+            rc = cfg.model.recursion
+            recursions = (out.mean_depth - (cfg.model.n_layers - 1)) / rc.group
+            depth = (
+                f", mean recursion depth {recursions:.2f} of {rc.max_recursions} "
+                f"({out.mean_depth:.2f} of {_full_depth(cfg)} blocks)"
+            )
     print(
         f"turnout: {out.new_tokens} new tokens{cut}, {out.tokens_per_s:.1f} decode tokens/s, "
         f"{skipped}{depth}",
@@ -84,8 +91,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _full_depth(cfg: TurnoutConfig) -> int:
     """Block applications of a token that never exits / halts."""
-    extra = cfg.model.ponder.max_steps - 1 if cfg.model.uses_ponder() else 0
-    return cfg.model.n_layers + extra
+    if cfg.model.depth_kind() not in ("ponder", "recursion"):
+        return cfg.model.n_layers
+    steps, per_step = cfg.model.depth_steps()
+    return cfg.model.n_layers - 1 + steps * per_step
 
 
 def _threshold(args: argparse.Namespace, kind: str | None) -> float | None:

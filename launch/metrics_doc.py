@@ -44,8 +44,9 @@ One MLflow run per job, logged by rank 0 (experiment `tracking.experiment`, defa
 - every `train.eval_every` steps and at the end: `val_loss` (MoD top-k routing) and,
   for MoD models, `val_loss_causal` (routing decided by the causal predictor, as when
   sampling); `val_bpb` (`val_loss` in bits per UTF-8 byte of the validation split);
-  for early-exit and ponder models, `val_loss_causal` (their decode rule) and the depth
-  metrics: `val_exit_layer<d>` or `val_ponder_steps<n>` (the fraction of tokens using
+  for early-exit, ponder and recursion models, `val_loss_causal` (their decode rule) and
+  the depth metrics: `val_exit_layer<d>`, `val_ponder_steps<n>` or
+  `val_recursion_depth<n>` (the fraction of tokens using
   that depth), `val_depth_mean` (blocks per token) and `val_expected_flops_per_token`
   ([models.md](models.md#early-exit-and-adaptive-computation-ponder));
 - data: params `corpus.fingerprint`, `corpus.tokenizer`, `corpus.tokenizer_digest`,

@@ -95,12 +95,12 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
             else []
         ),
         *(
-            [f"  val loss, causal MoD   {_fmt(causal)} nats/{unit}  (predictor decisions)"]
+            [f"  val loss, causal       {_fmt(causal)} nats/{unit}  (the decode-time decisions)"]
             if causal is not None and math.isfinite(float(causal))
             else []
         ),
         *(
-            [f"  average depth used     {_fmt(depth, '.2f')} blocks per token  (exit / halt rule)"]
+            [f"  average depth used     {_fmt(depth, '.2f')} blocks per token  (decode rule)"]
             if depth is not None and math.isfinite(float(depth))
             else []
         ),

@@ -17,6 +17,7 @@ exited: only the K/V projection of the exit states, appended to the block's cach
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -26,6 +27,20 @@ from turnout.models.kvcache import KVCache, LayerState
 from turnout.models.layers import Attention, RMSNorm, Rotary, SwiGLU
 from turnout.models.moe import MoELayer, Routed
 from turnout.models.terms import Aux, Term
+
+#: The residual increment of compacted rows in a cached step: ``(x_bMD, pos_bM, counts,
+#: rows, ffn_bM, router_x_ND) -> delta_bMD`` (:meth:`Block.cached_increment`'s form).
+Increment = Callable[
+    [
+        torch.Tensor,
+        torch.Tensor,
+        list[int],
+        "list[int] | None",
+        "torch.Tensor | None",
+        "torch.Tensor | None",
+    ],
+    torch.Tensor,
+]
 
 
 class Block(nn.Module):
@@ -88,7 +103,33 @@ class Block(nn.Module):
         ``routed`` is the MoE routing of the rows reaching the FFN (all ``B * S`` rows,
         or those of ``rows_BS``, in row-major order), computed by the caller.
         """
-        a_BSD = self.attn(self.norm_attn(x_BSD), pos_BS, mask_BSS)
+        delta_BSD, aux, _ = self.increment_kv(x_BSD, pos_BS, mask_BSS, rows_BS, routed)
+        return delta_BSD, aux
+
+    def increment_kv(
+        self,
+        x_BSD: torch.Tensor,
+        pos_BS: torch.Tensor,
+        mask_BSL: torch.Tensor | None = None,
+        rows_BS: torch.Tensor | None = None,
+        routed: Routed | None = None,
+        over: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, Aux, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`increment`, with the attention's keys and values ``(k_BGLd, v_BGLd)``.
+
+        ``over`` (None: the rows' own) are keys and values computed before, which the
+        rows attend over instead of their own: only the queries are projected, and
+        ``mask_BSL`` (required then) says which of the L keys each row sees. A recursion
+        block's later recursions attend over the first one's this way.
+        """
+        n_BSD = self.norm_attn(x_BSD)
+        if over is None:
+            q_BHSd, k_BGLd, v_BGLd = self.attn.heads(n_BSD, pos_BS)
+        else:
+            if mask_BSL is None:
+                raise ValueError("attending over given keys needs a mask")
+            q_BHSd, (k_BGLd, v_BGLd) = self.attn.q(n_BSD, pos_BS), over
+        a_BSD = self.attn.attend(q_BHSd, k_BGLd, v_BGLd, mask_BSL, causal=True)
         h_BSD = self.norm_ffn(x_BSD + a_BSD)
         B, S, D = h_BSD.shape
         if rows_BS is None:
@@ -97,7 +138,7 @@ class Block(nn.Module):
         else:
             f_ND, aux = self._ffn(h_BSD[rows_BS], routed)
             f_BSD = torch.zeros_like(h_BSD).index_put((rows_BS,), f_ND.to(h_BSD.dtype))
-        return a_BSD + f_BSD, aux
+        return a_BSD + f_BSD, aux, (k_BGLd, v_BGLd)
 
     def forward(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor) -> tuple[torch.Tensor, Aux]:
         delta_BSD, aux = self.increment(x_BSD, pos_BS)
@@ -147,6 +188,7 @@ class Block(nn.Module):
         rows: list[int] | None = None,
         ffn_bM: torch.Tensor | None = None,
         router_x_ND: torch.Tensor | None = None,
+        read_only: bool = False,
     ) -> torch.Tensor:
         """The residual increment of new rows, attending over (and filling) ``cache``.
 
@@ -154,9 +196,17 @@ class Block(nn.Module):
         these b are (None: all of them, in order). ``ffn_bM`` marks the rows that reach the
         FFN (None: all); the others get the attention increment alone. ``router_x_ND`` is
         what a block-input MoE router reads (None: the FFN input). MoE decodes dropless.
+        ``read_only``: the rows' keys are in ``cache`` already (a recursion over the first
+        one's cache): only their queries are projected, nothing is written.
         """
-        q_bHMd, k_bGMd, v_bGMd = self.attn.heads(self.norm_attn(x_bMD), pos_bM)
-        keys_bGLd, values_bGLd, mask_bML = cache.append(k_bGMd, v_bGMd, counts, rows)
+        n_bMD = self.norm_attn(x_bMD)
+        mask_bML: torch.Tensor | None
+        if read_only:
+            q_bHMd = self.attn.q(n_bMD, pos_bM)
+            keys_bGLd, values_bGLd, mask_bML = cache.visible(pos_bM, rows)
+        else:
+            q_bHMd, k_bGMd, v_bGMd = self.attn.heads(n_bMD, pos_bM)
+            keys_bGLd, values_bGLd, mask_bML = cache.append(k_bGMd, v_bGMd, counts, rows, pos_bM)
         a_bMD = self.attn.attend(q_bHMd, keys_bGLd, values_bGLd, mask_bML)
         h_bMD = self.norm_ffn(x_bMD + a_bMD)
         h_ND = h_bMD.reshape(-1, h_bMD.shape[-1]) if ffn_bM is None else h_bMD[ffn_bM]
@@ -179,6 +229,7 @@ class Block(nn.Module):
         work_BS: torch.Tensor | None = None,
         g_BS: torch.Tensor | None = None,
         block_input: bool = False,
+        increment: Increment | None = None,
     ) -> torch.Tensor:
         """The block on some positions only: ``x + g * increment`` at ``work_BS``, else ``x``.
 
@@ -189,8 +240,10 @@ class Block(nn.Module):
         has work in the same call (a prefill), where its query rides along and is
         discarded. Sequences with no work run no queries, FFN or router at all.
         ``g_BS`` scales the increments (None: 1); ``block_input``: the MoE router reads
-        the block input. Counts into ``state``: processed (work), skipped (no key) and
-        propagated (key only) token-blocks.
+        the block input. ``increment`` replaces :meth:`cached_increment` over ``cache``
+        on the compacted rows (a recursion block runs its whole group there); the
+        selection of rows, the gate and the counters stay this method's. Counts into
+        ``state``: processed (work), skipped (no key) and propagated (key only) token-blocks.
         """
         B, S, _ = x_BSD.shape
         keys = [S] * B if keys_BS is None else keys_BS.sum(1).tolist()  # a host sync: shapes
@@ -206,15 +259,17 @@ class Block(nn.Module):
         rows = [i for i in range(B) if work[i] > 0]
         if not rows:
             return x_BSD
+        if increment is None:
+            increment = partial(_over_cache, self, cache)
         if len(rows) == B:
-            return self._rows(x_BSD, pos_BS, keys_BS, work_BS, g_BS, keys, None, cache, block_input)
+            return _rows(x_BSD, pos_BS, keys_BS, work_BS, g_BS, keys, None, block_input, increment)
         # Only the sequences with work run the block: the others do no work in it.
         rows_b = torch.tensor(rows, dtype=torch.long, device=x_BSD.device)
 
         def sub(t_BS: torch.Tensor | None) -> torch.Tensor | None:
             return None if t_BS is None else t_BS.index_select(0, rows_b)
 
-        new_bSD = self._rows(
+        new_bSD = _rows(
             x_BSD.index_select(0, rows_b),
             pos_BS.index_select(0, rows_b),
             keys_BS.index_select(0, rows_b),
@@ -222,43 +277,10 @@ class Block(nn.Module):
             sub(g_BS),
             [keys[i] for i in rows],
             rows,
-            cache,
             block_input,
+            increment,
         )
         return x_BSD.index_copy(0, rows_b, new_bSD)
-
-    def _rows(
-        self,
-        x_bSD: torch.Tensor,
-        pos_bS: torch.Tensor,
-        keys_bS: torch.Tensor,
-        work_bS: torch.Tensor | None,
-        g_bS: torch.Tensor | None,
-        counts: list[int],
-        rows: list[int] | None,
-        cache: KVCache,
-        block_input: bool,
-    ) -> torch.Tensor:
-        """The block on sequences ``rows`` (None: all), each with work, over its key rows."""
-        b, _, D = x_bSD.shape
-        idx_bM, valid_bM = _compacted(keys_bS, counts)
-        # Padded rows point at positions outside the keys, so outside the work, too.
-        ffn_bM = valid_bM if work_bS is None else work_bS.gather(1, idx_bM)
-        M = idx_bM.shape[1]
-        idx_bMD = idx_bM.unsqueeze(-1).expand(b, M, D)
-        x_bMD = x_bSD.gather(1, idx_bMD)
-        router_x_ND = None
-        if block_input:
-            router_x_ND = x_bMD.reshape(b * M, D) if ffn_bM is None else x_bMD[ffn_bM]
-        delta_bMD = self.cached_increment(
-            x_bMD, pos_bS.gather(1, idx_bM), cache, counts, rows, ffn_bM, router_x_ND
-        )
-        if g_bS is not None:
-            delta_bMD = g_bS.gather(1, idx_bM).unsqueeze(-1).to(x_bSD.dtype) * delta_bMD
-        new_bMD = x_bMD + delta_bMD
-        if ffn_bM is not None:
-            new_bMD = torch.where(ffn_bM.unsqueeze(-1), new_bMD, x_bMD)
-        return x_bSD.scatter(1, idx_bMD, new_bMD)
 
     def _kv_rows(
         self,
@@ -279,6 +301,51 @@ class Block(nn.Module):
         x_bMD = x_BSD.gather(1, idx_bM.unsqueeze(-1).expand(-1, -1, x_BSD.shape[-1]))
         k_bGMd, v_bGMd = self.attn.kv(self.norm_attn(x_bMD), pos_BS.gather(1, idx_bM))
         cache.append(k_bGMd, v_bGMd, counts, None if every else rows)
+
+
+def _rows(
+    x_bSD: torch.Tensor,
+    pos_bS: torch.Tensor,
+    keys_bS: torch.Tensor,
+    work_bS: torch.Tensor | None,
+    g_bS: torch.Tensor | None,
+    counts: list[int],
+    rows: list[int] | None,
+    block_input: bool,
+    increment: Increment,
+) -> torch.Tensor:
+    """The block on sequences ``rows`` (None: all), each with work, over its key rows."""
+    b, _, D = x_bSD.shape
+    idx_bM, valid_bM = _compacted(keys_bS, counts)
+    # Padded rows point at positions outside the keys, so outside the work, too.
+    ffn_bM = valid_bM if work_bS is None else work_bS.gather(1, idx_bM)
+    M = idx_bM.shape[1]
+    idx_bMD = idx_bM.unsqueeze(-1).expand(b, M, D)
+    x_bMD = x_bSD.gather(1, idx_bMD)
+    router_x_ND = None
+    if block_input:
+        router_x_ND = x_bMD.reshape(b * M, D) if ffn_bM is None else x_bMD[ffn_bM]
+    delta_bMD = increment(x_bMD, pos_bS.gather(1, idx_bM), counts, rows, ffn_bM, router_x_ND)
+    if g_bS is not None:
+        delta_bMD = g_bS.gather(1, idx_bM).unsqueeze(-1).to(x_bSD.dtype) * delta_bMD
+    new_bMD = x_bMD + delta_bMD
+    if ffn_bM is not None:
+        new_bMD = torch.where(ffn_bM.unsqueeze(-1), new_bMD, x_bMD)
+    return x_bSD.scatter(1, idx_bMD, new_bMD)
+
+
+def _over_cache(
+    block: Block,
+    cache: KVCache,
+    x_bMD: torch.Tensor,
+    pos_bM: torch.Tensor,
+    counts: list[int],
+    rows: list[int] | None,
+    ffn_bM: torch.Tensor | None,
+    router_x_ND: torch.Tensor | None,
+) -> torch.Tensor:
+    """The default :data:`Increment`: the block's own over its cache."""
+    return block.cached_increment(x_bMD, pos_bM, cache, counts, rows, ffn_bM, router_x_ND)
 
 
 def keys_and_work(

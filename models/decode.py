@@ -59,6 +59,13 @@ token (fp32: logits within float noise):
   the first step whose cumulative halting probability is above the threshold and skips
   the later applications and their cache writes (MoD semantics: application n's cache
   holds only the tokens that reached it).
+- Recursion blocks (``model.recursion``, :mod:`turnout.models.recursion`): a token runs
+  recursion r of the shared group when it ran r-1 and its decision says so (expert
+  routing: the recursion's causal predictor; token routing: the depth its entry router
+  gave it); a token that stops does no more work in the block and writes nothing to the
+  later recursions' caches (``per_recursion``: cache r holds the tokens that ran
+  recursion r; ``shared_first``: later recursions read recursion 1's cache, masked to the
+  positions at or before each query, and write nothing).
 - :attr:`DecodeState.depth` counts, per number of blocks used, the tokens fed.
 - The sequence may not outgrow its cache (``max_len``, at most ``model.max_seq_len``,
   the RoPE table and the trained context): no sliding window, since sliding would change
@@ -77,6 +84,7 @@ from turnout.models.exit import exits_now
 from turnout.models.kvcache import KVCache, LayerState
 from turnout.models.mod import MoDBlock
 from turnout.models.ponder import PonderBlock
+from turnout.models.recursion import RecursionBlock
 
 if TYPE_CHECKING:
     from turnout.models.lm import TransformerLM
@@ -84,7 +92,7 @@ if TYPE_CHECKING:
 Tensor = torch.Tensor
 
 #: The layer kinds that own a cached decode step (``decode_step``, ``propagate``).
-CachedLayer: TypeAlias = Block | MoDBlock | PonderBlock
+CachedLayer: TypeAlias = Block | MoDBlock | PonderBlock | RecursionBlock
 
 
 @dataclass
@@ -146,7 +154,7 @@ def cached_layers(model: TransformerLM) -> list[CachedLayer]:
     """The model's blocks, each of a kind that owns its decode step (TypeError if not)."""
     layers: list[CachedLayer] = []
     for layer in model.layers:
-        if not isinstance(layer, (Block, MoDBlock, PonderBlock)):
+        if not isinstance(layer, (Block, MoDBlock, PonderBlock, RecursionBlock)):
             raise TypeError(f"cannot decode a {type(layer).__name__} layer")
         layers.append(layer)
     return layers
@@ -178,7 +186,7 @@ def extend(model: TransformerLM, tokens_BS: Tensor, state: DecodeState) -> Tenso
             layer.propagate(x_BSD, pos_BS, layer_state)
             continue
         x_BSD = layer.decode_step(x_BSD, pos_BS, layer_state, exited_BS, state.threshold)
-        if layer_state.steps_BS is not None:  # a ponder block: its applications
+        if layer_state.steps_BS is not None:  # a ponder or recursion block: its applications
             used_BS = layer_state.steps_BS + (L - 1)
             if exited_BS is not None and blocks_BS is not None:  # exited rows keep theirs
                 used_BS = torch.where(exited_BS, blocks_BS, used_BS)

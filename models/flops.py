@@ -34,11 +34,18 @@ Conventions (also in docs/design.md, "FLOP accounting"):
 - A ponder block (training, static shapes) runs its block ``N = ponder.max_steps`` times
   and its halting head (``2 D``) after the first ``N - 1``; the N step states continue
   as N copies of the batch, so every later block and the head cost ``N x``.
+- A recursion block (training, static shapes) runs its group once per recursion: under
+  expert routing recursion r on ``k_r = ceil(capacity_r * S)`` positions of a sequence,
+  its router column on all ``S`` and, where a decision is taken, the predictor MLP on all
+  ``S``; under token routing every recursion on all ``S`` rows (the masked-dense form)
+  and the depth router (``2 D R``) once. With ``cache: shared_first`` a later recursion
+  projects queries and outputs only and its scores run over recursion 1's ``k_1`` keys.
 - :func:`expected_flops`: the forward FLOPs per token when each token uses only the
   blocks of a measured depth distribution (the decode rules): an exited token runs the
   blocks up to its exit, the K/V projection of each later block (CALM state
   propagation, ``2 D x 2 G Hd``) and the head of every exit it reached; a halted token
-  runs the ponder block's steps it took. Attention scores stay at the full-sequence
+  runs the ponder block's steps it took; a token that ran d recursions runs d passes of
+  the group and the routing decisions it reached. Attention scores stay at the full-sequence
   convention above (an approximation: a skipped step also shortens later caches).
 - Per-token numbers are averages over the ``batch * S`` tokens of a micro batch.
 - Training FLOPs are ``3 x`` forward (backward ~ 2 x forward), the standard estimate.
@@ -52,7 +59,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from turnout.config.choices import Predictor, RouterInput
+from turnout.config.choices import Predictor, RecursionCache, RecursionRouting, RouterInput
 from turnout.config.model import BLOCK_KINDS, BlockKind, ModelConfig
 from turnout.models.routing import expert_capacity, mod_capacity
 
@@ -133,10 +140,75 @@ def block_rows(cfg: ModelConfig, kind: BlockKind, seq_len: int) -> int:
     return mod_capacity(seq_len, cfg.mod.capacity) if kind.mod_routed else seq_len
 
 
+def _attention_over_first(cfg: ModelConfig, rows: int, keys: int) -> float:
+    """A recursion over the first recursion's keys: the query and output projections of
+    ``rows`` positions and their scores over ``keys`` keys (no K/V projection)."""
+    q_dim = cfg.n_heads * cfg.head_size()
+    return rows * 2 * 2 * cfg.d_model * q_dim + 2 * 2 * rows * keys * q_dim
+
+
+def recursion_steps(cfg: ModelConfig, seq_len: int) -> list[tuple[float, float, float]]:
+    """Per-sequence ``(attention, ffn, routing)`` FLOPs of each recursion of a recursion
+    block in training (expert routing: ``k_r`` compacted rows; token routing: the
+    masked-dense form, every row), its whole group included."""
+    rc = cfg.recursion
+    D, S, g = cfg.d_model, seq_len, rc.group
+    expert = rc.routing == RecursionRouting.EXPERT
+    rows = [mod_capacity(S, c) if expert else S for c in rc.schedule()]
+    out: list[tuple[float, float, float]] = []
+    for r, m in enumerate(rows):
+        if rc.cache == RecursionCache.SHARED_FIRST and r > 0:
+            attention = g * _attention_over_first(cfg, m, rows[0])
+        else:
+            attention = g * _attention(cfg, S, m)
+        ffn = g * m * SWIGLU_MATMULS * 2 * D * cfg.ffn_dim
+        routing = 0.0
+        if expert:
+            routing += S * 2 * D  # router column r on every position
+            if rc.schedule()[r] < 1.0 and rc.predictor == Predictor.MLP:
+                h = rc.predictor_hidden
+                routing += S * (2 * D * h + 2 * h)
+        elif r == 0:
+            routing += S * 2 * D * rc.max_recursions  # the depth router at the entry
+        out.append((attention, ffn, routing))
+    return out
+
+
+def recursion_token_flops(cfg: ModelConfig, seq_len: int, recursions: int) -> float:
+    """Forward FLOPs of one token that runs ``recursions`` recursions under the decode
+    rule: each recursion's group at the full-sequence convention, and the decisions it
+    reached (expert routing: the router column, and the predictor where one decides, of
+    every recursion up to the one that stopped it; token routing: the entry router)."""
+    rc = cfg.recursion
+    D, S, g = cfg.d_model, seq_len, rc.group
+    ffn = SWIGLU_MATMULS * 2 * D * cfg.ffn_dim
+    cost = 0.0
+    for r in range(recursions):
+        if rc.cache == RecursionCache.SHARED_FIRST and r > 0:
+            cost += g * (_attention_over_first(cfg, S, S) / S + ffn)
+        else:
+            cost += g * (_attention(cfg, S, S) / S + ffn)
+    if rc.routing != RecursionRouting.EXPERT:
+        return cost + 2 * D * rc.max_recursions
+    for r in range(min(recursions + 1, rc.max_recursions)):
+        cost += 2 * D
+        if rc.schedule()[r] < 1.0 and rc.predictor == Predictor.MLP:
+            cost += 2 * D * rc.predictor_hidden + 2 * rc.predictor_hidden
+    return cost
+
+
 def block_flops(cfg: ModelConfig, kind: str, seq_len: int, batch: int = 1) -> BlockFlops:
     """Forward FLOPs per token of one block of ``kind`` (top-k MoD routing)."""
     D = cfg.d_model
     spec = BLOCK_KINDS[kind]
+    if spec.recursion:
+        parts = recursion_steps(cfg, seq_len)
+        return BlockFlops(
+            kind=kind,
+            attention=sum(p[0] for p in parts) / seq_len,
+            ffn=sum(p[1] for p in parts) / seq_len,
+            routing=sum(p[2] for p in parts) / seq_len,
+        )
     rows = block_rows(cfg, spec, seq_len)
     per_seq_routing = 0.0
     if spec.mod_routed:
@@ -220,6 +292,14 @@ def expected_flops(
             run = sum(b.total for b in single[:used]) + (L - used) * propagate
             heads = sum(1 for d in cfg.exit.layers if d <= used) + (used == L)
             cost = run + heads * head
+        elif cfg.uses_recursion():
+            recursions = (used - (L - 1)) // cfg.recursion.group
+            cost = head
+            for spec, b in zip(cfg.blocks(), single, strict=True):
+                if spec.recursion:
+                    cost += recursion_token_flops(cfg, S, recursions)
+                else:
+                    cost += b.total
         else:
             steps = used - (L - 1)
             cost = head
@@ -235,5 +315,7 @@ def expected_flops(
 
 
 def dense_counterpart(cfg: ModelConfig) -> ModelConfig:
-    """The dense model of equal shape: every block a dense block of width ``ffn_dim``."""
-    return dataclasses.replace(cfg, layer_pattern=["dense"])
+    """The dense model of equal shape: every block a dense block of width ``ffn_dim``; a
+    recursion block's group counts its blocks once (the dense model of equal parameters)."""
+    n_layers = cfg.n_layers + (cfg.recursion.group - 1 if cfg.uses_recursion() else 0)
+    return dataclasses.replace(cfg, layer_pattern=["dense"], n_layers=n_layers)

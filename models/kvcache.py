@@ -39,6 +39,8 @@ class KVCache:
         self.lengths: list[int] = [0] * batch
         """Cached tokens per sequence (host copy; it decides shapes without a device sync)."""
         self.lengths_B = torch.zeros(batch, dtype=torch.long, device=device)
+        self.pos_BL = torch.zeros(batch, slots, dtype=torch.long, device=device)
+        """The RoPE position of each slot's token (what :meth:`visible` masks by)."""
 
     @property
     def slots(self) -> int:
@@ -55,8 +57,12 @@ class KVCache:
         v_bGMd: Tensor,
         counts: list[int],
         rows: list[int] | None = None,
+        pos_bM: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Write the first ``counts[i]`` rows of sequence ``rows[i]`` after its cached ones.
+
+        ``pos_bM``: the rows' positions, recorded per slot for :meth:`visible` (None: not
+        recorded; only a cache that :meth:`visible` reads needs them).
 
         ``rows`` are the batch indices of the sequences in this append (None: all B, in
         order); the other sequences' caches are untouched. Returns the keys and values
@@ -85,9 +91,13 @@ class KVCache:
             if rows_b is None:
                 self.k_BGLd[:, :, at] = k_bGMd
                 self.v_BGLd[:, :, at] = v_bGMd
+                if pos_bM is not None:
+                    self.pos_BL[:, at] = pos_bM
             else:
                 self.k_BGLd[rows_b, :, at] = k_bGMd
                 self.v_BGLd[rows_b, :, at] = v_bGMd
+                if pos_bM is not None:
+                    self.pos_BL[rows_b, at] = pos_bM
         else:
             j_M = torch.arange(M, device=device)
             i_N, j_N = (j_M.unsqueeze(0) < counts_b.unsqueeze(1)).nonzero(as_tuple=True)
@@ -95,6 +105,8 @@ class KVCache:
             slot_N = old_b[i_N] + j_N
             self.k_BGLd[seq_N, :, slot_N] = k_bGMd[i_N, :, j_N]
             self.v_BGLd[seq_N, :, slot_N] = v_bGMd[i_N, :, j_N]
+            if pos_bM is not None:
+                self.pos_BL[seq_N, slot_N] = pos_bM[i_N, j_N]
         for r, n in zip(idx, new, strict=True):
             self.lengths[r] = n
         if rows_b is None:
@@ -115,6 +127,29 @@ class KVCache:
         mask_bML = slot_L.view(1, 1, L) < visible_bM.unsqueeze(-1)
         return keys_bGLd, values_bGLd, mask_bML
 
+    def visible(
+        self, pos_bM: Tensor, rows: list[int] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Read without writing: the keys and values of sequences ``rows`` (None: all) and
+        the mask ``[b, M, L']`` of the slots holding positions at or before each query's
+        ``pos_bM`` (slot 0 always, so a padded query stays finite). For queries whose own
+        keys an earlier call or step already appended (``append`` with ``pos_bM``)."""
+        idx = list(range(len(self.lengths))) if rows is None else rows
+        L = max(max(self.lengths[r] for r in idx), 1)
+        if rows is None:
+            keys_bGLd, values_bGLd = self.k_BGLd[:, :, :L], self.v_BGLd[:, :, :L]
+            pos_bL, len_b = self.pos_BL[:, :L], self.lengths_B
+        else:
+            rows_b = torch.tensor(rows, dtype=torch.long, device=self.lengths_B.device)
+            keys_bGLd, values_bGLd = self.k_BGLd[rows_b, :, :L], self.v_BGLd[rows_b, :, :L]
+            pos_bL, len_b = self.pos_BL[rows_b, :L], self.lengths_B[rows_b]
+        slot_L = torch.arange(L, device=pos_bL.device)
+        written_bL = slot_L.unsqueeze(0) < len_b.unsqueeze(1)
+        mask_bML = (written_bL.unsqueeze(1) & (pos_bL.unsqueeze(1) <= pos_bM.unsqueeze(2))) | (
+            slot_L == 0
+        )
+        return keys_bGLd, values_bGLd, mask_bML
+
 
 @dataclass
 class LayerState:
@@ -126,11 +161,13 @@ class LayerState:
     processed: int = 0
     skipped: int = 0
     more: list[KVCache] = field(default_factory=list)
-    """A ponder block's caches of applications 2..N (``cache`` is application 1's)."""
+    """A ponder block's caches of applications 2..N (``cache`` is application 1's); a
+    recursion block's other caches (see :class:`~turnout.models.recursion.RecursionBlock`)."""
     propagated: int = 0
     """Token-blocks whose K/V came from a propagated exit state (early exit)."""
     steps_BS: Tensor | None = None
-    """A ponder block: the applications each position of the last call took."""
+    """A ponder or recursion block: the block applications each position of the last
+    call took (a recursion block: recursions times its group's blocks)."""
 
     @property
     def caches(self) -> list[KVCache]:

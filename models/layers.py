@@ -93,6 +93,16 @@ class Attention(nn.Module):
         k_BGSd, v_BGSd = self._kv_heads(k, v, pos_BS)
         return self.rotary(q_BHSd, pos_BS), k_BGSd, v_BGSd
 
+    def q(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
+        """Only ``q_BHSd`` of ``x`` (RoPE at ``pos_BS``): the query columns of the fused
+        projection. What a row needs that attends over keys and values computed before (a
+        recursion over the first recursion's cache)."""
+        B, S, _ = x_BSD.shape
+        q_BSHd = F.linear(x_BSD, self.qkv.weight[: self.q_dim]).view(B, S, self.n_heads, -1)
+        if self.q_norm is not None:
+            q_BSHd = self.q_norm(q_BSHd)
+        return self.rotary(q_BSHd.transpose(1, 2), pos_BS)
+
     def kv(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Only ``k_BGSd``, ``v_BGSd`` of ``x`` (RoPE at ``pos_BS``): the K/V columns of the
         fused projection, without the queries. What a row that serves only as a key needs

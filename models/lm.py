@@ -1,5 +1,5 @@
 """Decoder-only language model with per-layer block kinds (dense, moe, mod, mode, imode,
-ponder) and optional early exits.
+ponder, recursion) and optional early exits.
 
 Shape legend: B batch, S sequence, D width, V vocabulary, N ponder steps.
 ``forward`` returns an :class:`LMOutput`: the logits, the total loss (cross-entropy
@@ -31,6 +31,7 @@ from turnout.models.exit import dropout_keep, exit_weights, exits_now
 from turnout.models.layers import RMSNorm, Rotary
 from turnout.models.mod import MoDBlock
 from turnout.models.ponder import PonderBlock
+from turnout.models.recursion import RecursionBlock
 from turnout.models.terms import TERMS, Aux, Term, spec
 
 T = TypeVar("T")
@@ -89,6 +90,9 @@ class TransformerLM(nn.Module):
                 self.layers.append(MoDBlock(cfg, block))
             elif kind.ponder:
                 self.layers.append(PonderBlock(cfg, block))
+            elif kind.recursion:  # the group: this block and group - 1 more of its kind
+                more = [Block(cfg, rotary, kind) for _ in range(cfg.recursion.group - 1)]
+                self.layers.append(RecursionBlock(cfg, [block, *more]))
             else:
                 self.layers.append(block)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -129,7 +133,8 @@ class TransformerLM(nn.Module):
         L = self.cfg.n_layers
         if self.cfg.uses_exit():
             return (*self.cfg.exit.layers, L)
-        return tuple(L - 1 + n for n in range(1, self.cfg.ponder.max_steps + 1))
+        steps, per_step = self.cfg.depth_steps()
+        return tuple(L - 1 + per_step * n for n in range(1, steps + 1))
 
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -175,6 +180,9 @@ class TransformerLM(nn.Module):
                     h_NBSD, p_NBS, aux = self._run(i, layer.unroll, x_BSD, pos_BS)
                     x_BSD = h_NBSD.flatten(0, 1)  # the N steps along the batch
                     pos_BS = pos_BS.repeat(layer.max_steps, 1)
+            elif isinstance(layer, RecursionBlock):
+                x_BSD, rec_BS, aux = self._run(i, layer, x_BSD, pos_BS, routing)
+                depth_BS = rec_BS * layer.group + (cfg.n_layers - 1)
             elif isinstance(layer, MoDBlock) and causal:
                 x_BSD, aux = layer(x_BSD, pos_BS, routing=routing, exited_BS=keys_only)
             else:  # a checkpointed block replays its routing decisions in the recompute
@@ -257,7 +265,7 @@ class TransformerLM(nn.Module):
         if kind is None:
             return None
         L = self.cfg.n_layers
-        if causal_BS is not None:
+        if causal_BS is not None:  # causal routing (a recursion block: both routings)
             blocks_BS = causal_BS
         elif kind == "exit":
             blocks_BS = torch.full(out.logits.shape[:2], L, device=out.logits.device)

@@ -14,7 +14,8 @@ Conventions:
   run on every token); that a MoD block skips most tokens is a saving in FLOPs
   (:mod:`turnout.models.flops`), not in the parameters a processed token uses. For
   integrated MoDE the count is the most a token can take (``top_k`` real experts; a
-  no-op choice uses none).
+  no-op choice uses none). A recursion block's group counts once (its weights serve
+  every recursion), with its router and predictors.
 
 Shape legend: D model width, F dense FFN hidden, Fe expert hidden, E experts, V vocabulary.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from turnout.config.choices import Predictor
+from turnout.config.choices import Predictor, RecursionRouting
 from turnout.config.model import BLOCK_KINDS, ModelConfig
 from turnout.models.flops import SWIGLU_MATMULS
 
@@ -109,6 +110,15 @@ def block_params(cfg: ModelConfig, kind: str) -> BlockParams:
             routing += D * h + h + h + 1  # Linear(D, h) and Linear(h, 1), with biases
     if spec.ponder:
         routing += D + 1  # the halting head Linear(D, 1) with its bias
+    g = 1
+    if spec.recursion:  # the group's blocks, counted once whatever the recursions
+        rc = cfg.recursion
+        g = rc.group
+        routing += D * rc.max_recursions  # the router: a column per recursion / depth
+        if rc.routing == RecursionRouting.EXPERT and rc.predictor == Predictor.MLP:
+            h = rc.predictor_hidden
+            decided = sum(1 for c in rc.schedule() if c < 1.0)
+            routing += decided * (D * h + h + h + 1)
     ffn = experts = per_expert = active = 0
     if spec.has_moe:
         noop = cfg.noop_choices(spec)
@@ -122,9 +132,9 @@ def block_params(cfg: ModelConfig, kind: str) -> BlockParams:
         ffn = SWIGLU_MATMULS * D * cfg.ffn_dim
     return BlockParams(
         kind=kind,
-        attention=attention,
-        norms=2 * D + (2 * cfg.head_size() if cfg.qk_norm else 0),
-        ffn=ffn,
+        attention=g * attention,
+        norms=g * (2 * D + (2 * cfg.head_size() if cfg.qk_norm else 0)),
+        ffn=g * ffn,
         experts=experts,
         per_expert=per_expert,
         active_experts=active,

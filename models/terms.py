@@ -38,6 +38,10 @@ class Term(str, Enum):
     EXIT_LOSS = "exit_loss"
     PONDER_KL = "ponder_kl"
     PONDER_STEPS = "ponder_steps"
+    REC_PRED_LOSS = "recursion_pred_loss"
+    REC_PRED_ACC = "recursion_pred_acc"
+    REC_BALANCE = "recursion_balance"
+    REC_DEPTH = "recursion_depth"
 
 
 Aux = dict[Term, torch.Tensor]
@@ -189,6 +193,35 @@ TERMS: dict[Term, TermSpec] = {
             ("ponder_steps",),
             "expected applications of the ponder block under its halting distribution",
             "ponder layers",
+        ),
+        TermSpec(
+            Term.REC_PRED_LOSS,
+            "recursion.predictor_loss_coef",
+            ("recursion_pred_loss",),
+            "BCE of the recursions' causal predictors against top-k membership among the "
+            "tokens that could be chosen, mean over the routed recursions (unweighted)",
+            "recursion layers (expert routing)",
+        ),
+        TermSpec(
+            Term.REC_PRED_ACC,
+            None,
+            ("recursion_pred_acc",),
+            "how often the recursions' causal predictors agree with the top-k choice",
+            "recursion layers (expert routing)",
+        ),
+        TermSpec(
+            Term.REC_BALANCE,
+            "recursion.balance_coef",
+            ("recursion_balance",),
+            "depth load-balance loss R * sum_d f_d * P_d of token routing (unweighted)",
+            "recursion layers (token routing)",
+        ),
+        TermSpec(
+            Term.REC_DEPTH,
+            None,
+            ("recursion_depth",),
+            "mean recursions per token (training: the top-k or token-choice depths)",
+            "recursion layers",
         ),
     )
 }

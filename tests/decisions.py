@@ -8,7 +8,9 @@ boundary (:mod:`tests.margins`). Recorded, per call of a layer's ``forward``:
 - MoE router: the selection logits (the router logits plus the selection bias, no-op
   columns included) and the top-k cut among them;
 - MoD top-k routing: the router scores and the per-sequence top-k cut;
-- MoD causal routing: the predictor logits and their sign (``CHOOSE_ABOVE_LOGIT``).
+- MoD causal routing: the predictor logits and their sign (``CHOOSE_ABOVE_LOGIT``);
+- recursion blocks: each recursion's top-k cut among the tokens still running (top-k
+  routing), each routed recursion's predictor sign (causal), or the token router's top-1.
 
 The gaps are measured on logits: the top-k of a softmax is the top-k of its logits, and
 logits are the scores of order 1 that ``DECISION_MARGIN`` is sized for. The hooks recompute
@@ -30,7 +32,9 @@ from tests.margins import DECISION_MARGIN, assert_clear, threshold_gap, topk_gap
 from turnout.config.choices import Routing
 from turnout.models.mod import CHOOSE_ABOVE_LOGIT, MoDBlock
 from turnout.models.moe import MoELayer
-from turnout.models.routing import mod_capacity, selection_logits
+from turnout.models.recursion import CHOOSE_ABOVE_LOGIT as REC_CHOOSE_ABOVE_LOGIT
+from turnout.models.recursion import RecursionBlock
+from turnout.models.routing import mod_capacity, mod_select, selection_logits
 
 
 @dataclass
@@ -91,9 +95,53 @@ def _mod_hook(label: str, out: Decisions):
     return hook
 
 
+def _recursion_hook(label: str, out: Decisions):
+    """A recursion block's decisions depend on the states of its earlier recursions: the
+    hook reruns the block's own routing loop (no grad) to measure each one."""
+
+    def hook(block: RecursionBlock, args: tuple, kwargs: dict) -> None:
+        x_BSD, pos_BS = args[0], args[1]
+        routing = kwargs.get("routing", args[2] if len(args) > 2 else Routing.TOPK)
+        with torch.no_grad():
+            if block.routing == "token":
+                out.add(f"{label} recursion depth top-1", topk_gap(block.router(x_BSD).float(), 1))
+                return
+            if routing == Routing.CAUSAL:
+                h_BSD = x_BSD
+                run_BS = torch.ones(x_BSD.shape[:2], dtype=torch.bool, device=x_BSD.device)
+                first: list = []
+                first_BS = None
+                for r in range(block.max_recursions):
+                    score_BS = block.scores(h_BSD, r)
+                    if r in block.decided():
+                        logits_BS = block.causal_logits(h_BSD, score_BS, r)
+                        out.add(
+                            f"{label} recursion {r} predictor sign",
+                            threshold_gap(logits_BS, REC_CHOOSE_ABOVE_LOGIT),
+                        )
+                        run_BS = run_BS & (logits_BS > REC_CHOOSE_ABOVE_LOGIT)
+                    g_BS = block.gate(score_BS)
+                    h_BSD = block._masked(h_BSD, pos_BS, run_BS, g_BS, r, first, first_BS)
+                    first_BS = run_BS if first_BS is None else first_BS
+                return
+            h_BSD = x_BSD
+            eligible_BS = torch.ones(x_BSD.shape[:2], dtype=torch.bool, device=x_BSD.device)
+            kv: list = []
+            for r in range(block.max_recursions):
+                score_BS = block.scores(h_BSD, r)
+                masked_BS = score_BS.masked_fill(~eligible_BS, torch.finfo(torch.float32).min)
+                k = mod_capacity(x_BSD.shape[1], block.capacities[r])
+                out.add(f"{label} recursion {r} top-{k}", topk_gap(masked_BS, k))
+                idx_BM, eligible_BS = mod_select(masked_BS, k)
+                h_BSD = block._compact(h_BSD, pos_BS, score_BS, idx_BM, r, kv)
+
+    return hook
+
+
 @contextmanager
 def recorded(model: nn.Module) -> Iterator[Decisions]:
-    """Record the routing decisions of every MoE and MoD layer of ``model`` while inside."""
+    """Record the routing decisions of every MoE, MoD and recursion layer of ``model``
+    while inside."""
     out = Decisions()
     handles = []
     for name, m in model.named_modules():
@@ -102,6 +150,9 @@ def recorded(model: nn.Module) -> Iterator[Decisions]:
             handles.append(m.register_forward_pre_hook(_moe_hook(label, out)))
         elif isinstance(m, MoDBlock):
             handles.append(m.register_forward_pre_hook(_mod_hook(label, out), with_kwargs=True))
+        elif isinstance(m, RecursionBlock):
+            hook = _recursion_hook(label, out)
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         yield out
     finally:

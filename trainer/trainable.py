@@ -1,13 +1,14 @@
 """``train.trainable``: freeze every parameter but the routers (and norms) before the engine.
 
-'routers' trains the MoD routers and causal predictors, the MoE routers and the ponder
-halting heads; 'routers+norms' also every RMSNorm weight (block, q/k and final norms);
-'all' changes nothing. A frozen parameter gets ``requires_grad=False`` before DeepSpeed
-sees the model, so :func:`turnout.trainer.engine.optimizer_param_groups` leaves it out of
-the optimizer: no gradient, no AdamW moments and no fp32 master under any ZeRO stage, and
-its weight is bit-equal after every step. Checkpoints still hold it (its weight, zero
-moments: :mod:`turnout.trainer.checkpointing.master_state`), so save, load, resume and
-export work as for any run.
+'routers' trains the MoD routers and causal predictors, the MoE routers, the ponder
+halting heads and the recursion routers and predictors; 'routers+norms' also every
+RMSNorm weight (block, q/k and final norms); 'all' changes nothing. A frozen parameter
+gets ``requires_grad=False`` before DeepSpeed sees the model, so
+:func:`turnout.trainer.engine.optimizer_param_groups` leaves it out of the optimizer: no
+gradient, no AdamW moments and no fp32 master under any ZeRO stage, and its weight is
+bit-equal after every step. Checkpoints still hold it (its weight, zero moments:
+:mod:`turnout.trainer.checkpointing.master_state`), so save, load, resume and export
+work as for any run.
 
 Call it after ``init_from`` and after expert parallelism is installed (which rebuilds the
 expert banks' parameters).
@@ -25,6 +26,7 @@ from turnout.models.layers import RMSNorm
 from turnout.models.mod import MoDBlock
 from turnout.models.moe import MoELayer
 from turnout.models.ponder import PonderBlock
+from turnout.models.recursion import RecursionBlock
 
 KEY = "train.trainable"
 
@@ -40,6 +42,9 @@ def _router_modules(model: nn.Module) -> list[nn.Module]:
                 out.append(m.predictor)
         elif isinstance(m, PonderBlock):
             out.append(m.halt)
+        elif isinstance(m, RecursionBlock):
+            out.append(m.router)
+            out.append(m.predictors)
     return out
 
 

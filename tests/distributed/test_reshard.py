@@ -100,7 +100,9 @@ def _phase(
     )
 
 
-def _assert_same_state(a: str, b: str) -> None:
+def _assert_same_state(
+    a: str, b: str, moments_of: str | None = "layers.1.block.ffn.experts.w_up_EDF"
+) -> None:
     params_a, buffers_a, meta_a = consolidated_master(Path(a))
     params_b, buffers_b, meta_b = consolidated_master(Path(b))
     assert set(params_a) == set(params_b)
@@ -110,7 +112,8 @@ def _assert_same_state(a: str, b: str) -> None:
         for key, t in value.items():
             assert torch.equal(t, params_b[name][key]), (name, key)
     # The moments are real (not reset): nonzero after N steps.
-    assert float(params_a["layers.1.block.ffn.experts.w_up_EDF"]["exp_avg_sq"].abs().sum()) > 0
+    for name in [moments_of] if moments_of else params_a:
+        assert float(params_a[name]["exp_avg_sq"].abs().sum()) > 0, name
     assert buffers_a.keys() == buffers_b.keys()
     for name, t in buffers_a.items():
         assert torch.equal(t, buffers_b[name]), name

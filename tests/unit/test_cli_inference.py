@@ -152,3 +152,23 @@ def test_generate_reports_the_ponder_depth(tmp_path: Path, capsys: pytest.Captur
     assert "mean depth (ponder) 4.00 of 4 blocks" in capsys.readouterr().err
     assert main([*args, "--exit-threshold", "0.5"]) == 2
     _one_error_line(capsys, "--exit-threshold", "early exits")
+
+
+def test_generate_reports_the_mean_recursion_depth(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    overrides = [
+        "model.n_layers=3",
+        "model.layer_pattern=[dense,recursion,dense]",
+        "model.recursion.max_recursions=3",
+        "model.recursion.group=2",
+        "model.recursion.capacities=[1.0,1.0,1.0]",  # every token runs all three
+    ]
+    folder = _depth_checkpoint(tmp_path, overrides)
+    args = ["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "mean recursion depth 3.00 of 3 (8.00 of 8 blocks)" in err, err
+    assert "0.0% of routed-block work skipped" in err, err
+    assert main([*args, "--halt-threshold", "0.5"]) == 2
+    _one_error_line(capsys, "--halt-threshold", "ponder")

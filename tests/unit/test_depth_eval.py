@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from turnout.config.model import ExitConfig, ModelConfig, PonderConfig
+from turnout.config.model import ExitConfig, ModelConfig, PonderConfig, RecursionConfig
 from turnout.models.flops import expected_flops
 from turnout.models.lm import TransformerLM
 from turnout.trainer.data.batches import BatchSampler, TokenData
@@ -40,13 +40,18 @@ def _sampler(vocab: int, seq_len: int) -> BatchSampler:
     return BatchSampler(data, seq_len, 2, 0, 1, 0, eval_batches=2)
 
 
-@pytest.mark.parametrize("kind", ["exit", "ponder"])
+@pytest.mark.parametrize("kind", ["exit", "ponder", "recursion"])
 def test_depth_metrics_are_the_causal_pass_histogram(kind: str) -> None:
     tiny = dict(vocab_size=32, d_model=16, n_heads=2, ffn_dim=32, max_seq_len=16)
     if kind == "exit":
         exits = ExitConfig([1], threshold=0.04)
         cfg = ModelConfig(**tiny, n_layers=3, layer_pattern=["dense"], exit=exits)
         names = ["val_exit_layer1", "val_exit_layer3", "val_exit_layer_mean"]
+    elif kind == "recursion":
+        recursion = RecursionConfig(max_recursions=3, group=2, predictor_hidden=8)
+        pattern = ["dense", "recursion"]
+        cfg = ModelConfig(**tiny, n_layers=2, layer_pattern=pattern, recursion=recursion)
+        names = [f"val_recursion_depth{n}" for n in (1, 2, 3)] + ["val_recursion_depth_mean"]
     else:
         ponder = PonderConfig(max_steps=3, threshold=0.3)
         pattern = ["dense", "ponder"]
@@ -74,3 +79,5 @@ def test_depth_metrics_are_the_causal_pass_histogram(kind: str) -> None:
     bins = [m for m in metrics if m[-1].isdigit()]
     assert sum(metrics[b] for b in bins) == pytest.approx(1.0)
     assert metrics["val_expected_flops_per_token"] == pytest.approx(expected_flops(cfg, hist))
+    if kind == "recursion":  # blocks 1 + 2 per recursion: the mean recursions from them
+        assert metrics["val_recursion_depth_mean"] == pytest.approx((mean - 1) / 2)

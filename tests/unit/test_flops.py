@@ -18,6 +18,7 @@ from turnout.config.model import (
     ModelConfig,
     MoEConfig,
     PonderConfig,
+    RecursionConfig,
     validate_model,
 )
 from turnout.models.dispatch import Dispatcher
@@ -298,3 +299,50 @@ def test_expected_flops_of_a_depth_distribution() -> None:
     assert expected_flops(ponder, {4: 1.0}) == pytest.approx(static.per_token - 2 * 2 * D * V)
     one_step = expected_flops(ponder, {2: 1.0})
     assert one_step == pytest.approx(2 * static.blocks[0].total + 2 * D + 2 * D * V)
+
+
+@pytest.mark.parametrize(
+    "pattern,recursion",
+    [
+        (["dense", "recursion", "dense"], {}),
+        (["dense", "recursion", "dense"], {"cache": "shared_first"}),
+        (["recursion", "mod"], {"group": 2, "capacities": [0.5, 0.5, 0.25]}),
+        (["dense", "recursion"], {"predictor": "router", "cache": "shared_first", "group": 2}),
+        (["dense", "recursion", "dense"], {"routing": "token"}),
+        (["dense", "recursion"], {"routing": "token", "cache": "shared_first", "group": 2}),
+    ],
+)
+def test_recursion_agrees_with_torch_flop_counter_and_counts_shared_weights_once(
+    pattern: list[str], recursion: dict
+) -> None:
+    cfg = dataclasses.replace(
+        _cfg(pattern),
+        n_layers=len(pattern),
+        recursion=RecursionConfig(**{"max_recursions": 3, "predictor_hidden": 16, **recursion}),
+    )
+    validate_model(cfg)
+    B = 2
+    counted = _counted_flops_per_token(cfg, B)
+    estimate = forward_flops(cfg, batch=B).per_token
+    # No MoE layer in these models: routing_gap is 0 and the count is exact up to what
+    # FlopCounterMode leaves out (COUNT_REL).
+    assert estimate == pytest.approx(counted.per_token, rel=COUNT_REL)
+    assert count_params(cfg).total == sum(p.numel() for p in counted.model.parameters())
+
+
+def test_expected_flops_of_recursion_depths() -> None:
+    cfg = dataclasses.replace(
+        _cfg(["dense", "recursion"]), recursion=RecursionConfig(max_recursions=3, group=2)
+    )
+    D, V = 32, 64
+    dense = forward_flops(dataclasses.replace(cfg, layer_pattern=["dense"]))
+    block = dense.blocks[0].total  # one dense block at the full-sequence convention
+    predictor = 2 * D * 64 + 2 * 64  # the default predictor_hidden
+    # One recursion: the group's 2 blocks, then the routers of recursions 1 and 2 and the
+    # predictor of recursion 2 (capacity 2/3) that stopped it.
+    one = block + 2 * block + 2 * 2 * D + predictor + 2 * D * V
+    assert expected_flops(cfg, {1 + 2: 1.0}) == pytest.approx(one)
+    # All three: 6 block passes, 3 router columns and the predictors of recursions 2 and 3.
+    three = block + 6 * block + 3 * 2 * D + 2 * predictor + 2 * D * V
+    assert expected_flops(cfg, {1 + 6: 1.0}) == pytest.approx(three)
+    assert expected_flops(cfg, {3: 1, 7: 3}) == pytest.approx((one + 3 * three) / 4)

@@ -92,6 +92,8 @@ def test_hf_logits_equal_ours(tmp_path: Path, m: ModelConfig, arch: str) -> None
     [
         (["dense", "mod"], {}, "model.layer_pattern"),
         (["dense", "moe"], {}, "model.layer_pattern"),
+        (["dense", "ponder"], {}, "model.layer_pattern"),
+        (["dense", "recursion"], {}, "model.layer_pattern"),
         (["imode"], {"num_noop_experts": 1}, "model.moe.num_noop_experts"),
         (["moe"], {"top_k": 1}, "model.moe.normalize_gates"),
         (["moe"], {"capacity_factor": 1.25}, "model.moe.capacity_factor"),

@@ -11,7 +11,7 @@ from turnout.config.load import load_config, preset_dir, preset_names, split_sou
 
 pytestmark = pytest.mark.unit
 
-CLUSTER_PRESETS = ("mixtral-8x7b", "switch-base", "mod-paper")
+CLUSTER_PRESETS = ("mixtral-8x7b", "switch-base", "mod-paper", "mor-paper")
 
 
 def test_presets_are_the_yaml_files() -> None:
@@ -76,6 +76,22 @@ def test_mod_paper_like_shape() -> None:
     assert not m.uses_moe()
     assert m.mod.predictor == "mlp"
     assert cfg.launch.use_gpu
+
+
+def test_mor_paper_like_shape() -> None:
+    cfg = load_config("mor-paper")
+    m = cfg.model
+    assert m.block_kinds() == ["dense", "recursion", "dense"]  # Middle-Cycle sharing
+    assert (m.recursion.max_recursions, m.recursion.group) == (3, 10)
+    assert m.recursion.schedule() == [1.0, 2 / 3, 1 / 3]
+    assert (m.d_model, m.n_heads, m.kv_heads()) == (576, 9, 3)
+    assert cfg.launch.use_gpu
+
+
+def test_tiny_mor_is_a_laptop_recursion_model() -> None:
+    cfg = load_config("tiny-mor")
+    assert cfg.model.uses_recursion() and not cfg.launch.use_gpu
+    assert cfg.launch.num_workers == 2
 
 
 def test_cli_lists_every_preset() -> None:

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from turnout.config.model import ExitConfig, MoDConfig, ModelConfig, MoEConfig, PonderConfig
+from turnout.config.model import (
+    ExitConfig,
+    MoDConfig,
+    ModelConfig,
+    MoEConfig,
+    PonderConfig,
+    RecursionConfig,
+)
 from turnout.launch.metrics_doc import COMMAND, markdown_page
 from turnout.models.lm import LMOutput, TransformerLM
 from turnout.models.terms import TERMS, Term, mlflow_metrics, spec
@@ -39,6 +46,7 @@ def test_every_term_has_one_row_and_losses_name_a_real_coefficient() -> None:
         mod=MoDConfig(predictor_loss_coef=0.7),
         exit=ExitConfig(loss_coef=0.4),
         ponder=PonderConfig(kl_coef=0.02),
+        recursion=RecursionConfig(predictor_loss_coef=0.25, balance_coef=0.125),
     )
     coefs = {t: s.coefficient(cfg) for t, s in TERMS.items() if s.is_loss}
     assert coefs == {
@@ -47,6 +55,8 @@ def test_every_term_has_one_row_and_losses_name_a_real_coefficient() -> None:
         Term.MOD_PRED_LOSS: 0.7,
         Term.EXIT_LOSS: 0.4,
         Term.PONDER_KL: 0.02,
+        Term.REC_PRED_LOSS: 0.25,
+        Term.REC_BALANCE: 0.125,
     }
     assert all(s.coefficient(cfg) == 0.0 for s in TERMS.values() if not s.is_loss)
     assert all(s.meaning for s in TERMS.values())
@@ -78,10 +88,12 @@ def test_every_metric_of_a_real_model_is_in_the_table() -> None:
     )
     tokens = torch.randint(0, 32, (2, 8))
     metrics: dict[str, float] = {}
-    # Early exit and ponder blocks do not mix: two more models give their metrics.
+    # Early exit, ponder and recursion blocks do not mix: more models give their metrics.
     exits = dataclasses.replace(cfg, exit=ExitConfig(layers=[1, 3]))
     ponder = dataclasses.replace(cfg, n_layers=2, layer_pattern=["ponder", "mod"])
-    for model_cfg in (cfg, exits, ponder):
+    recursion = dataclasses.replace(cfg, n_layers=2, layer_pattern=["recursion", "mod"])
+    token = dataclasses.replace(recursion, recursion=RecursionConfig(routing="token"))
+    for model_cfg in (cfg, exits, ponder, recursion, token):
         acc = StatsAccumulator()
         acc.add(TransformerLM(model_cfg)(tokens, tokens))
         metrics.update(acc.reduce())

@@ -1,13 +1,15 @@
-"""Validation of early-exit and ponder models under their decode rule: loss and depth.
+"""Validation of early-exit, ponder and recursion models under their decode rule: loss
+and depth.
 
 One pass over the validation windows with ``routing="causal"`` (the exit / halting
 threshold of the config, as ``turnout generate`` decodes), all ranks reduced:
 
 - ``val_loss_causal``: the cross-entropy of that pass;
 - the depth histogram: ``val_exit_layer<d>`` (fraction of tokens that exit after ``d``
-  blocks; ``d = n_layers`` is no exit) or ``val_ponder_steps<n>`` (fraction that halt after
-  ``n`` applications of the ponder block), with ``val_exit_layer_mean`` /
-  ``val_ponder_steps_mean``;
+  blocks; ``d = n_layers`` is no exit), ``val_ponder_steps<n>`` (fraction that halt after
+  ``n`` applications of the ponder block) or ``val_recursion_depth<n>`` (fraction that
+  run ``n`` recursions), with ``val_exit_layer_mean`` / ``val_ponder_steps_mean`` /
+  ``val_recursion_depth_mean``;
 - ``val_depth_mean``: blocks applied per token, and ``val_expected_flops_per_token``:
   forward FLOPs per token at that distribution (:func:`models.flops.expected_flops`).
 """
@@ -32,7 +34,9 @@ def depth_metric_names(cfg: ModelConfig) -> dict[int, str]:
     L = cfg.n_layers
     if cfg.uses_exit():
         return {d: f"val_exit_layer{d}" for d in (*cfg.exit.layers, L)}
-    return {L - 1 + n: f"val_ponder_steps{n}" for n in range(1, cfg.ponder.max_steps + 1)}
+    steps, per_step = cfg.depth_steps()
+    name = "val_recursion_depth" if cfg.uses_recursion() else "val_ponder_steps"
+    return {L - 1 + per_step * n: f"{name}{n}" for n in range(1, steps + 1)}
 
 
 def mean_depth(counts: dict[int, float]) -> float:
@@ -51,6 +55,8 @@ def histogram_metrics(cfg: ModelConfig, counts: dict[int, float]) -> dict[str, f
     L = cfg.n_layers
     if cfg.uses_exit():
         out["val_exit_layer_mean"] = mean
+    elif cfg.uses_recursion():
+        out["val_recursion_depth_mean"] = (mean - (L - 1)) / cfg.recursion.group
     else:
         out["val_ponder_steps_mean"] = mean - (L - 1)
     out["val_depth_mean"] = mean

@@ -52,8 +52,8 @@ class Sample:
     decode_s: float
     """Seconds of the decode steps (prefill left out)."""
     skipped_fraction: float
-    """Of the routed blocks' token-blocks in the decode steps, the fraction skipped
-    (nan without MoD-routed blocks)."""
+    """Of the routed blocks' token-blocks in the decode steps (a recursion block: one per
+    recursion), the fraction skipped (nan without MoD-routed or recursion blocks)."""
     decode_routed: tuple[int, int]
     """(processed, skipped) token-blocks of the routed blocks in the decode steps."""
     depth: dict[int, int] = field(default_factory=dict)
@@ -129,7 +129,7 @@ def sample_text(
         processed = skipped = 0
     routed = processed + skipped
     fraction = skipped / routed if routed else math.nan
-    if not model.cfg.uses_mod():
+    if not (model.cfg.uses_mod() or model.cfg.uses_recursion()):
         fraction = math.nan
     depth = dict(out.state.depth)
     if new > 0:

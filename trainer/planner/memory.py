@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from turnout.config.choices import Precision, Predictor
+from turnout.config.choices import Precision, Predictor, RecursionCache, RecursionRouting
 from turnout.config.model import BLOCK_KINDS, ModelConfig
 from turnout.config.root import TurnoutConfig
 from turnout.models.flops import block_rows, moe_rows
 from turnout.models.params import ParamCount
 from turnout.models.recompute import recomputes
+from turnout.models.routing import mod_capacity
 
 GIB = 2**30
 
@@ -57,6 +58,8 @@ def _block_values(cfg: ModelConfig, kind: str, seq_len: int, batch: int) -> tupl
     """Saved activation values of one block per micro batch: (routed rows, all tokens)."""
     D = cfg.d_model
     spec = BLOCK_KINDS[kind]
+    if spec.recursion:
+        return _recursion_values(cfg, seq_len, batch)
     rows = batch * block_rows(cfg, spec, seq_len)
     kv_dim = cfg.kv_heads() * cfg.head_size()
     attention = rows * (4 * D + cfg.n_heads * cfg.head_size() + 2 * kv_dim)
@@ -73,6 +76,26 @@ def _block_values(cfg: ModelConfig, kind: str, seq_len: int, batch: int) -> tupl
         hidden = cfg.mod.predictor_hidden if cfg.mod.predictor == Predictor.MLP else 0
         every = batch * seq_len * (D + 1 + hidden)
     return attention + ffn, every
+
+
+def _recursion_values(cfg: ModelConfig, seq_len: int, batch: int) -> tuple[float, float]:
+    """A recursion block's saved values: each recursion's group on its rows (expert
+    routing: ``k_r`` per sequence; token routing: all, the masked-dense form; a shared
+    cache's later recursions project no keys or values), and per recursion the state of
+    every token and its score (and predictor hidden where one decides)."""
+    rc = cfg.recursion
+    D, N = cfg.d_model, batch * seq_len
+    q_dim = cfg.n_heads * cfg.head_size()
+    kv_dim = cfg.kv_heads() * cfg.head_size()
+    expert = rc.routing == RecursionRouting.EXPERT
+    routed, every = 0.0, 0.0
+    for r, capacity in enumerate(rc.schedule()):
+        rows = batch * (mod_capacity(seq_len, capacity) if expert else seq_len)
+        kv = 0 if rc.cache == RecursionCache.SHARED_FIRST and r > 0 else 2 * kv_dim
+        routed += rc.group * rows * (4 * D + q_dim + kv + 2 * D + 4 * cfg.ffn_dim)
+        hidden = rc.predictor_hidden if expert and rc.predictor == Predictor.MLP else 0
+        every += N * (D + 1 + (hidden if capacity < 1.0 else 0))
+    return routed, every
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,12 @@ def check_hf(cfg: TurnoutConfig, state: dict[str, torch.Tensor], allow_dropless:
                 f"HF Llama/Mixtral/Qwen3 have no Mixture-of-Depths; a {k.name!r} block cannot "
                 "be exported with --format hf (use --format turnout)",
             )
+        if k.ponder or k.recursion:
+            raise ConfigError(
+                "model.layer_pattern",
+                f"HF Llama/Mixtral/Qwen3 reuse no block per token; a {k.name!r} block cannot "
+                "be exported with --format hf (use --format turnout)",
+            )
         if k.noop_experts:
             raise ConfigError(
                 "model.moe.num_noop_experts",

@@ -32,14 +32,15 @@ _NEW_MOD = re.compile(r"^layers\.\d+\.(router\.weight|predictor\..+)$")
 
 
 def retrofitted_layers(src: ModelConfig, dst: ModelConfig) -> list[int]:
-    """Layers dense in the source and MoD-routed here; ConfigError for a ponder source."""
+    """Layers dense in the source and MoD-routed here; ConfigError for a ponder or
+    recursion source layer."""
     out = []
     for i, (s, d) in enumerate(zip(src.blocks(), dst.blocks(), strict=True)):
         if d.mod_routed and not s.mod_routed:
-            if s.ponder:
+            if s.ponder or s.recursion:
                 raise ConfigError(
                     "model.layer_pattern",
-                    f"layer {i} is a ponder block in the source: it cannot become MoD-routed",
+                    f"layer {i} is a {s.name} block in the source: it cannot become MoD-routed",
                 )
             out.append(i)
     return out

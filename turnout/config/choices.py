@@ -43,7 +43,8 @@ class Trainable(Choice):
 
     ALL = "all"
     ROUTERS = "routers"
-    """MoD routers and causal predictors, MoE routers, ponder halting heads."""
+    """MoD routers and causal predictors, MoE routers, ponder halting heads, recursion
+    routers and predictors."""
     ROUTERS_NORMS = "routers+norms"
     """The routers and every RMSNorm weight (block, q/k and final norms)."""
 
@@ -67,6 +68,27 @@ class Balance(Choice):
     load-balance loss is still computed and logged but weighs nothing."""
     BOTH = "both"
     """The bias and the weighted loss together."""
+
+
+class RecursionRouting(Choice):
+    """model.recursion.routing: how a recursion block picks each token's depth."""
+
+    EXPERT = "expert"
+    """Expert-choice: before recursion r the router keeps the top ceil(capacity_r * S) of
+    the tokens still running, per sequence; a causal predictor per recursion decides at
+    decode time."""
+    TOKEN = "token"
+    """Token-choice: one router at the block's entry gives each token its depth (top-1
+    of max_recursions); causal by construction."""
+
+
+class RecursionCache(Choice):
+    """model.recursion.cache: which keys/values a recursion attends over."""
+
+    PER_RECURSION = "per_recursion"
+    """Recursion r attends over (and caches) the tokens that ran recursion r."""
+    SHARED_FIRST = "shared_first"
+    """Later recursions attend over the first recursion's keys/values and cache nothing."""
 
 
 class Routing(Choice):

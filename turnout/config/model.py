@@ -9,7 +9,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from turnout.config.choices import Balance, Predictor, RouterGate, RouterInput
+from turnout.config.choices import (
+    Balance,
+    Predictor,
+    RecursionCache,
+    RecursionRouting,
+    RouterGate,
+    RouterInput,
+)
+from turnout.config.depth import positive as _positive
+from turnout.config.depth import validate_depth
 from turnout.errors import ConfigError
 
 #: The FFN of a block: a dense SwiGLU or a Mixture-of-Experts layer.
@@ -31,6 +40,9 @@ class BlockKind:
     meaning: str
     ponder: bool = False
     """One weight-tied block applied up to model.ponder.max_steps times (PonderNet)."""
+    recursion: bool = False
+    """A group of model.recursion.group blocks whose weights every recursion reuses, run
+    up to model.recursion.max_recursions times per token (Mixture-of-Recursions)."""
 
     @property
     def has_moe(self) -> bool:
@@ -53,6 +65,15 @@ BLOCK_KINDS: dict[str, BlockKind] = {
             False,
             "dense block applied up to model.ponder.max_steps times, halting per token",
             ponder=True,
+        ),
+        BlockKind(
+            "recursion",
+            FFN_DENSE,
+            False,
+            False,
+            "model.recursion.group dense blocks shared across up to "
+            "model.recursion.max_recursions recursions, a router choosing each token's depth",
+            recursion=True,
         ),
     )
 }
@@ -156,6 +177,45 @@ class PonderConfig:
 
 
 @dataclass
+class RecursionConfig:
+    max_recursions: int = 3
+    """R: most times a token runs the 'recursion' block group (training runs the
+    recursions its routing gives it, up to R)."""
+    group: int = 1
+    """Blocks in the shared group; one recursion runs all of them in order."""
+    routing: str = RecursionRouting.EXPERT.value
+    """'expert' (expert-choice top-k per recursion among the tokens still running, a
+    causal predictor deciding at decode time) or 'token' (one router at the group's entry
+    gives each token its depth, top-1 of max_recursions)."""
+    capacities: list[float] = field(default_factory=list)
+    """Expert routing: the fraction of each sequence recursion r runs, k_r =
+    ceil(capacity_r * S), non-increasing, one per recursion; empty: (R - r) / R for
+    r = 0..R-1 (1, 2/3, 1/3 at R = 3). A recursion of capacity 1 runs every token that
+    reached it, with no decision."""
+    cache: str = RecursionCache.PER_RECURSION.value
+    """'per_recursion' (recursion r attends over, and caches, the tokens that ran it) or
+    'shared_first' (later recursions attend over the first recursion's keys and values,
+    computing queries only, and cache nothing)."""
+    predictor: str = Predictor.MLP.value
+    """Expert routing's causal decision per recursion: 'mlp' (a small MLP on the
+    stop-gradient state) or 'router' (the router score itself, under the BCE)."""
+    predictor_hidden: int = 64
+    """Hidden width of each recursion's predictor MLP."""
+    predictor_loss_coef: float = 0.1
+    """Weight of the predictors' BCE against top-k membership (expert routing)."""
+    balance_coef: float = 0.01
+    """Token routing: weight of the depth load-balance loss R * sum_d f_d * P_d."""
+    router_gate: str = RouterGate.SIGMOID.value
+    """g(score) scaling a recursion's increment: 'sigmoid' or 'identity' (expert
+    routing); token routing scales by the softmax probability of the chosen depth."""
+
+    def schedule(self) -> list[float]:
+        """The capacity of each recursion (expert routing)."""
+        R = self.max_recursions
+        return list(self.capacities) or [(R - r) / R for r in range(R)]
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 256
     """Vocabulary size (256 for the byte-level tokenizer)."""
@@ -185,7 +245,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the input embedding and the output projection."""
     layer_pattern: list[str] = field(default_factory=lambda: ["dense", "mode"])
-    """Block kinds, cycled over n_layers; each one of dense, moe, mod, mode, imode, ponder."""
+    """Block kinds, cycled over n_layers; each one of dense, moe, mod, mode, imode, ponder,
+    recursion."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts settings (moe, mode, imode blocks)."""
     mod: MoDConfig = field(default_factory=MoDConfig)
@@ -194,6 +255,8 @@ class ModelConfig:
     """Early exit: exit points sharing the final norm and head, their loss, decode rule."""
     ponder: PonderConfig = field(default_factory=PonderConfig)
     """Adaptive computation ('ponder' blocks): PonderNet halting, loss and decode rule."""
+    recursion: RecursionConfig = field(default_factory=RecursionConfig)
+    """Mixture-of-Recursions ('recursion' entry): shared group, depth router, KV policy."""
 
     def block_kinds(self) -> list[str]:
         """The kind of each of the n_layers blocks (the pattern cycled)."""
@@ -234,14 +297,23 @@ class ModelConfig:
     def uses_ponder(self) -> bool:
         return any(k.ponder for k in self.blocks())
 
+    def uses_recursion(self) -> bool:
+        return any(k.recursion for k in self.blocks())
+
     def depth_kind(self) -> str | None:
-        """'exit' or 'ponder' for a model whose depth varies per token, else None."""
-        return "exit" if self.uses_exit() else "ponder" if self.uses_ponder() else None
+        """'exit', 'ponder' or 'recursion' for a model whose depth varies per token."""
+        if self.uses_exit():
+            return "exit"
+        if self.uses_ponder():
+            return "ponder"
+        return "recursion" if self.uses_recursion() else None
 
-
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(key, f"must be > 0, got {value}")
+    def depth_steps(self) -> tuple[int, int]:
+        """(most steps, blocks per step) of the model's variable-depth block: a ponder
+        block's applications (1 block each) or a recursion group's recursions."""
+        if self.uses_recursion():
+            return self.recursion.max_recursions, self.recursion.group
+        return self.ponder.max_steps, 1
 
 
 def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
@@ -336,48 +408,4 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
     _positive(f"{d}.predictor_hidden", mod.predictor_hidden)
     if mod.predictor_loss_coef < 0:
         raise ConfigError(f"{d}.predictor_loss_coef", "must be >= 0")
-    _validate_depth(cfg, prefix)
-
-
-def _unit(key: str, value: float, top_open: bool = False) -> None:
-    if not (0.0 <= value < 1.0 if top_open else 0.0 <= value <= 1.0):
-        raise ConfigError(key, f"must be in [0, 1{')' if top_open else ']'}, got {value}")
-
-
-def _validate_depth(cfg: ModelConfig, prefix: str) -> None:
-    """Early exit (model.exit) and adaptive computation (model.ponder)."""
-    e, p = cfg.exit, cfg.ponder
-    x = f"{prefix}.exit"
-    for i, d in enumerate(e.layers):
-        if not 1 <= d < cfg.n_layers or (i and d <= e.layers[i - 1]):
-            raise ConfigError(
-                f"{x}.layers",
-                f"must be increasing depths in [1, n_layers-1={cfg.n_layers - 1}], got {e.layers}",
-            )
-    if e.loss_weights and len(e.loss_weights) != len(e.layers):
-        raise ConfigError(
-            f"{x}.loss_weights",
-            f"needs one weight per exit ({len(e.layers)}) or none, got {len(e.loss_weights)}",
-        )
-    if any(w < 0 for w in e.loss_weights):
-        raise ConfigError(f"{x}.loss_weights", f"must be >= 0, got {e.loss_weights}")
-    if e.loss_coef < 0:
-        raise ConfigError(f"{x}.loss_coef", "must be >= 0")
-    _unit(f"{x}.layer_dropout", e.layer_dropout, top_open=True)
-    _unit(f"{x}.threshold", e.threshold)
-    q = f"{prefix}.ponder"
-    if p.max_steps < 1:
-        raise ConfigError(f"{q}.max_steps", f"must be >= 1, got {p.max_steps}")
-    if not 0.0 < p.prior <= 1.0:
-        raise ConfigError(f"{q}.prior", f"must be in (0, 1], got {p.prior}")
-    if p.kl_coef < 0:
-        raise ConfigError(f"{q}.kl_coef", "must be >= 0")
-    _unit(f"{q}.threshold", p.threshold)
-    ponders = sum(k.ponder for k in cfg.blocks())
-    if ponders > 1:
-        raise ConfigError(
-            f"{prefix}.layer_pattern",
-            f"at most one 'ponder' block per model (the cycled pattern gives {ponders})",
-        )
-    if ponders and e.layers:
-        raise ConfigError(f"{x}.layers", "early exit and a 'ponder' block cannot be combined")
+    validate_depth(cfg, prefix)

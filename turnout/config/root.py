@@ -103,11 +103,12 @@ def validate(cfg: TurnoutConfig) -> None:
         raise ConfigError(
             "train.trainable",
             f"is {cfg.train.trainable!r} but model.layer_pattern has no routed block "
-            "(mod, moe, mode, imode, ponder); use 'all' or add routing",
+            "(mod, moe, mode, imode, ponder, recursion); use 'all' or add routing",
         )
     validate_tracking(cfg.tracking)
 
 
 def _has_routers(model: ModelConfig) -> bool:
-    """Whether the model has a router (MoD, MoE or a ponder halting head) to train."""
-    return any(k.mod_routed or k.has_moe or k.ponder for k in model.blocks())
+    """Whether the model has a router (MoD, MoE, a ponder halting head or a recursion
+    router) to train."""
+    return any(k.mod_routed or k.has_moe or k.ponder or k.recursion for k in model.blocks())
