@@ -32,6 +32,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from turnout.config import TurnoutConfig
 from turnout.redact import redact
 from turnout.trainer.tracking.queue import Outbox, Record
@@ -75,8 +77,11 @@ def logged_through(client: Any, run_id: str) -> dict[str, int]:
 
 
 def _warn(line: str) -> None:
-    """A warning on stderr, secrets left out (an MLflow error may quote the store's URL)."""
-    print(redact(line), file=sys.stderr, flush=True)
+    """A warning on stderr, secrets left out (an MLflow error may quote the store's URL).
+    Through ``tqdm.write``: while the training bar is drawn, the warning gets a line of
+    its own instead of being glued to a progress segment."""
+    tqdm.write(redact(line), file=sys.stderr)
+    sys.stderr.flush()
 
 
 class Tracker:
