@@ -359,6 +359,16 @@ def keys_and_work(
     return run_BS | exited_BS, run_BS & ~exited_BS
 
 
+def keys_mask(keys_BS: torch.Tensor) -> torch.Tensor:
+    """The masked-dense attention mask ``[B, S, S]``: a query sees the earlier keys (and
+    itself) among ``keys_BS``; the diagonal is always on, so a row outside the keys stays
+    finite (its output is discarded)."""
+    S = keys_BS.shape[1]
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=keys_BS.device).tril()
+    eye_SS = torch.eye(S, dtype=torch.bool, device=keys_BS.device)
+    return (causal_SS & keys_BS.unsqueeze(1)) | eye_SS
+
+
 def _compacted(
     keys_bS: torch.Tensor, counts: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

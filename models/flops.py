@@ -154,7 +154,8 @@ def recursion_steps(cfg: ModelConfig, seq_len: int) -> list[tuple[float, float, 
     rc = cfg.recursion
     D, S, g = cfg.d_model, seq_len, rc.group
     expert = rc.routing == RecursionRouting.EXPERT
-    rows = [mod_capacity(S, c) if expert else S for c in rc.schedule()]
+    caps = rc.schedule()
+    rows = [mod_capacity(S, c) if expert else S for c in caps]
     out: list[tuple[float, float, float]] = []
     for r, m in enumerate(rows):
         if rc.cache == RecursionCache.SHARED_FIRST and r > 0:
@@ -165,7 +166,7 @@ def recursion_steps(cfg: ModelConfig, seq_len: int) -> list[tuple[float, float, 
         routing = 0.0
         if expert:
             routing += S * 2 * D  # router column r on every position
-            if rc.schedule()[r] < 1.0 and rc.predictor == Predictor.MLP:
+            if caps[r] < 1.0 and rc.predictor == Predictor.MLP:
                 h = rc.predictor_hidden
                 routing += S * (2 * D * h + 2 * h)
         elif r == 0:
@@ -190,9 +191,10 @@ def recursion_token_flops(cfg: ModelConfig, seq_len: int, recursions: int) -> fl
             cost += g * (_attention(cfg, S, S) / S + ffn)
     if rc.routing != RecursionRouting.EXPERT:
         return cost + 2 * D * rc.max_recursions
+    caps = rc.schedule()
     for r in range(min(recursions + 1, rc.max_recursions)):
         cost += 2 * D
-        if rc.schedule()[r] < 1.0 and rc.predictor == Predictor.MLP:
+        if caps[r] < 1.0 and rc.predictor == Predictor.MLP:
             cost += 2 * D * rc.predictor_hidden + 2 * rc.predictor_hidden
     return cost
 

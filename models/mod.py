@@ -40,7 +40,7 @@ from torch import nn
 from turnout.config.choices import Predictor, RouterGate, RouterInput, Routing
 from turnout.config.model import ModelConfig
 from turnout.models import ops
-from turnout.models.block import Block, keys_and_work
+from turnout.models.block import Block, keys_and_work, keys_mask
 from turnout.models.kvcache import KVCache, LayerState
 from turnout.models.moe import Routed
 from turnout.models.routing import chosen_rows, mod_capacity
@@ -206,10 +206,7 @@ def masked_dense(
     keys_BS, work_BS = keys_and_work(chosen_BS, exited_BS)
     if work_BS is None:
         work_BS = chosen_BS
-    causal_SS = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
-    eye_SS = torch.eye(S, dtype=torch.bool, device=x_BSD.device)
-    # A query attends earlier keys; the diagonal keeps the other rows finite.
-    mask_BSS = (causal_SS & keys_BS.unsqueeze(1)) | eye_SS
+    mask_BSS = keys_mask(keys_BS)
     routed = None
     if mod.routes_from_block_input:
         routed = Routed(mod.block_logits(x_BSD)[work_BS.reshape(-1)])

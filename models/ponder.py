@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from turnout.config.model import ModelConfig
-from turnout.models.block import Block, keys_and_work
+from turnout.models.block import Block, keys_and_work, keys_mask
 from turnout.models.kvcache import KVCache, LayerState
 from turnout.models.terms import Aux, Term
 
@@ -96,8 +96,6 @@ class PonderBlock(nn.Module):
         ``exited_BS``: early-exited tokens, keys of every application, never run."""
         B, S, _ = x_BSD.shape
         device = x_BSD.device
-        causal_SS = torch.ones(S, S, dtype=torch.bool, device=device).tril()
-        eye_SS = torch.eye(S, dtype=torch.bool, device=device)
         active_BS = torch.ones(B, S, dtype=torch.bool, device=device)
         if exited_BS is not None:
             active_BS = ~exited_BS
@@ -108,7 +106,7 @@ class PonderBlock(nn.Module):
         for n in range(self.max_steps):
             # Keys: the tokens that reached this application (the diagonal keeps rows finite).
             keys_BS, _ = keys_and_work(active_BS, exited_BS)
-            mask_BSS = (causal_SS & keys_BS.unsqueeze(1)) | eye_SS
+            mask_BSS = keys_mask(keys_BS)
             delta_BSD, _ = self.block.increment(h_BSD, pos_BS, mask_BSS, active_BS)
             h_BSD = torch.where(active_BS.unsqueeze(-1), h_BSD + delta_BSD, h_BSD)
             steps_BS = steps_BS + active_BS.long()

@@ -65,7 +65,7 @@ from turnout.config.choices import (
 )
 from turnout.config.model import ModelConfig
 from turnout.models import ops, recompute
-from turnout.models.block import Block
+from turnout.models.block import Block, keys_mask
 from turnout.models.kvcache import KVCache, LayerState
 from turnout.models.routing import load_balance_loss, mod_capacity
 from turnout.models.terms import Aux, Term
@@ -92,6 +92,13 @@ class RecursionBlock(nn.Module):
         # logits over the R depths, read once at the group's entry.
         self.router = nn.Linear(cfg.d_model, rc.max_recursions, bias=False)
         nn.init.normal_(self.router.weight, std=cfg.init_std)
+        # Expert routing's recursions of capacity below 1 take a decision (token routing
+        # decides once, at the entry): fixed by the config, so computed once.
+        self._decided = (
+            [r for r, c in enumerate(self.capacities) if c < 1.0]
+            if self.routing is RecursionRouting.EXPERT
+            else []
+        )
         self.predictors = nn.ModuleDict()
         if self.routing is RecursionRouting.EXPERT and rc.predictor == Predictor.MLP:
             h = rc.predictor_hidden
@@ -111,9 +118,7 @@ class RecursionBlock(nn.Module):
     def decided(self) -> list[int]:
         """The recursions (0-based) whose tokens a decision picks: expert routing's
         recursions of capacity below 1 (token routing decides once, at the entry)."""
-        if self.routing is not RecursionRouting.EXPERT:
-            return []
-        return [r for r, c in enumerate(self.capacities) if c < 1.0]
+        return self._decided
 
     # --- routing -------------------------------------------------------------------------
 
@@ -230,13 +235,9 @@ class RecursionBlock(nn.Module):
         """Recursion ``r`` in the masked-dense form: every position computed, keys masked
         to the tokens that run it (``first_BS``, recursion 1's, for a shared cache), the
         rows outside ``run_BS`` keeping their state. Exact for any per-token choice."""
-        S = h_BSD.shape[1]
-        causal_SS = torch.ones(S, S, dtype=torch.bool, device=h_BSD.device).tril()
-        eye_SS = torch.eye(S, dtype=torch.bool, device=h_BSD.device)
         over_first = self.shared_kv and r > 0
         keys_BS = first_BS if over_first and first_BS is not None else run_BS
-        # A query attends earlier keys; the diagonal keeps the other rows finite.
-        mask_BSS = (causal_SS & keys_BS.unsqueeze(1)) | eye_SS
+        mask_BSS = keys_mask(keys_BS)
         y_BSD = h_BSD
         for j, block in enumerate(self.group_blocks()):
             over = first[j] if over_first else None
