@@ -28,6 +28,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.jobs import our_lines
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 RUN = [
@@ -132,7 +134,7 @@ def test_ctrl_c_stops_every_process_and_marks_the_run_killed(tmp_path: Path) -> 
     assert not left, f"left behind after {gone_s:.1f} s: {left}"
     assert train.returncode == 130, out + err
     assert "Traceback" not in out + err
-    lines = [ln for ln in err.splitlines() if ln.startswith("turnout:")]
+    lines = our_lines(err)
     assert len(lines) == 1 and lines[0].startswith("turnout: interrupted"), err
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "KILLED"
