@@ -86,6 +86,8 @@ class Block(nn.Module):
         }
         if self.ffn.num_noop:
             aux[Term.MOE_NOOP] = moe.noop_fraction
+        if moe.hyper_norm is not None:
+            aux[Term.MOE_HYPER] = moe.hyper_norm
         return y_ND, aux
 
     def increment(

@@ -28,7 +28,10 @@ Conventions (also in docs/design.md, "FLOP accounting"):
   bound by the drop fraction), and the share of assignments a router really sends to
   no-op experts is its own, not the balanced one. Shared experts
   (``moe.shared_experts``) run on every token reaching the layer: a SwiGLU of width
-  ``shared_experts * Fe`` per token, counted with the experts in ``ffn``.
+  ``shared_experts * Fe`` per token, counted with the experts in ``ffn``. Hyper-experts
+  (``moe.hyper``) cost every token reaching the layer its condition (``2 E C``), the
+  shared hypernetwork's input layer (``2 C H``) and the generated adapter (``2 D H r``
+  down, ``2 H r`` for the contraction over H, ``2 H r D`` up), also in ``ffn``.
 - Early exit (training, static shapes): every exit runs the shared head on every
   token, ``2 D V`` per exit (the final norm is not counted).
 - A ponder block (training, static shapes) runs its block ``N = ponder.max_steps`` times
@@ -60,6 +63,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from turnout.config.choices import Predictor, RecursionCache, RecursionRouting, RouterInput
+from turnout.config.hyper import HyperConfig
 from turnout.config.model import BLOCK_KINDS, BlockKind, ModelConfig
 from turnout.models.routing import expert_capacity, mod_capacity
 
@@ -133,6 +137,15 @@ def moe_rows(cfg: ModelConfig, tokens: int, noop: int) -> float:
     if capacity is None:
         return real
     return min(real, float(E * capacity))
+
+
+def hyper_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of a MoE layer's hyper-expert adapter (0 when off)."""
+    h = cfg.moe.hyper
+    if not h.enabled:
+        return 0.0
+    D, E, C, H, r = cfg.d_model, cfg.moe.num_experts, h.embed_dim, h.hidden, h.rank
+    return 2 * E * C + 2 * C * H + 2 * D * H * r + 2 * H * r + 2 * H * r * D
 
 
 def block_rows(cfg: ModelConfig, kind: BlockKind, seq_len: int) -> int:
@@ -227,6 +240,7 @@ def block_flops(cfg: ModelConfig, kind: str, seq_len: int, batch: int = 1) -> Bl
         expert_rows = moe_rows(cfg, batch * rows, noop) / batch
         per_seq_ffn = expert_rows * SWIGLU_MATMULS * 2 * D * cfg.expert_hidden()
         per_seq_ffn += rows * SWIGLU_MATMULS * 2 * D * cfg.shared_hidden()
+        per_seq_ffn += rows * hyper_flops(cfg)
     else:
         per_seq_ffn = rows * SWIGLU_MATMULS * 2 * D * cfg.ffn_dim
     steps = cfg.ponder.max_steps if spec.ponder else 1
@@ -320,4 +334,5 @@ def dense_counterpart(cfg: ModelConfig) -> ModelConfig:
     """The dense model of equal shape: every block a dense block of width ``ffn_dim``; a
     recursion block's group counts its blocks once (the dense model of equal parameters)."""
     n_layers = cfg.n_layers + (cfg.recursion.group - 1 if cfg.uses_recursion() else 0)
-    return dataclasses.replace(cfg, layer_pattern=["dense"], n_layers=n_layers)
+    moe = dataclasses.replace(cfg.moe, hyper=HyperConfig())  # no MoE layer, no hypernetwork
+    return dataclasses.replace(cfg, layer_pattern=["dense"], n_layers=n_layers, moe=moe)

@@ -28,8 +28,10 @@ from turnout.models import decode, recompute
 from turnout.models.block import Block
 from turnout.models.decode import DecodeState
 from turnout.models.exit import dropout_keep, exit_weights, exits_now
+from turnout.models.hyper import HyperNet
 from turnout.models.layers import RMSNorm, Rotary
 from turnout.models.mod import MoDBlock
+from turnout.models.moe import MoELayer
 from turnout.models.ponder import PonderBlock
 from turnout.models.recursion import RecursionBlock
 from turnout.models.terms import TERMS, Aux, Term, spec
@@ -97,6 +99,13 @@ class TransformerLM(nn.Module):
                 self.layers.append(block)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Hyper-experts: one hypernetwork for every MoE layer, stored here once.
+        self.hyper: HyperNet | None = None
+        if cfg.moe.hyper.enabled:
+            self.hyper = HyperNet(cfg.d_model, cfg.moe.hyper, cfg.init_std)
+            for m in self.modules():
+                if isinstance(m, MoELayer):
+                    m.attach_hyper(self.hyper)
         self.apply(self._init)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight

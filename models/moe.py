@@ -17,6 +17,12 @@ many tokens skip the FFN is a compute/quality trade-off the router learns, not a
 to even out, and a bias there would change the layer's compute behind the loss's back.
 :meth:`MoELayer.update_bias` moves the bias once per optimizer step from the loads of
 the whole data-parallel world (the trainer sums them; this module does no collective).
+
+Hyper-experts (``model.moe.hyper.enabled``, :mod:`turnout.models.hyper`): the layer holds
+an embedding per real expert (``hyper_emb_RC``) and calls the model's one shared
+:class:`HyperNet` (attached by the model, not a submodule of the layer, so its weights
+are stored once) to add each token's generated adapter to the routed output, in training
+and in decoding alike.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from turnout.config.model import ModelConfig, MoEConfig
 from turnout.models import ops
 from turnout.models.dispatch import Dispatcher, LocalDispatcher
 from turnout.models.experts import ExpertBank
+from turnout.models.hyper import HyperNet, condition
 from turnout.models.layers import SwiGLU
 from turnout.models.routing import (
     RoutingPlan,
@@ -56,6 +63,9 @@ class MoEAux:
     """Fraction of real-expert assignments dropped for capacity (detached)."""
     noop_fraction: torch.Tensor
     """Fraction of assignments to no-op experts (integrated MoDE; 0 otherwise)."""
+    hyper_norm: torch.Tensor | None = None
+    """Mean L2 norm of the hyper-expert adapter's output per token (detached); None
+    without hyper-experts."""
 
 
 @dataclass
@@ -100,6 +110,37 @@ class MoELayer(nn.Module):
         # runs stay as they were.
         bias_R = torch.zeros(cfg.num_experts) if cfg.uses_bias() else None
         self.register_buffer("expert_bias", bias_R, persistent=True)
+        # Hyper-experts: this layer's expert embeddings (a unit-scale table, like a token
+        # embedding); the shared hypernetwork is attached by the model (attach_hyper).
+        self.hyper_emb_RC: nn.Parameter | None = None
+        if cfg.hyper.enabled:
+            self.hyper_emb_RC = nn.Parameter(torch.randn(cfg.num_experts, cfg.hyper.embed_dim))
+        self._hyper: list[HyperNet] = []
+
+    def attach_hyper(self, net: HyperNet) -> None:
+        """Use ``net``, the model's shared hypernetwork (held outside the module tree)."""
+        if self.hyper_emb_RC is None:
+            raise ValueError("attach_hyper on a MoE layer without model.moe.hyper.enabled")
+        self._hyper[:] = [net]
+
+    def _plus_hyper(
+        self,
+        x_TD: torch.Tensor,
+        y_TD: torch.Tensor,
+        logits_TE: torch.Tensor,
+        expert_TK: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output plus each token's generated adapter, and the adapter's mean norm."""
+        if self.hyper_emb_RC is None:
+            return y_TD, None
+        if not self._hyper:
+            raise ValueError("model.moe.hyper.enabled but no hypernetwork is attached")
+        probs_TR = torch.softmax(logits_TE.float(), dim=-1)[:, : self.num_experts]
+        cond_TC = condition(probs_TR, expert_TK, self.hyper_emb_RC)
+        adapter_TD = self._hyper[0](x_TD, cond_TC)
+        norms_T = adapter_TD.detach().float().norm(dim=-1)
+        norm = norms_T.mean() if norms_T.numel() else norms_T.new_zeros(())
+        return y_TD + adapter_TD.to(y_TD.dtype), norm
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoELayer:
         """Keep ``expert_bias`` fp32 through ``.bfloat16()``/``.half()``/``.to(dtype)`` (a
@@ -143,7 +184,8 @@ class MoELayer(nn.Module):
         (design §3.4, "MoE decodes dropless"). The training path's kept rows: a step of
         one token runs its k chosen experts on one row each, not every expert."""
         plan = self.plan(logits_TE, None)  # with the selection bias when there is one
-        return self._plus_shared(x_TD, _LOCAL(x_TD, plan, self.experts))
+        y_TD = self._plus_shared(x_TD, _LOCAL(x_TD, plan, self.experts))
+        return self._plus_hyper(x_TD, y_TD, logits_TE, plan.expert_TK)[0]
 
     def _plus_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
         """The routed output plus the shared experts' (when the layer has any)."""
@@ -176,6 +218,7 @@ class MoELayer(nn.Module):
         if plan is None:
             plan = self.plan(logits_TE, self.capacity(T))
         y_TD = self._plus_shared(x_TD, self.dispatcher(x_TD, plan, self.experts))
+        y_TD, hyper_norm = self._plus_hyper(x_TD, y_TD, logits_TE, plan.expert_TK)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         noop = (
             (plan.expert_TK >= self.num_experts).float().sum() / max(plan.expert_TK.numel(), 1)
@@ -188,6 +231,7 @@ class MoELayer(nn.Module):
             counts_E=plan.counts_E.detach(),
             dropped=plan.dropped_fraction().detach(),
             noop_fraction=noop.detach(),
+            hyper_norm=hyper_norm,
         )
         return y_TD, aux
 

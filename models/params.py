@@ -15,7 +15,10 @@ Conventions:
   (:mod:`turnout.models.flops`), not in the parameters a processed token uses. For
   integrated MoDE the count is the most a token can take (``top_k`` real experts; a
   no-op choice uses none). A recursion block's group counts once (its weights serve
-  every recursion), with its router and predictors.
+  every recursion), with its router and predictors. Hyper-experts (``moe.hyper``) add
+  an expert-embedding table per MoE layer (with its router) and one shared
+  hypernetwork (``hyper``), all active: every token conditions on the embeddings and
+  runs the generated adapter.
 
 Shape legend: D model width, F dense FFN hidden, Fe expert hidden, E experts, V vocabulary.
 """
@@ -74,6 +77,8 @@ class ParamCount:
     head: int
     """The untied output projection ``V x D`` (0 when tied to the embedding)."""
     final_norm: int
+    hyper: int = 0
+    """The shared hypernetwork of hyper-experts (0 without), dense and active."""
 
     @property
     def experts(self) -> int:
@@ -82,7 +87,8 @@ class ParamCount:
 
     @property
     def total(self) -> int:
-        return self.embedding + self.head + self.final_norm + sum(b.total for b in self.blocks)
+        outside = self.embedding + self.head + self.final_norm + self.hyper
+        return outside + sum(b.total for b in self.blocks)
 
     @property
     def dense(self) -> int:
@@ -91,7 +97,7 @@ class ParamCount:
 
     @property
     def active(self) -> int:
-        outside = self.embedding + self.head + self.final_norm
+        outside = self.embedding + self.head + self.final_norm + self.hyper
         return outside + sum(b.active for b in self.blocks)
 
 
@@ -124,6 +130,8 @@ def block_params(cfg: ModelConfig, kind: str) -> BlockParams:
         noop = cfg.noop_choices(spec)
         E = cfg.moe.num_experts
         routing += D * (E + noop)
+        if cfg.moe.hyper.enabled:
+            routing += E * cfg.moe.hyper.embed_dim  # the expert embeddings
         per_expert = SWIGLU_MATMULS * D * cfg.expert_hidden()
         experts = E * per_expert
         active = min(cfg.moe.top_k, E)
@@ -150,4 +158,14 @@ def count_params(cfg: ModelConfig) -> ParamCount:
         embedding=vd,
         head=0 if cfg.tie_embeddings else vd,
         final_norm=cfg.d_model,
+        hyper=hyper_params(cfg),
     )
+
+
+def hyper_params(cfg: ModelConfig) -> int:
+    """The shared hypernetwork's parameters (0 without hyper-experts)."""
+    h = cfg.moe.hyper
+    if not h.enabled:
+        return 0
+    D, C, H, r = cfg.d_model, h.embed_dim, h.hidden, h.rank
+    return C * H + H + 2 * D * H * r

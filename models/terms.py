@@ -31,6 +31,7 @@ class Term(str, Enum):
     MOE_COUNTS = "moe_counts"
     MOE_DROP = "moe_drop"
     MOE_NOOP = "moe_noop"
+    MOE_HYPER = "moe_hyper_norm"
     MOD_PRED_LOSS = "mod_pred_loss"
     MOD_CAPACITY = "mod_capacity"
     MOD_PRED_ACC = "mod_pred_acc"
@@ -144,6 +145,14 @@ TERMS: dict[Term, TermSpec] = {
             ("noop_fraction",),
             "fraction of the assignments that chose a no-op expert (imode blocks)",
             "imode layers",
+        ),
+        TermSpec(
+            Term.MOE_HYPER,
+            None,
+            ("hyper_norm",),
+            "mean L2 norm of the hyper-expert adapter's output per token (0 at the start: "
+            "the adapter's up maps start at zero)",
+            "MoE layers with model.moe.hyper.enabled",
         ),
         TermSpec(
             Term.MOD_PRED_LOSS,

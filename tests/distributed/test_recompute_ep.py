@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.spawn import run_ranks
+from turnout.config.hyper import HyperConfig
 from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
 from turnout.models.terms import Term
 
@@ -44,6 +45,9 @@ def _cfg(router_input: str) -> ModelConfig:
             min_capacity=1,
             balance="both",
             router_input=router_input,
+            # Hyper-experts on one of the two models: the shared hypernetwork is one module
+            # called from every MoE layer, gathered by ZeRO-3 at each call and replayed.
+            hyper=HyperConfig(enabled=router_input == "block", rank=2, hidden=4, embed_dim=4),
         ),
         mod=MoDConfig(capacity=0.5),
         init_std=0.2,

@@ -46,6 +46,9 @@ def _base(tmp: Path) -> list[str]:
         # ~4e-7 from ties, where a layout's other reduction order (2.7e-8 relative in the
         # losses, measured) could flip one; at 0.2 every decision is >= 3e-3 from a tie.
         "model.init_std=0.2",
+        # Hyper-experts: dense weights at the model's root and in every MoE layer that
+        # every layout must carry (trained N steps, so the adapter is no longer zero).
+        "model.moe.hyper.enabled=true",
     ]
 
 

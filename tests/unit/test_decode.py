@@ -12,8 +12,10 @@ import torch
 
 from tests.decisions import recorded
 from tests.margins import assert_clear, topk_gap
+from turnout.config.hyper import HyperConfig
 from turnout.config.model import MoDConfig, ModelConfig, MoEConfig, validate_model
 from turnout.models.decode import DecodeState, extend, generate
+from turnout.models.hyper import hyper_nets
 from turnout.models.kvcache import KVCache
 from turnout.models.lm import TransformerLM
 from turnout.models.mod import CHOOSE_ABOVE_LOGIT, MoDBlock
@@ -43,6 +45,8 @@ CASES = {
     "mode-block": (["dense", "mode"], {"router_input": "block"}, {}),
     "imode": (["dense", "imode"], {"num_noop_experts": 2}, {}),
     "moe-shared": (["dense", "moe"], {"shared_experts": 2}, {}),
+    "moe-hyper": (["dense", "moe"], {"hyper": HyperConfig(enabled=True)}, {}),
+    "mode-hyper": (["dense", "mode"], {"hyper": HyperConfig(enabled=True, rank=2)}, {}),
     "qk-norm": (["dense", "mode"], {}, {"head_dim": 12, "qk_norm": True, "n_kv_heads": 2}),
 }
 
@@ -74,6 +78,9 @@ def _model(case: str, seed: int = SEED) -> TransformerLM:
     for layer in moe_layers(model):  # a selection bias strong enough to change choices
         if layer.expert_bias is not None:
             layer.expert_bias.copy_(torch.linspace(-2.0, 2.0, layer.expert_bias.numel()))
+    with torch.no_grad():
+        for net in hyper_nets(model):  # a working adapter, not the zero one of a fresh model
+            net.up_HrD.normal_(std=INIT_STD)
     return model
 
 

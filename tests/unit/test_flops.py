@@ -12,6 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from turnout.config.hyper import HyperConfig
 from turnout.config.model import (
     ExitConfig,
     MoDConfig,
@@ -190,6 +191,8 @@ def _counted_flops_per_token(cfg: ModelConfig, batch: int) -> Counted:
         (["imode"], {"num_noop_experts": 2}),
         (["moe"], {"shared_experts": 2, "capacity_factor": None}),
         (["dense", "mode"], {"shared_experts": 1}),
+        (["moe"], {"hyper": HyperConfig(enabled=True), "capacity_factor": None}),
+        (["dense", "mode"], {"hyper": HyperConfig(enabled=True, rank=2, hidden=8)}),
     ],
 )
 @pytest.mark.parametrize("predictor", ["mlp", "router"])

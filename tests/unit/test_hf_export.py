@@ -16,6 +16,7 @@ import torch
 
 from tests.unit.test_hf_import import logits_match_hf
 from turnout.config import TurnoutConfig
+from turnout.config.hyper import HyperConfig
 from turnout.config.model import ModelConfig, MoEConfig
 from turnout.errors import ConfigError
 from turnout.models.lm import TransformerLM
@@ -98,6 +99,7 @@ def test_hf_logits_equal_ours(tmp_path: Path, m: ModelConfig, arch: str) -> None
         (["moe"], {"top_k": 1}, "model.moe.normalize_gates"),
         (["moe"], {"capacity_factor": 1.25}, "model.moe.capacity_factor"),
         (["moe"], {"shared_experts": 1}, "model.moe.shared_experts"),
+        (["moe"], {"hyper": HyperConfig(enabled=True)}, "model.moe.hyper.enabled"),
     ],
 )
 def test_hf_refuses_what_it_cannot_express(

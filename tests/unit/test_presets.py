@@ -123,3 +123,12 @@ def test_split_source_takes_the_first_item_without_equals() -> None:
     assert split_source(["x.yaml"]) == ("x.yaml", [])
     assert split_source(["a.b=1", "c=2"]) == (None, ["a.b=1", "c=2"])
     assert split_source([]) == (None, [])
+
+
+def test_tiny_hyper_is_tiny_with_hyper_experts() -> None:
+    import dataclasses
+
+    cfg, tiny = load_config("tiny-hyper"), load_config("tiny")
+    assert cfg.model.moe.hyper.enabled and not tiny.model.moe.hyper.enabled
+    plain = dataclasses.replace(cfg.model.moe, hyper=tiny.model.moe.hyper)
+    assert dataclasses.replace(cfg.model, moe=plain) == tiny.model

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from turnout.config.hyper import HyperConfig
 from turnout.config.model import (
     ExitConfig,
     MoDConfig,
@@ -93,7 +94,13 @@ def test_every_metric_of_a_real_model_is_in_the_table() -> None:
     ponder = dataclasses.replace(cfg, n_layers=2, layer_pattern=["ponder", "mod"])
     recursion = dataclasses.replace(cfg, n_layers=2, layer_pattern=["recursion", "mod"])
     token = dataclasses.replace(recursion, recursion=RecursionConfig(routing="token"))
-    for model_cfg in (cfg, exits, ponder, recursion, token):
+    hyper = dataclasses.replace(
+        cfg,
+        n_layers=2,
+        layer_pattern=["dense", "moe"],
+        moe=MoEConfig(num_experts=4, top_k=2, hyper=HyperConfig(enabled=True)),
+    )
+    for model_cfg in (cfg, exits, ponder, recursion, token, hyper):
         acc = StatsAccumulator()
         acc.add(TransformerLM(model_cfg)(tokens, tokens))
         metrics.update(acc.reduce())

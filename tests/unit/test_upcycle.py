@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from tests.decisions import recorded
 from turnout.config import TurnoutConfig
+from turnout.config.hyper import HyperConfig
 from turnout.config.load import load_config
 from turnout.config.model import MoDConfig, ModelConfig, MoEConfig
 from turnout.errors import ConfigError
@@ -86,13 +87,19 @@ def test_export_round_trip_stores_tied_weights_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("src", "dst"), [(["dense"], ["moe"]), (["dense", "mod"], ["moe", "mode"])]
+    ("src", "dst", "moe"),
+    [
+        (["dense"], ["moe"], {}),
+        (["dense", "mod"], ["moe", "mode"], {}),
+        # New hyper-experts start with a zero adapter: still the source's function.
+        (["dense"], ["moe"], {"hyper": HyperConfig(enabled=True)}),
+    ],
 )
 def test_dense_to_moe_first_forward_equals_source(
-    tmp_path: Path, src: list[str], dst: list[str]
+    tmp_path: Path, src: list[str], dst: list[str], moe: dict
 ) -> None:
     source, folder = _source(tmp_path, _model_cfg(src))
-    target, _ = _target(_model_cfg(dst), folder)
+    target, _ = _target(_model_cfg(dst, **moe), folder)
     bank = target.layers[0].ffn.experts
     assert torch.equal(bank.w_gate_EDF[3], source.layers[0].ffn.w_gate.weight.t())
     with recorded(source) as decisions:
@@ -123,6 +130,28 @@ def test_e_to_2e_first_forward_equals_source(tmp_path: Path, capacity_factor: fl
     if capacity_factor is not None:  # the claim holds with drops, not only without
         assert float(out.stats[0][Term.MOE_DROP]) > 0
     # ~5e-7 measured on logits of magnitude ~3: 1e-5 leaves 20x.
+    torch.testing.assert_close(_logits(target), out.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_e_to_2e_carries_the_hyper_experts(tmp_path: Path) -> None:
+    src = _model_cfg(["moe"], hyper=HyperConfig(enabled=True))
+    torch.manual_seed(0)
+    source = TransformerLM(src).eval()
+    with torch.no_grad():  # a trained adapter, not the zero one a fresh model starts with
+        source.hyper.up_HrD.normal_(std=0.1)
+    folder = tmp_path / "source"
+    write_turnout(folder, source.state_dict(), TurnoutConfig(model=src), step=5)
+    target, _ = _target(
+        _model_cfg(["moe"], num_experts=8, top_k=4, hyper=HyperConfig(enabled=True)), folder
+    )
+    emb = target.layers[0].ffn.hyper_emb_RC
+    assert torch.equal(emb[2], emb[3]) and torch.equal(emb[2], source.layers[0].ffn.hyper_emb_RC[1])
+    with torch.no_grad(), recorded(source) as decisions:
+        out = source(TOKENS_BS)
+    decisions.assert_clear("the source's expert top-2")
+    assert float(out.stats[0][Term.MOE_HYPER]) > 0  # the adapter takes part
+    # The copies split each unselected expert's probability in two, so the weighted mean
+    # embedding, hence the adapter, is the source's up to rounding; 1e-5 as above.
     torch.testing.assert_close(_logits(target), out.logits, atol=1e-5, rtol=1e-5)
 
 

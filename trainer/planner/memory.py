@@ -54,6 +54,19 @@ class Memory:
         return self.states + self.activations
 
 
+def hyper_values(cfg: ModelConfig) -> float:
+    """Saved values per row of a MoE layer's hyper-expert adapter (0 when off): the
+    probabilities and weights of the condition (3 E), the condition (C), the
+    hypernetwork's features before and after GELU (2 H), the down projection and the
+    outer product (2 H r), the adapter's bottleneck before and after GELU (2 r) and its
+    output (D)."""
+    h = cfg.moe.hyper
+    if not h.enabled:
+        return 0.0
+    E, C, H, r = cfg.moe.num_experts, h.embed_dim, h.hidden, h.rank
+    return 3 * E + C + 2 * H + 2 * H * r + 2 * r + cfg.d_model
+
+
 def _block_values(cfg: ModelConfig, kind: str, seq_len: int, batch: int) -> tuple[float, float]:
     """Saved activation values of one block per micro batch: (routed rows, all tokens)."""
     D = cfg.d_model
@@ -69,6 +82,7 @@ def _block_values(cfg: ModelConfig, kind: str, seq_len: int, batch: int) -> tupl
         ffn = expert_rows * (2 * D + 4 * cfg.expert_hidden()) + rows * (cfg.moe.num_experts + noop)
         if cfg.moe.shared_experts:  # the shared SwiGLU on every row: its hidden and output
             ffn += rows * (D + 4 * cfg.shared_hidden())
+        ffn += rows * hyper_values(cfg)
     else:
         ffn = rows * (2 * D + 4 * cfg.ffn_dim)
     every = 0.0

@@ -10,8 +10,9 @@ layers, gates renormalised or not: ``norm_topk_prob``).
 What none of them can express is refused, naming the key: MoD-routed blocks
 (``model.layer_pattern``: mod, mode), no-op experts (imode), shared experts
 (``model.moe.shared_experts``: Mixtral and Qwen3-MoE have none, and Qwen2-MoE's are
-gated; use ``--format turnout``), a MoE model without q/k norm that Mixtral cannot hold
-(a pattern mixing dense and MoE FFNs, top-k gates that are not renormalised:
+gated; use ``--format turnout``), hyper-experts (``model.moe.hyper``), a MoE model
+without q/k norm that Mixtral cannot hold (a pattern mixing dense and MoE FFNs, top-k
+gates that are not renormalised:
 ``model.moe.normalize_gates``), a non-zero selection bias (``model.moe.balance``), and
 capacity dropping (``model.moe.capacity_factor``: HF is dropless) unless the caller
 accepts dropless routing (``allow_dropless``: then the two agree whenever our model
@@ -62,6 +63,11 @@ def check_hf(cfg: TurnoutConfig, state: dict[str, torch.Tensor], allow_dropless:
     moe = [k.has_moe for k in kinds]
     if not any(moe):
         return "qwen3" if m.qk_norm else "llama"
+    if m.moe.hyper.enabled:
+        raise ConfigError(
+            "model.moe.hyper.enabled",
+            "HF Mixtral and Qwen3-MoE have no hypernetwork-generated adapter; use --format turnout",
+        )
     if m.moe.shared_experts:
         raise ConfigError(
             "model.moe.shared_experts",

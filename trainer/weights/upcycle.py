@@ -10,7 +10,10 @@ of the new model is mapped from the source:
 - a dense SwiGLU FFN -> every expert of the new MoE layer (sparse upcycling); the new
   router keeps its fresh random init;
 - E experts -> m*E: expert e becomes experts e*m .. e*m+m-1, its router column is
-  repeated likewise (and so is a selection bias ``expert_bias``);
+  repeated likewise (and so is a selection bias ``expert_bias``, and the hyper-expert
+  embeddings ``hyper_emb_RC``);
+- hyper-experts new to the model (``model.moe.hyper``): their embeddings and the shared
+  hypernetwork keep the fresh init, whose adapter output is zero;
 - a dense block -> a MoD-routed one (retrofit, :mod:`.retrofit_rules`): its weights move
   under ``layers.<i>.block.``, the new router is zero (a predictor keeps its fresh init);
   early exits need no weights (they share the final norm and head). A second log line

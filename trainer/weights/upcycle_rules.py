@@ -31,6 +31,10 @@ _ROUTER = "router_DE"
 
 
 _BIAS = "expert_bias"
+#: Hyper-experts: the per-layer expert embeddings (one row per expert, like the bias) and
+#: the model's shared hypernetwork (``hyper.*``).
+_HYPER_EMB = "hyper_emb_RC"
+_HYPER_NET = "hyper."
 
 
 @dataclass(frozen=True)
@@ -107,13 +111,15 @@ def weight_rules(
                 rule = Rule("expand", key, m, 0)
         elif leaf in FROM_DENSE and src_shapes.get(ffn + FROM_DENSE[leaf]) == shape[1:][::-1]:
             rule = Rule("dense", ffn + FROM_DENSE[leaf])
-        elif leaf in (_ROUTER, _BIAS) and have is not None:
+        elif leaf in (_ROUTER, _BIAS, _HYPER_EMB) and have is not None:
             dim = 1 if leaf == _ROUTER else 0
             m = shape[dim] // have[dim]
             if m * have[dim] == shape[dim] and len(have) == len(shape):
                 rule = Rule("expand", key, m, dim)
         elif leaf in (_ROUTER, _BIAS) and ffn + FROM_DENSE["experts.w_gate_EDF"] in src_shapes:
             rule = Rule("fresh")
+        elif have is None and (leaf == _HYPER_EMB or key.startswith(_HYPER_NET)):
+            rule = Rule("fresh")  # new hyper-experts: their adapter starts at zero
         elif have is None and new_mod_part(key):
             rule = Rule(str(new_mod_part(key)))
         if rule is None:
