@@ -106,6 +106,27 @@ def test_turnout_plan_reports_the_mode_and_its_saving() -> None:
     assert "activation checkpointing none" in format_plan(plain)
 
 
+def _two_blocks(kind: str, **fields: object) -> ModelConfig:
+    """A dense block, then one of ``kind``."""
+    return ModelConfig(
+        vocab_size=V,
+        d_model=D,
+        n_heads=4,
+        ffn_dim=128,
+        max_seq_len=S,
+        n_layers=2,
+        layer_pattern=["dense", kind],
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def _saved_by_block(cfg: ModelConfig) -> dict[int | None, int]:
+    """Bytes each block of a fresh model of ``cfg`` saves for backward, one forward."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(1))
+    return saved_bytes_by_block(TransformerLM(cfg), tokens)
+
+
 @pytest.mark.parametrize(
     "recursion",
     [{}, {"cache": "shared_first"}, {"routing": "token"}, {"group": 2}],
@@ -115,19 +136,8 @@ def test_planner_prices_a_recursion_block_like_the_measured_bytes(recursion: dic
     blocks run the same kernels, so the fp32/CPU excess of the per-block values cancels
     in the ratio (measured within ~5%); 20% as above, and it still fails if the planner
     priced the group once instead of per recursion (the ratio would be 1-2x off)."""
-    cfg = ModelConfig(
-        vocab_size=V,
-        d_model=D,
-        n_heads=4,
-        ffn_dim=128,
-        max_seq_len=S,
-        n_layers=2,
-        layer_pattern=["dense", "recursion"],
-        recursion=RecursionConfig(**recursion),
-    )
-    torch.manual_seed(0)
-    tokens = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(1))
-    saved = saved_bytes_by_block(TransformerLM(cfg), tokens)
+    cfg = _two_blocks("recursion", recursion=RecursionConfig(**recursion))
+    saved = _saved_by_block(cfg)
     planned = sum(_block_values(cfg, "recursion", S, B)) / sum(_block_values(cfg, "dense", S, B))
     assert saved[1] / saved[0] == pytest.approx(planned, rel=0.2)
 
@@ -137,24 +147,14 @@ def test_planner_prices_the_hyper_adapter_like_the_measured_bytes() -> None:
     values, 4 bytes each, on this CPU: 774 values a row measured against 700 planned, the
     small tensors of the condition's normalisation left out); 20% as above, and it
     fails if the planner left the adapter out (0) or priced its [D, r] matrices per token
-    (about 2.5x the measured)."""
+    (more than twice the measured)."""
     from turnout.config.hyper import HyperConfig
 
     saved = []
     for hyper in (HyperConfig(), HyperConfig(enabled=True, rank=8, hidden=32, embed_dim=32)):
-        cfg = ModelConfig(
-            vocab_size=V,
-            d_model=D,
-            n_heads=4,
-            ffn_dim=128,
-            max_seq_len=S,
-            n_layers=2,
-            layer_pattern=["dense", "moe"],
-            moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=None, hyper=hyper),
-        )
-        torch.manual_seed(0)
-        tokens = torch.randint(0, V, (B, S + 1), generator=torch.Generator().manual_seed(1))
-        saved.append(saved_bytes_by_block(TransformerLM(cfg), tokens)[1])
+        moe = MoEConfig(num_experts=4, top_k=2, capacity_factor=None, hyper=hyper)
+        cfg = _two_blocks("moe", moe=moe)
+        saved.append(_saved_by_block(cfg)[1])
     measured_values = (saved[1] - saved[0]) / 4
     planned = sum(_block_values(cfg, "moe", S, B)) - sum(
         _block_values(
