@@ -225,7 +225,7 @@ def _label(node: ast.AST, own: str) -> str:
 
 
 def _children(node: ast.AST) -> list[ast.AST]:
-    out = []
+    out: list[ast.AST] = []
     for _, value in ast.iter_fields(node):
         items = value if isinstance(value, list) else [value]
         out.extend(v for v in items if isinstance(v, ast.AST) and not isinstance(v, _SKIP))
@@ -296,7 +296,7 @@ def _def_use(
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             events.append((pos[i], 1, i))
     last_write: dict[str, int] = {}
-    out = []
+    out: list[tuple[int, int, int]] = []
     # At one position a write visible there precedes a read there (a statement's end).
     for _, kind, i in sorted(events):
         if kind == 0:
