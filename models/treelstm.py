@@ -207,7 +207,7 @@ def reference_encode(model: TreeLSTM, batch: TreeBatch) -> torch.Tensor:
             fc = fc + f * ck
         iou = wx[: 3 * D] + hsum @ model.U_iou.weight.t()
         i, o, u = iou.split(D)
-        c[j] = torch.sigmoid(i) * torch.tanh(u) + fc
-        h[j] = torch.sigmoid(o) * torch.tanh(c[j])
+        cj = torch.sigmoid(i) * torch.tanh(u) + fc
+        c[j], h[j] = cj, torch.sigmoid(o) * torch.tanh(cj)
     out = [h[j] for j in range(N)]
     return torch.stack([t for t in out if t is not None])
