@@ -1,0 +1,156 @@
+"""Function-name prediction over a syntax tree or graph: an encoder and a name decoder.
+
+Shape legend: B functions, N nodes of the batch, Nm the most nodes of one function, D
+width, K name positions (``max_name``), V name subtokens (the target vocabulary, ``<unk>``
+first) plus one end class.
+
+The encoder is the Tree-LSTM (:mod:`turnout.models.treelstm`) or the message-passing
+network (:mod:`turnout.models.gnn`, with or without MoE FFNs): node states ``h_ND``.
+The decoder predicts the name's subtokens at K positions at once (not one after
+another): position k has a learned query that attends over the function's nodes
+(scaled dot product on projected node states, masked to the function), and its context
+plus the function's root state go through one linear layer to V + 1 logits, the last
+meaning "the name ended before k". Training: cross-entropy at the name's positions and
+at the one end position after it (positions past that are not scored); a name longer
+than K is cut to K with no end. Prediction: the argmax at each position, up to the
+first end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from turnout.config.model import MoEConfig
+from turnout.models.gnn import GraphBatch, GraphNet
+from turnout.models.moe import MoEAux
+from turnout.models.treelstm import TreeBatch, TreeLSTM
+
+IGNORE = -100
+"""Target id of an unscored position."""
+
+
+@dataclass
+class StructureBatch:
+    """One batch in the encoder's form (exactly one of ``tree`` and ``graph``)."""
+
+    tree: TreeBatch | None
+    graph: GraphBatch | None
+    graph_N: torch.Tensor
+    """Which function each node belongs to."""
+    roots_B: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.roots_B.shape[0])
+
+
+@dataclass
+class StructureOutput:
+    logits_BKV: torch.Tensor
+    loss: torch.Tensor | None = None
+    """Cross-entropy of the scored positions plus the MoE layers' weighted aux losses."""
+    ce: torch.Tensor | None = None
+    """The cross-entropy alone (detached)."""
+    moe: list[MoEAux] = field(default_factory=list)
+
+
+def name_targets(ids: list[list[int]], max_name: int, end: int) -> torch.Tensor:
+    """``[B, K]`` targets: each name's ids, then ``end``, then :data:`IGNORE`."""
+    out = torch.full((len(ids), max_name), IGNORE, dtype=torch.long)
+    for b, name in enumerate(ids):
+        name = name[:max_name]
+        out[b, : len(name)] = torch.tensor(name, dtype=torch.long)
+        if len(name) < max_name:
+            out[b, len(name)] = end
+    return out
+
+
+class StructureModel(nn.Module):
+    def __init__(
+        self,
+        encoder: str,
+        num_types: int,
+        vocab_size: int,
+        edge_types: int,
+        targets: int,
+        max_name: int,
+        d_model: int = 128,
+        ffn_dim: int = 256,
+        layers: int = 4,
+        moe: MoEConfig | None = None,
+        aux_loss_coef: float = 0.01,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.encoder_kind = encoder
+        self.encoder: nn.Module
+        if encoder == "treelstm":
+            self.encoder = TreeLSTM(num_types, vocab_size, d_model, init_std)
+        elif encoder == "gnn":
+            self.encoder = GraphNet(
+                num_types, vocab_size, edge_types, d_model, ffn_dim, layers, moe, init_std
+            )
+        else:
+            raise ValueError(f"unknown encoder {encoder!r}; expected 'treelstm' or 'gnn'")
+        D = d_model
+        self.max_name = max_name
+        self.end = targets  # the end class comes after the V target subtokens
+        self.queries_KD = nn.Parameter(torch.randn(max_name, D) * init_std)
+        self.keys = nn.Linear(D, D, bias=False)
+        self.out = nn.Linear(2 * D, targets + 1)
+        self.aux_loss_coef = aux_loss_coef
+        nn.init.normal_(self.keys.weight, std=init_std)
+        nn.init.normal_(self.out.weight, std=init_std)
+        nn.init.zeros_(self.out.bias)
+
+    def encode(self, batch: StructureBatch) -> tuple[torch.Tensor, list[MoEAux]]:
+        if batch.tree is not None:
+            return self.encoder(batch.tree), []
+        assert batch.graph is not None
+        h_ND, auxes = self.encoder(batch.graph)
+        return h_ND, auxes
+
+    def forward(
+        self, batch: StructureBatch, targets_BK: torch.Tensor | None = None
+    ) -> StructureOutput:
+        h_ND, auxes = self.encode(batch)
+        B, D = batch.size, h_ND.shape[1]
+        # Each function's nodes into a padded [B, Nm, D] layout (its own nodes first).
+        start_B = batch.roots_B
+        pos_N = torch.arange(h_ND.shape[0], device=h_ND.device) - start_B[batch.graph_N]
+        Nm = int(pos_N.max()) + 1
+        nodes_BND = h_ND.new_zeros(B, Nm, D).index_put((batch.graph_N, pos_N), h_ND)
+        real_BN = torch.zeros(B, Nm, dtype=torch.bool, device=h_ND.device)
+        real_BN[batch.graph_N, pos_N] = True
+        scores_BKN = torch.einsum("kd,bnd->bkn", self.queries_KD, self.keys(nodes_BND))
+        scores_BKN = scores_BKN / math.sqrt(D)
+        scores_BKN = scores_BKN.masked_fill(~real_BN.unsqueeze(1), float("-inf"))
+        context_BKD = torch.einsum("bkn,bnd->bkd", scores_BKN.softmax(-1), nodes_BND)
+        root_BKD = h_ND[start_B].unsqueeze(1).expand(B, self.max_name, D)
+        logits_BKV = self.out(torch.cat([context_BKD, root_BKD], dim=-1))
+        out = StructureOutput(logits_BKV, moe=auxes)
+        if targets_BK is not None:
+            ce = F.cross_entropy(
+                logits_BKV.flatten(0, 1), targets_BK.flatten(), ignore_index=IGNORE
+            )
+            aux = sum((a.load_balance for a in auxes), ce.new_zeros(()))
+            out.loss = ce + self.aux_loss_coef * aux
+            out.ce = ce.detach()
+        return out
+
+    def predict(self, logits_BKV: torch.Tensor) -> list[list[int]]:
+        """Each function's predicted subtoken ids, up to the first end."""
+        out = []
+        for row in logits_BKV.argmax(-1).tolist():
+            ids = []
+            for i in row:
+                if i == self.end:
+                    break
+                ids.append(i)
+            out.append(ids)
+        return out
