@@ -4,6 +4,8 @@
 ``BatchSampler`` serve every rank; ``tokenizer`` / ``tokenizer_files`` are what a checkpoint
 carries so generate and eval read text as training did. ``corpus`` (files, shards,
 documents) and ``tokenizer_choice`` (which tokenizer, BPE training) are the cache's own.
+``structure`` turns the corpus's Python files into syntax-tree and graph examples of the
+function-name task (its own cache; docs/design.md §3.7).
 """
 
 __all__ = ["batches", "token_cache", "tokenizer", "tokenizer_files"]
