@@ -105,18 +105,27 @@ class GraphLayer(nn.Module):
         self.W_DRD = nn.Linear(D, relations * D, bias=False)
         self.out = nn.Linear(D, D, bias=False)
         self.norm2 = RMSNorm(D, eps)
+        if moe is not None and (moe.hyper.enabled or moe.uses_bias()):
+            # Both need the model around the layer (a shared hypernetwork, the trainer's
+            # bias step over a language model's blocks): not wired for graphs.
+            raise ValueError(
+                "a graph network's MoE FFN takes neither hyper-experts nor bias balancing"
+            )
         self.ffn: nn.Module = MoELayer(D, ffn_dim, moe) if moe is not None else SwiGLU(D, ffn_dim)
 
     def messages(self, a_PD: torch.Tensor, batch: GraphBatch) -> torch.Tensor:
         """``m``: the mean over each node's in-edges of the relation-projected source."""
         P, D = a_PD.shape
         proj_PRD = self.W_DRD(a_PD).view(P, self.relations, D)
-        msg_MD = proj_PRD[batch.src_M, batch.rel_M]
-        summed_PD = a_PD.new_zeros(P, D).index_add(0, batch.dst_M, msg_MD)
-        degree_P = torch.zeros(P, dtype=a_PD.dtype, device=a_PD.device).index_add(
-            0, batch.dst_M, torch.ones_like(batch.dst_M, dtype=a_PD.dtype)
+        # Sums and counts in fp32 at least: bf16 counts stop at 256, and a node may have
+        # more in-edges (a variable read hundreds of times).
+        acc = torch.promote_types(a_PD.dtype, torch.float32)
+        msg_MD = proj_PRD[batch.src_M, batch.rel_M].to(acc)
+        summed_PD = msg_MD.new_zeros(P, D).index_add(0, batch.dst_M, msg_MD)
+        degree_P = msg_MD.new_zeros(P).index_add(
+            0, batch.dst_M, torch.ones_like(batch.dst_M, dtype=acc)
         )
-        return summed_PD / degree_P.clamp_min(1).unsqueeze(-1)
+        return (summed_PD / degree_P.clamp_min(1).unsqueeze(-1)).to(a_PD.dtype)
 
     def forward(self, h_PD: torch.Tensor, batch: GraphBatch) -> tuple[torch.Tensor, MoEAux | None]:
         h_PD = h_PD + self.out(self.messages(self.norm1(h_PD), batch))

@@ -11,6 +11,7 @@ embeddings of the experts it did *not* select (before capacity drops: its choice
 the dispatcher's luck)::
 
     c = sum_{e not in S} p_e emb_e / sum_{e not in S} p_e                  [C]
+      = softmax(logits, the selected experts masked out) @ emb
 
 One hypernetwork, shared by every MoE layer of the model, turns it into the weights of a
 rank-r bottleneck adapter, and the layer adds the adapter's output to the routed one::
@@ -22,8 +23,9 @@ rank-r bottleneck adapter, and the layer adds the adapter's output to the routed
 The matrices are linear in ``h``, so the layer never materialises a ``[T, D, r]``
 tensor: ``x A_down = sum_j h_j (x G_down[j])`` is one ``[T, D] x [D, H r]`` matmul and a
 contraction over H, and ``a A_up = (h outer a) G_up`` one ``[T, H r] x [H r, D]``
-matmul. Static shapes throughout; it runs where the tokens are, before dispatch, so
-expert parallelism never sees it (its weights are dense, replicated, ZeRO-sharded).
+matmul. Static shapes throughout; it runs on the layer's own tokens where they are,
+beside the dispatcher and never through it, so expert parallelism does not see it (its
+weights are dense, replicated, ZeRO-sharded).
 :func:`adapter_reference` generates the matrices explicitly: the tests' oracle.
 
 ``G_up`` starts at zero, so a model with hyper-experts starts as the same model without.
@@ -55,11 +57,15 @@ class HyperNet(nn.Module):
         self.reset()
 
     def reset(self) -> None:
-        """Condition layer at unit gain, the down maps at ``init_std``, the up maps at 0."""
-        nn.init.normal_(self.in_CH, std=1.0 / math.sqrt(self.in_CH.shape[0]))
-        nn.init.zeros_(self.in_bias_H)
-        nn.init.normal_(self.down_DHr, std=self.init_std)
-        nn.init.zeros_(self.up_HrD)
+        """Condition layer at unit gain, the down maps at ``init_std``, the up maps at 0;
+        drawn from a fork of the generator, so the model's other weights are those of
+        the same seed without hyper-experts."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch.initial_seed() + 3)  # not the draws its caller makes
+            nn.init.normal_(self.in_CH, std=1.0 / math.sqrt(self.in_CH.shape[0]))
+            nn.init.zeros_(self.in_bias_H)
+            nn.init.normal_(self.down_DHr, std=self.init_std)
+            nn.init.zeros_(self.up_HrD)
 
     def features(self, cond_TC: torch.Tensor) -> torch.Tensor:
         """``h``: the H coefficients of each token's adapter."""
@@ -76,15 +82,17 @@ class HyperNet(nn.Module):
 
 
 def condition(
-    probs_TR: torch.Tensor, expert_TK: torch.Tensor, emb_RC: torch.Tensor
+    logits_TR: torch.Tensor, expert_TK: torch.Tensor, emb_RC: torch.Tensor
 ) -> torch.Tensor:
     """``c``: the probability-weighted mean embedding of the experts each token did not
-    select (``expert_TK``: its top-k choice, real experts only). fp32."""
-    chosen_TR = torch.zeros_like(probs_TR).scatter_(1, expert_TK, 1.0)
-    w_TR = probs_TR.float() * (1.0 - chosen_TR)
-    # Every weight is 0 only when the softmax underflowed there: the mean is then 0.
-    total_T1 = w_TR.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return (w_TR / total_T1) @ emb_RC.float()
+    select (``expert_TK``: its top-k choice; ``logits_TR``: the unbiased router logits of
+    the real experts). fp32. The weights ``p_e / sum_{unselected} p_e`` are the softmax
+    of the logits with the selected ones masked out: the same numbers, computed without
+    dividing by a sum that can underflow (a router far more sure of its choice than of
+    the rest would otherwise send inf or nan back through the division)."""
+    chosen_TR = torch.zeros_like(logits_TR, dtype=torch.bool).scatter_(1, expert_TK, True)
+    w_TR = logits_TR.float().masked_fill(chosen_TR, float("-inf")).softmax(-1)
+    return w_TR @ emb_RC.float()
 
 
 def adapter_reference(net: HyperNet, x_TD: torch.Tensor, cond_TC: torch.Tensor) -> torch.Tensor:

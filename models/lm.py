@@ -107,6 +107,12 @@ class TransformerLM(nn.Module):
                 if isinstance(m, MoELayer):
                     m.attach_hyper(self.hyper)
         self.apply(self._init)
+        if self.hyper is not None:  # each layer its own table, off the model's stream
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch.initial_seed() + 2)
+                for m in self.modules():
+                    if isinstance(m, MoELayer) and m.hyper_emb_RC is not None:
+                        nn.init.normal_(m.hyper_emb_RC)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.coefs = {t: s.coefficient(cfg) for t, s in TERMS.items() if s.is_loss}

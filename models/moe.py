@@ -114,7 +114,13 @@ class MoELayer(nn.Module):
         # embedding); the shared hypernetwork is attached by the model (attach_hyper).
         self.hyper_emb_RC: nn.Parameter | None = None
         if cfg.hyper.enabled:
-            self.hyper_emb_RC = nn.Parameter(torch.randn(cfg.num_experts, cfg.hyper.embed_dim))
+            # Drawn from a stream of its own: the model's other weights stay those of the
+            # same seed without hyper-experts (a fair with/without). A model redraws
+            # its layers' tables one after another from such a stream (TransformerLM).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch.initial_seed() + 1)
+                emb_RC = torch.randn(cfg.num_experts, cfg.hyper.embed_dim)
+            self.hyper_emb_RC = nn.Parameter(emb_RC)
         self._hyper: list[HyperNet] = []
 
     def attach_hyper(self, net: HyperNet) -> None:
@@ -135,8 +141,7 @@ class MoELayer(nn.Module):
             return y_TD, None
         if not self._hyper:
             raise ValueError("model.moe.hyper.enabled but no hypernetwork is attached")
-        probs_TR = torch.softmax(logits_TE.float(), dim=-1)[:, : self.num_experts]
-        cond_TC = condition(probs_TR, expert_TK, self.hyper_emb_RC)
+        cond_TC = condition(logits_TE[:, : self.num_experts], expert_TK, self.hyper_emb_RC)
         adapter_TD = self._hyper[0](x_TD, cond_TC)
         norms_T = adapter_TD.detach().float().norm(dim=-1)
         norm = norms_T.mean() if norms_T.numel() else norms_T.new_zeros(())

@@ -53,7 +53,8 @@ class StructureBatch:
 class StructureOutput:
     logits_BKV: torch.Tensor
     loss: torch.Tensor | None = None
-    """Cross-entropy of the scored positions plus the MoE layers' weighted aux losses."""
+    """Cross-entropy of the scored positions plus the MoE layers' load-balance and z
+    losses, weighted by ``model.moe.aux_loss_coef`` and ``z_loss_coef``."""
     ce: torch.Tensor | None = None
     """The cross-entropy alone (detached)."""
     moe: list[MoEAux] = field(default_factory=list)
@@ -83,7 +84,6 @@ class StructureModel(nn.Module):
         ffn_dim: int = 256,
         layers: int = 4,
         moe: MoEConfig | None = None,
-        aux_loss_coef: float = 0.01,
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
@@ -103,7 +103,9 @@ class StructureModel(nn.Module):
         self.queries_KD = nn.Parameter(torch.randn(max_name, D) * init_std)
         self.keys = nn.Linear(D, D, bias=False)
         self.out = nn.Linear(2 * D, targets + 1)
-        self.aux_loss_coef = aux_loss_coef
+        # The MoE layers' aux losses, weighted as in a language model (model.moe.*).
+        self.lb_coef = moe.aux_loss_coef if moe is not None else 0.0
+        self.z_coef = moe.z_loss_coef if moe is not None else 0.0
         nn.init.normal_(self.keys.weight, std=init_std)
         nn.init.normal_(self.out.weight, std=init_std)
         nn.init.zeros_(self.out.bias)
@@ -138,8 +140,10 @@ class StructureModel(nn.Module):
             ce = F.cross_entropy(
                 logits_BKV.flatten(0, 1), targets_BK.flatten(), ignore_index=IGNORE
             )
-            aux = sum((a.load_balance for a in auxes), ce.new_zeros(()))
-            out.loss = ce + self.aux_loss_coef * aux
+            aux = ce.new_zeros(())
+            for a in auxes:
+                aux = aux + self.lb_coef * a.load_balance + self.z_coef * a.z_loss
+            out.loss = ce + aux
             out.ce = ce.detach()
         return out
 

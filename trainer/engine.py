@@ -32,6 +32,8 @@ from turnout.trainer.schedule import build_scheduler
 
 #: Parameters of these module types never get weight decay (besides any 1-D tensor).
 _NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (nn.Embedding,)
+#: Parameters whose name ends so are embedding tables held as bare parameters: no decay.
+_NO_DECAY_NAMES = ("hyper_emb_RC",)
 
 
 def use_bf16(precision: str) -> bool:
@@ -55,10 +57,11 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    for _, p in model.named_parameters():  # deduplicates tied parameters
+    for name, p in model.named_parameters():  # deduplicates tied parameters
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
+        bare_table = name.endswith(_NO_DECAY_NAMES)
+        (no_decay if p.ndim < 2 or id(p) in no_decay_ids or bare_table else decay).append(p)
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},

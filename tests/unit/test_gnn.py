@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from turnout.config.hyper import HyperConfig
 from turnout.config.model import MoEConfig
 from turnout.models.gnn import GraphNet, dense_messages, graph_batch
 from turnout.models.treelstm import MIN_BUCKET
@@ -87,3 +88,30 @@ def test_the_moe_ffn_routes_every_real_node_and_returns_its_aux() -> None:
     loss.backward()
     bank = net.layers[1].ffn.experts
     assert all(float(p.grad.abs().sum()) > 0 for p in bank.parameters())
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        MoEConfig(num_experts=4, top_k=2, balance="bias"),
+        MoEConfig(num_experts=4, top_k=2, hyper=HyperConfig(enabled=True)),
+    ],
+)
+def test_what_a_graph_moe_layer_cannot_take_is_refused(moe: MoEConfig) -> None:
+    with pytest.raises(ValueError, match="neither hyper-experts nor bias"):
+        _net(moe)
+
+
+def test_a_node_with_hundreds_of_in_edges_gets_its_mean_in_bf16() -> None:
+    """300 edges into one node: in bf16 a count stops at 256; the mean must not."""
+    net = _net().bfloat16()
+    types = np.zeros(301, np.int64)
+    tokens = np.full((301, L), -1)
+    edges = np.array([[i, 0, 0] for i in range(1, 301)])
+    batch = graph_batch([(types, tokens, edges)], len(EDGE_TYPES), pad=False)
+    layer = net.layers[0]
+    a = torch.randn(batch.padded_nodes, 16, generator=torch.Generator().manual_seed(0))
+    got = layer.messages(a.bfloat16(), batch)[0].float()
+    want = dense_messages(layer.float(), a[:301], batch)[0]
+    # bf16 inputs and outputs (8 bits of mantissa) around an fp32 sum: ~1% of the values.
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)

@@ -183,6 +183,14 @@ def test_the_split_is_by_file_and_the_cache_is_reused(tmp_path: Path) -> None:
     again, _ = build(str(corpus), ByteTokenizer(), AstConfig(), tmp_path / "cache", 0.5)
     assert again == out and (out / "meta.json").stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [out.name]  # no temp left
+    (corpus / "zz").mkdir()  # a new folder beside the old files moves none of them
+    (corpus / "zz" / "d.py").write_text("def fresh_one(a):\n    return a + a * a - a\n")
+    grown, _ = build(str(corpus), ByteTokenizer(), AstConfig(), tmp_path / "cache", 0.5)
+    grown_data = StructureData(grown)
+    for split in ("train", "val"):
+        kept = {grown_data.meta["files"][i] for i in grown_data.splits[split].a["file_index"]}
+        old = {files[i] for i in data.splits[split].a["file_index"]}
+        assert old <= kept
     (corpus / "c.py").write_text("def other_name(a):\n    return a + a * a - a\n")
     os.utime(corpus / "c.py", ns=(1, 1))
     changed, _ = build(str(corpus), ByteTokenizer(), AstConfig(), tmp_path / "cache", 0.5)
@@ -208,3 +216,64 @@ def test_bad_options_name_the_key(change: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         validate_structure(AstConfig(**change))
     assert err.value.key == key
+
+
+SCOPES = """
+def save(self, x):
+    g = lambda x: x + 1
+    ys = [x for x, w in pairs if w]
+    z = [x]
+    super().save(a.b.c, save=1)
+    def inner(q):
+        for x in q:
+            pass
+        return x
+    return x
+"""
+
+
+def test_the_name_is_hidden_wherever_it_appears() -> None:
+    g = function_graph(functions(ast.parse(SCOPES))[0])
+    assert "save" not in g.labels and g.labels.count(SELF) == 2  # .save( and save=1
+
+
+def test_def_use_keeps_lambdas_comprehensions_and_nested_defs_to_themselves() -> None:
+    g = function_graph(functions(ast.parse(SCOPES))[0])
+    line = {i: ln for i, ln in enumerate(_lines(g))}
+    reads = sorted((line[a], g.labels[a], line[b]) for a, b, t in g.edges if t == USE)
+    assert reads == [
+        (3, "x", 3),  # the lambda's body reads its own parameter
+        (4, "w", 4),  # the comprehension's condition and element read its variables,
+        (4, "x", 4),  # not the function's parameter
+        (5, "x", 2),  # past them, x is the parameter again
+        (8, "q", 7),
+        (10, "x", 8),  # the nested function's loop variable, inside it
+        (11, "x", 2),  # and the parameter outside
+    ]
+
+
+def test_an_attribute_comes_after_its_value_in_the_token_order() -> None:
+    g = function_graph(functions(ast.parse("def f():\n    return a.b.c\n"))[0])
+    assert [g.labels[b] for a, b, t in g.edges if t == NEXT] == ["b", "c"]
+
+
+def _lines(g: object) -> list[int]:
+    """Each node's source line (the graph keeps none: recomputed from the tree walk)."""
+    fn = functions(ast.parse(SCOPES))[0]
+    out: list[int] = []
+    stack: list[tuple[ast.AST, int]] = [(fn, fn.lineno)]
+    while stack:
+        node, at = stack.pop()
+        here = getattr(node, "lineno", at)
+        out.append(here)
+        kids = [
+            v
+            for _, value in ast.iter_fields(node)
+            for v in (value if isinstance(value, list) else [value])
+            if isinstance(v, ast.AST)
+            and not isinstance(
+                v, (ast.expr_context, ast.operator, ast.boolop, ast.unaryop, ast.cmpop)
+            )
+        ]
+        stack.extend((k, here) for k in reversed(kids))
+    return out

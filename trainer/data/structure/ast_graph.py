@@ -17,14 +17,15 @@ of a chain). A node has
   ``''`` for the rest.
 
 The task predicts the function's name, so the name appears nowhere: the root's label is
-``''`` and a use of the name inside the body (a recursive call) is labelled
-:data:`SELF`.
+``''`` and every other label equal to it (a recursive call, ``self.save()`` inside
+``save``, a keyword or nested definition of that name) is :data:`SELF`.
 
 **Edges** ``(src, dst)`` and their types:
 
 - ``CHILD``: parent -> child, the tree;
-- ``NEXT``: each labelled node -> the next labelled node in source order (line, column),
-  the token sequence;
+- ``NEXT``: each labelled node -> the next labelled node in source order (line, column;
+  an attribute's name at its end, after its value: ``a.b.c`` is a, b, c), the token
+  sequence;
 - ``SAME``: each identifier occurrence (``Name``, ``arg``, ``Attribute``) -> the previous
   occurrence of the same identifier in source order;
 - ``USE``: each read of a variable (``Name.Load``) -> the last write of that name
@@ -32,7 +33,8 @@ The task predicts the function's name, so the name appears nowhere: the root's l
   "last lexical write" approximation of def-use. A write in an assignment statement
   (``Assign``, ``AugAssign``, ``AnnAssign``) becomes visible where that statement ends, so
   ``x = x + 1`` reads the earlier ``x``; other writes (a ``for`` target, a ``with ... as``
-  name, a parameter) where they are written. Control flow is not followed.
+  name, a parameter, a lambda's or a comprehension's variable, a walrus target) where
+  they are written. Control flow is not followed.
 
 Each edge is listed once, in the direction given; a model that wants messages both ways
 adds the reverse. :func:`function_graph` also gives every node's **height** (0 for a leaf,
@@ -202,8 +204,14 @@ def node_type(node: ast.AST) -> str:
 
 
 def _label(node: ast.AST, own: str) -> str:
+    """The node's label, the function's own name (wherever it appears) as :data:`SELF`."""
+    label = _raw_label(node)
+    return SELF if label == own else label
+
+
+def _raw_label(node: ast.AST) -> str:
     if isinstance(node, ast.Name):
-        return SELF if node.id == own else node.id
+        return node.id
     if isinstance(node, ast.arg):
         return node.arg
     if isinstance(node, ast.Attribute):
@@ -232,9 +240,46 @@ def _children(node: ast.AST) -> list[ast.AST]:
     return out
 
 
+def _targets(node: ast.AST) -> list[ast.AST] | None:
+    """An assignment statement's targets (None for any other node)."""
+    if isinstance(node, ast.Assign):
+        return list(node.targets)
+    if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        return [node.target]
+    return None
+
+
+def _order_key(node: ast.AST, start: tuple[int, int]) -> tuple[int, int]:
+    """Where a node's token is in the source: an attribute's name comes after its value
+    (``a.b``: at its end), every other node's at its start."""
+    if isinstance(node, ast.Attribute) and getattr(node, "end_lineno", None) is not None:
+        return (node.end_lineno, node.end_col_offset)  # type: ignore[return-value]
+    return start
+
+
 def _pos(node: ast.AST, fallback: tuple[int, int]) -> tuple[int, int]:
     line = getattr(node, "lineno", None)
     return (line, getattr(node, "col_offset", 0)) if line is not None else fallback
+
+
+Pos = tuple[int, int]
+Span = tuple[Pos, Pos]
+_SCOPES = (
+    ast.Lambda,
+    ast.ListComp,
+    ast.SetComp,
+    ast.DictComp,
+    ast.GeneratorExp,
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+)
+_FOREVER = (1 << 30, 0)
+
+
+def _span(node: ast.AST, start: tuple[int, int]) -> Span:
+    end = (getattr(node, "end_lineno", None), getattr(node, "end_col_offset", None))
+    return (start, end if end[0] is not None else _FOREVER)  # type: ignore[return-value]
 
 
 def function_graph(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> FunctionGraph:
@@ -243,12 +288,14 @@ def function_graph(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> FunctionGraph:
     nodes: list[ast.AST] = []
     parent: list[int] = []
     pos: list[tuple[int, int]] = []
-    visible: list[tuple[int, int]] = []  # where a write becomes visible (source order)
-    stack: list[tuple[ast.AST, int, tuple[int, int], tuple[int, int] | None]] = [
-        (fn, -1, (fn.lineno, fn.col_offset), None)
-    ]
+    # A write's visibility in source order: from where (an assignment's end, else where
+    # it is written; a scope's variable from the scope's start) until where (the end of
+    # the lambda, comprehension or nested definition that owns it; else the function's).
+    visible: list[Span] = []
+    Item = tuple[ast.AST, int, tuple[int, int], tuple[int, int] | None, Span | None, Pos | None]
+    stack: list[Item] = [(fn, -1, (fn.lineno, fn.col_offset), None, None, None)]
     while stack:  # pre-order without recursion: deep expressions cannot overflow
-        node, up, at, stmt_end = stack.pop()
+        node, up, at, stmt_end, scope, comp = stack.pop()
         i = len(nodes)
         nodes.append(node)
         parent.append(up)
@@ -256,15 +303,29 @@ def function_graph(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> FunctionGraph:
         pos.append(here)
         if isinstance(node, _ASSIGNS):
             stmt_end = (getattr(node, "end_lineno", here[0]), getattr(node, "end_col_offset", 0))
-        visible.append(stmt_end if stmt_end is not None else here)
-        kids = _children(node)
-        for kid in reversed(kids):
-            stack.append((kid, i, here, None if isinstance(kid, ast.stmt) else stmt_end))
+        start = stmt_end if stmt_end is not None else here
+        if isinstance(node, ast.Name) and comp is not None:  # a comprehension's variable:
+            start = comp  # its element, written first, reads it
+        visible.append((start, scope[1] if scope is not None else _FOREVER))
+        inner = _span(node, here) if i > 0 and isinstance(node, _SCOPES) else scope
+        if isinstance(node, ast.comprehension):
+            comp = scope[0] if scope is not None else here
+        elif not isinstance(node, ast.Tuple | ast.List | ast.Starred):
+            comp = None  # only the target (and its unpacking) of a comprehension
+        # An assignment's end reaches its targets only: its value (a lambda or a
+        # comprehension in it included) binds its own names where they are written.
+        targets = _targets(node)
+        for kid in reversed(_children(node)):
+            if targets is not None:
+                end = stmt_end if any(kid is t for t in targets) else None
+            else:
+                end = None if isinstance(kid, ast.stmt) else stmt_end
+            stack.append((kid, i, here, end, inner, comp))
     n = len(nodes)
     labels = ["" if i == 0 else _label(node, own) for i, node in enumerate(nodes)]
     types = [_TYPE_ID.get(node_type(node), 0) for node in nodes]
     edges = [(parent[i], i, CHILD) for i in range(1, n)]
-    order = sorted(range(n), key=lambda i: (pos[i], i))
+    order = sorted(range(n), key=lambda i: (_order_key(nodes[i], pos[i]), i))
     named = [i for i in order if labels[i]]
     edges += [(a, b, NEXT) for a, b in zip(named, named[1:], strict=False)]
     last_seen: dict[str, int] = {}
@@ -284,25 +345,28 @@ def _def_use(
     nodes: list[ast.AST],
     labels: list[str],
     pos: list[tuple[int, int]],
-    visible: list[tuple[int, int]],
+    visible: list[Span],
 ) -> list[tuple[int, int, int]]:
-    """USE edges: each read -> the last write of its name visible before it."""
+    """USE edges: each read -> the last write of its name visible at the read."""
     events: list[tuple[tuple[int, int], int, int]] = []  # (when, 0 write / 1 read, node)
     for i, node in enumerate(nodes):
         if isinstance(node, ast.arg) or (
             isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del))
         ):
-            events.append((visible[i], 0, i))
+            events.append((visible[i][0], 0, i))
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             events.append((pos[i], 1, i))
-    last_write: dict[str, int] = {}
+    writes: dict[str, list[int]] = {}
     out: list[tuple[int, int, int]] = []
     # At one position a write visible there precedes a read there (a statement's end).
-    for _, kind, i in sorted(events):
+    for when, kind, i in sorted(events):
         if kind == 0:
-            last_write[labels[i]] = i
-        elif labels[i] in last_write:
-            out.append((i, last_write[labels[i]], USE))
+            writes.setdefault(labels[i], []).append(i)
+            continue
+        for w in reversed(writes.get(labels[i], [])):
+            if when <= visible[w][1]:  # the newest write whose scope holds the read
+                out.append((i, w, USE))
+                break
     return out
 
 

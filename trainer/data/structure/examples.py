@@ -15,8 +15,9 @@ warns once.
 
 **Split by file**, so no file has functions on both sides: a file is held out for
 validation when the first 8 bytes of the SHA-256 of its path relative to the corpus root
-(the files' common folder), read as a fraction of 2^64, fall below ``val_fraction``. The
-split depends on the corpus layout only, not on the machine or the read order.
+(:func:`corpus_root`: the folder the spec names), read as a fraction of 2^64, fall below
+``val_fraction``. The split depends on the corpus layout only, not on the machine or the
+read order, and files added later do not move the others.
 
 **Cache**: the arrays of each split go to ``<cache_dir>/structure-<fingerprint>/``
 (``train.npz``, ``val.npz``, ``meta.json``), written under a temporary name and renamed
@@ -39,6 +40,8 @@ import hashlib
 import json
 import os
 import shutil
+import sysconfig
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -129,9 +132,21 @@ class _Split:
         )
 
 
-def _root(sources: list[Source]) -> str:
-    paths = [s.path for s in sources]
-    return os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath(paths)
+def corpus_root(spec: str, sources: list[Source]) -> str:
+    """The folder the split hashes paths from: the one the corpus spec names (stdlib:
+    the standard library's; a glob: its folder before the first wildcard; a file: its
+    folder), so adding files beside the old ones moves none of them across the split."""
+    if spec == "stdlib":
+        return str(Path(sysconfig.get_paths()["stdlib"]).resolve())
+    head = spec
+    for i, ch in enumerate(spec):
+        if ch in "*?[":
+            head = os.path.dirname(spec[:i]) or "."
+            break
+    path = Path(head).expanduser().resolve()
+    if path.is_dir():
+        return str(path)
+    return os.path.dirname(sources[0].path) if sources else str(path.parent)
 
 
 def _label_ids(label: str, tok: Tokenizer, L: int, memo: dict[str, list[int]]) -> None:
@@ -168,7 +183,7 @@ def build(
     if (out / "meta.json").is_file():
         meta = json.loads((out / "meta.json").read_text())
         return out, BuildStats(**meta["stats"])
-    root = _root(sources)
+    root = corpus_root(corpus, sources)
     stats = BuildStats()
     splits = {s: _Split(cfg.label_tokens) for s in SPLITS}
     files: list[str] = []
@@ -231,14 +246,16 @@ def build(
         "stats": asdict(stats),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for s in SPLITS:
-        splits[s].save(tmp / f"{s}.npz")
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
+        for s in SPLITS:
+            splits[s].save(tmp / f"{s}.npz")
+        (tmp / "meta.json").write_text(json.dumps(meta))
         tmp.rename(out)
-    except OSError:  # another process finished the same cache first: keep theirs
+    except OSError:
+        if not (out / "meta.json").is_file():
+            raise  # not another process's whole cache: a real failure
+        # Another process finished the same cache first: keep theirs.
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, stats
