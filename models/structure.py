@@ -80,9 +80,9 @@ class StructureModel(nn.Module):
         edge_types: int,
         targets: int,
         max_name: int,
-        d_model: int = 128,
-        ffn_dim: int = 256,
-        layers: int = 4,
+        d_model: int,
+        ffn_dim: int,
+        layers: int,
         moe: MoEConfig | None = None,
         init_std: float = 0.02,
     ) -> None:

@@ -115,7 +115,7 @@ def test_the_shipped_isoflop_spec_expands() -> None:
     spec = load_spec(spec_file("isoflop"))
     trials = expand(spec)
     families = {t.labels["family"] for t in trials}
-    assert families == {"dense", "moe", "mod", "mode", "exit"}
+    assert families == {"dense", "moe", "mod", "mode", "exit", "mor"}
     assert all(t.steps >= 100 for t in trials)  # enough steps that the loss means something
     with pytest.raises(ConfigError) as e:
         spec_file("no-such-sweep")
