@@ -127,9 +127,10 @@ class StructureModel(nn.Module):
         pos_N = torch.arange(h_ND.shape[0], device=h_ND.device) - start_B[batch.graph_N]
         Nm = int(pos_N.max()) + 1
         nodes_BND = h_ND.new_zeros(B, Nm, D).index_put((batch.graph_N, pos_N), h_ND)
+        keys_BND = h_ND.new_zeros(B, Nm, D).index_put((batch.graph_N, pos_N), self.keys(h_ND))
         real_BN = torch.zeros(B, Nm, dtype=torch.bool, device=h_ND.device)
         real_BN[batch.graph_N, pos_N] = True
-        scores_BKN = torch.einsum("kd,bnd->bkn", self.queries_KD, self.keys(nodes_BND))
+        scores_BKN = torch.einsum("kd,bnd->bkn", self.queries_KD, keys_BND)
         scores_BKN = scores_BKN / math.sqrt(D)
         scores_BKN = scores_BKN.masked_fill(~real_BN.unsqueeze(1), float("-inf"))
         context_BKD = torch.einsum("bkn,bnd->bkd", scores_BKN.softmax(-1), nodes_BND)
