@@ -26,7 +26,8 @@ that). A Tree-LSTM's padded level rows are counted from the batch's lists too.
 
 from __future__ import annotations
 
-from turnout.models.gnn import GraphNet
+from turnout.models.gnn import GraphLayer, GraphNet
+from turnout.models.layers import SwiGLU
 from turnout.models.moe import MoELayer
 from turnout.models.structure import StructureBatch, StructureModel
 from turnout.models.treelstm import TreeLSTM
@@ -57,6 +58,7 @@ def batch_flops(
     assert isinstance(enc, GraphNet) and batch.graph is not None
     P = batch.graph.padded_nodes
     for i, layer in enumerate(enc.layers):
+        assert isinstance(layer, GraphLayer)
         total += 2.0 * P * D * layer.relations * D + 2.0 * P * D * D
         ffn = layer.ffn
         if isinstance(ffn, MoELayer):
@@ -65,6 +67,7 @@ def batch_flops(
             rows = k * N if kept_rows is None else kept_rows[i]
             total += 2.0 * N * D * E + rows * SWIGLU_MATMULS * 2 * D * hidden
         else:
+            assert isinstance(ffn, SwiGLU)
             hidden = int(ffn.w_up.weight.shape[0])
             total += N * SWIGLU_MATMULS * 2.0 * D * hidden
     return total
