@@ -8,6 +8,7 @@ nats/byte. Shape legend: S sizes, N seed points (all sizes together), D bootstra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,6 +123,16 @@ def _best_measured(sizes: Sequence[Size], status: str, coeffs: tuple | None) -> 
 
 
 def optimum(sizes: Sequence[Size]) -> Optimum:
+    """:func:`_optimum`, its stds unknown (NaN) when no size has two seeds: resampling a
+    single seed per size draws the same data every time, a spread of 0 that says nothing
+    about the seeds."""
+    opt = _optimum(sizes)
+    if all(len(s.losses) < 2 for s in sizes):
+        return dataclasses.replace(opt, x_std=math.nan, loss_std=math.nan)
+    return opt
+
+
+def _optimum(sizes: Sequence[Size]) -> Optimum:
     """The optimum of one isoFLOP curve.
 
     A quadratic in x is least-squares fitted to every seed point. Its vertex is the

@@ -19,6 +19,11 @@ NCOLS = 3
 MARKERS = "os^Dvp<>"
 
 
+def _err(std: float | None) -> float:
+    """An error bar: NaN (none drawn) where the spread is unknown (one seed)."""
+    return float("nan") if std is None else float(std)
+
+
 def _colors(doc: dict[str, Any]) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
@@ -40,7 +45,7 @@ def _budget_panel(ax: Any, doc: dict[str, Any], budget: float, colors: dict[str,
         ax.errorbar(
             [p["params"] for p in pts],
             [p["loss_mean"] for p in pts],
-            yerr=[p["loss_std"] for p in pts],
+            yerr=[_err(p["loss_std"]) for p in pts],
             fmt="o",
             color=color,
             capsize=3,
@@ -67,7 +72,7 @@ def _optima_panel(ax: Any, doc: dict[str, Any], colors: dict[str, Any]) -> None:
         ax.errorbar(
             [o["budget"] for o in opts],
             [o["loss"] for o in opts],
-            yerr=[o["loss_std"] for o in opts],
+            yerr=[_err(o["loss_std"]) for o in opts],
             fmt="o-",
             color=color,
             capsize=3,

@@ -311,3 +311,10 @@ def test_failed_runs_are_listed_not_fitted_and_the_page_has_every_part(tmp_path:
     assert len(run_rows) == len(doc["runs"])
     # trial ids hold '|': escaped, so every row has the header's 14 cells (15 bars)
     assert {len(re.findall(r"(?<!\\)\|", line)) for line in run_rows} == {15}
+
+
+def test_one_seed_per_size_leaves_the_spread_unknown() -> None:
+    sizes = [Size(x, (0.3 * (x - 6.2) ** 2 + 2.0,)) for x in XS]
+    opt = optimum(sizes)
+    assert opt.status == "interior" and opt.loss == pytest.approx(2.0, abs=EXACT)
+    assert math.isnan(opt.loss_std) and math.isnan(opt.x_std)  # not a spread of 0
