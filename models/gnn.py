@@ -36,7 +36,7 @@ from torch import nn
 from turnout.config.model import MoEConfig
 from turnout.models.layers import RMSNorm, SwiGLU
 from turnout.models.moe import MoEAux, MoELayer
-from turnout.models.treelstm import bucket
+from turnout.models.nodes import NodeEmbedding, bucket
 
 
 @dataclass
@@ -55,6 +55,9 @@ class GraphBatch:
     """Which graph each real node belongs to."""
     padded_nodes: int
     """Np: the node rows the layers run on (the real ones first, then padding)."""
+    degree_P: torch.Tensor
+    """In-edges of each node row, padded edges included (they all enter the scratch row):
+    counted once per batch, as integers, for every layer's mean."""
 
     @property
     def num_nodes(self) -> int:
@@ -82,15 +85,17 @@ def graph_batch(
     Np = bucket(N + 1) if pad else N + 1
     M = bucket(len(s)) if pad else len(s)
     fill = Np - 1
+    d = np.pad(d, (0, M - len(d)), constant_values=fill)
     return GraphBatch(
         torch.from_numpy(np.concatenate([g[0] for g in graphs]).astype(np.int64)),
         torch.from_numpy(np.concatenate([g[1] for g in graphs]).astype(np.int64)),
         torch.from_numpy(np.pad(s, (0, M - len(s)), constant_values=fill)),
-        torch.from_numpy(np.pad(d, (0, M - len(d)), constant_values=fill)),
+        torch.from_numpy(d),
         torch.from_numpy(np.pad(r, (0, M - len(r)), constant_values=0)),
         torch.from_numpy(offsets[:-1].astype(np.int64)),
         torch.from_numpy(np.repeat(np.arange(len(graphs)), np.diff(offsets))),
         Np,
+        torch.from_numpy(np.bincount(d, minlength=Np).astype(np.int64)),
     )
 
 
@@ -117,14 +122,11 @@ class GraphLayer(nn.Module):
         """``m``: the mean over each node's in-edges of the relation-projected source."""
         P, D = a_PD.shape
         proj_PRD = self.W_DRD(a_PD).view(P, self.relations, D)
-        # Sums and counts in fp32 at least: bf16 counts stop at 256, and a node may have
-        # more in-edges (a variable read hundreds of times).
+        # The sums in fp32 at least (bf16 sums of hundreds of in-edges drift).
         acc = torch.promote_types(a_PD.dtype, torch.float32)
         msg_MD = proj_PRD[batch.src_M, batch.rel_M].to(acc)
         summed_PD = msg_MD.new_zeros(P, D).index_add(0, batch.dst_M, msg_MD)
-        degree_P = msg_MD.new_zeros(P).index_add(
-            0, batch.dst_M, torch.ones_like(batch.dst_M, dtype=acc)
-        )
+        degree_P = batch.degree_P.to(acc)
         return (summed_PD / degree_P.clamp_min(1).unsqueeze(-1)).to(a_PD.dtype)
 
     def forward(self, h_PD: torch.Tensor, batch: GraphBatch) -> tuple[torch.Tensor, MoEAux | None]:
@@ -156,26 +158,19 @@ class GraphNet(nn.Module):
     ) -> None:
         super().__init__()
         self.edge_types = edge_types
-        self.type_emb = nn.Embedding(num_types, d_model)
-        self.token_emb = nn.Embedding(vocab_size, d_model)
+        self.embed = NodeEmbedding(num_types, vocab_size, d_model, init_std)
         rel = 2 * edge_types
         self.layers = nn.ModuleList(
             GraphLayer(d_model, ffn_dim, rel, moe, eps) for _ in range(layers)
         )
         self.norm = RMSNorm(d_model, eps)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
+        for m in self.layers.modules():
+            if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=init_std)
-
-    def inputs(self, batch: GraphBatch) -> torch.Tensor:
-        real_NL = batch.tokens_NL >= 0
-        emb_NLD = self.token_emb(batch.tokens_NL.clamp_min(0)) * real_NL.unsqueeze(-1)
-        count_N1 = real_NL.sum(-1, keepdim=True).clamp_min(1)
-        return self.type_emb(batch.types_N) + emb_NLD.sum(1) / count_N1
 
     def forward(self, batch: GraphBatch) -> tuple[torch.Tensor, list[MoEAux]]:
         """The final node states ``[N, D]`` (real nodes) and each MoE layer's aux."""
-        x_ND = self.inputs(batch)
+        x_ND = self.embed(batch.types_N, batch.tokens_NL)
         pad = batch.padded_nodes - x_ND.shape[0]
         h_PD = torch.cat([x_ND, x_ND.new_zeros(pad, x_ND.shape[1])])
         auxes = []

@@ -34,12 +34,35 @@ weights are dense, replicated, ZeRO-sharded).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from turnout.config.hyper import HyperConfig
+
+#: Salts of the generator streams hyper-experts draw their init from (see side_stream).
+HYPERNET_STREAM, TABLE_STREAM = 3, 2
+
+
+@contextmanager
+def side_stream(salt: int) -> Iterator[None]:
+    """Draw from a CPU generator stream of its own (the seed plus ``salt``), leaving the
+    caller's stream where it was: a model's other weights are then those of the same seed
+    without hyper-experts, a fair with/without."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + salt)
+        yield
+
+
+def init_tables(tables: list[torch.Tensor]) -> None:
+    """The expert-embedding tables, N(0, 1), one after another from their stream (so a
+    model's layers get different tables)."""
+    with side_stream(TABLE_STREAM), torch.no_grad():
+        for table in tables:
+            table.normal_()
 
 
 class HyperNet(nn.Module):
@@ -60,8 +83,7 @@ class HyperNet(nn.Module):
         """Condition layer at unit gain, the down maps at ``init_std``, the up maps at 0;
         drawn from a fork of the generator, so the model's other weights are those of
         the same seed without hyper-experts."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(torch.initial_seed() + 3)  # not the draws its caller makes
+        with side_stream(HYPERNET_STREAM):
             nn.init.normal_(self.in_CH, std=1.0 / math.sqrt(self.in_CH.shape[0]))
             nn.init.zeros_(self.in_bias_H)
             nn.init.normal_(self.down_DHr, std=self.init_std)

@@ -28,7 +28,7 @@ from turnout.models import decode, recompute
 from turnout.models.block import Block
 from turnout.models.decode import DecodeState
 from turnout.models.exit import dropout_keep, exit_weights, exits_now
-from turnout.models.hyper import HyperNet
+from turnout.models.hyper import HyperNet, init_tables
 from turnout.models.layers import RMSNorm, Rotary
 from turnout.models.mod import MoDBlock
 from turnout.models.moe import MoELayer
@@ -108,11 +108,8 @@ class TransformerLM(nn.Module):
                     m.attach_hyper(self.hyper)
         self.apply(self._init)
         if self.hyper is not None:  # each layer its own table, off the model's stream
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(torch.initial_seed() + 2)
-                for m in self.modules():
-                    if isinstance(m, MoELayer) and m.hyper_emb_RC is not None:
-                        nn.init.normal_(m.hyper_emb_RC)
+            layers = [m for m in self.modules() if isinstance(m, MoELayer)]
+            init_tables([m.hyper_emb_RC for m in layers if m.hyper_emb_RC is not None])
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.coefs = {t: s.coefficient(cfg) for t, s in TERMS.items() if s.is_loss}

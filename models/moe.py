@@ -37,7 +37,7 @@ from turnout.config.model import ModelConfig, MoEConfig
 from turnout.models import ops
 from turnout.models.dispatch import Dispatcher, LocalDispatcher
 from turnout.models.experts import ExpertBank
-from turnout.models.hyper import HyperNet, condition
+from turnout.models.hyper import HyperNet, condition, init_tables
 from turnout.models.layers import SwiGLU
 from turnout.models.routing import (
     RoutingPlan,
@@ -114,13 +114,10 @@ class MoELayer(nn.Module):
         # embedding); the shared hypernetwork is attached by the model (attach_hyper).
         self.hyper_emb_RC: nn.Parameter | None = None
         if cfg.hyper.enabled:
-            # Drawn from a stream of its own: the model's other weights stay those of the
-            # same seed without hyper-experts (a fair with/without). A model redraws
-            # its layers' tables one after another from such a stream (TransformerLM).
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(torch.initial_seed() + 1)
-                emb_RC = torch.randn(cfg.num_experts, cfg.hyper.embed_dim)
-            self.hyper_emb_RC = nn.Parameter(emb_RC)
+            # Off the caller's generator stream (hyper.init_tables); a model draws all its
+            # layers' tables again, one after another, so that they differ.
+            self.hyper_emb_RC = nn.Parameter(torch.empty(cfg.num_experts, cfg.hyper.embed_dim))
+            init_tables([self.hyper_emb_RC])
         self._hyper: list[HyperNet] = []
 
     def attach_hyper(self, net: HyperNet) -> None:
@@ -129,23 +126,16 @@ class MoELayer(nn.Module):
             raise ValueError("attach_hyper on a MoE layer without model.moe.hyper.enabled")
         self._hyper[:] = [net]
 
-    def _plus_hyper(
-        self,
-        x_TD: torch.Tensor,
-        y_TD: torch.Tensor,
-        logits_TE: torch.Tensor,
-        expert_TK: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The output plus each token's generated adapter, and the adapter's mean norm."""
+    def _adapter(
+        self, x_TD: torch.Tensor, logits_TE: torch.Tensor, expert_TK: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Each token's generated adapter output (None without hyper-experts)."""
         if self.hyper_emb_RC is None:
-            return y_TD, None
+            return None
         if not self._hyper:
             raise ValueError("model.moe.hyper.enabled but no hypernetwork is attached")
         cond_TC = condition(logits_TE[:, : self.num_experts], expert_TK, self.hyper_emb_RC)
-        adapter_TD = self._hyper[0](x_TD, cond_TC)
-        norms_T = adapter_TD.detach().float().norm(dim=-1)
-        norm = norms_T.mean() if norms_T.numel() else norms_T.new_zeros(())
-        return y_TD + adapter_TD.to(y_TD.dtype), norm
+        return self._hyper[0](x_TD, cond_TC)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoELayer:
         """Keep ``expert_bias`` fp32 through ``.bfloat16()``/``.half()``/``.to(dtype)`` (a
@@ -190,7 +180,8 @@ class MoELayer(nn.Module):
         one token runs its k chosen experts on one row each, not every expert."""
         plan = self.plan(logits_TE, None)  # with the selection bias when there is one
         y_TD = self._plus_shared(x_TD, _LOCAL(x_TD, plan, self.experts))
-        return self._plus_hyper(x_TD, y_TD, logits_TE, plan.expert_TK)[0]
+        adapter_TD = self._adapter(x_TD, logits_TE, plan.expert_TK)
+        return y_TD if adapter_TD is None else y_TD + adapter_TD.to(y_TD.dtype)
 
     def _plus_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
         """The routed output plus the shared experts' (when the layer has any)."""
@@ -223,7 +214,12 @@ class MoELayer(nn.Module):
         if plan is None:
             plan = self.plan(logits_TE, self.capacity(T))
         y_TD = self._plus_shared(x_TD, self.dispatcher(x_TD, plan, self.experts))
-        y_TD, hyper_norm = self._plus_hyper(x_TD, y_TD, logits_TE, plan.expert_TK)
+        adapter_TD = self._adapter(x_TD, logits_TE, plan.expert_TK)
+        hyper_norm = None
+        if adapter_TD is not None:  # the statistic is training's; decoding skips it
+            y_TD = y_TD + adapter_TD.to(y_TD.dtype)
+            norms_T = adapter_TD.detach().float().norm(dim=-1)
+            hyper_norm = norms_T.mean() if norms_T.numel() else norms_T.new_zeros(())
         probs_TE = torch.softmax(logits_TE, dim=-1)
         noop = (
             (plan.expert_TK >= self.num_experts).float().sum() / max(plan.expert_TK.numel(), 1)

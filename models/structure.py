@@ -40,9 +40,22 @@ class StructureBatch:
 
     tree: TreeBatch | None
     graph: GraphBatch | None
-    graph_N: torch.Tensor
-    """Which function each node belongs to."""
-    roots_B: torch.Tensor
+
+    @property
+    def form(self) -> TreeBatch | GraphBatch:
+        form = self.tree if self.tree is not None else self.graph
+        assert form is not None, "a StructureBatch holds a tree or a graph batch"
+        return form
+
+    @property
+    def graph_N(self) -> torch.Tensor:
+        """Which function each node belongs to."""
+        return self.form.graph_N
+
+    @property
+    def roots_B(self) -> torch.Tensor:
+        """Each function's first node (its root)."""
+        return self.form.roots_B
 
     @property
     def size(self) -> int:
@@ -126,8 +139,9 @@ class StructureModel(nn.Module):
         start_B = batch.roots_B
         pos_N = torch.arange(h_ND.shape[0], device=h_ND.device) - start_B[batch.graph_N]
         Nm = int(pos_N.max()) + 1
-        nodes_BND = h_ND.new_zeros(B, Nm, D).index_put((batch.graph_N, pos_N), h_ND)
-        keys_BND = h_ND.new_zeros(B, Nm, D).index_put((batch.graph_N, pos_N), self.keys(h_ND))
+        both_ND2 = torch.cat([h_ND, self.keys(h_ND)], dim=-1)  # keys on the real nodes only
+        both_BN2 = h_ND.new_zeros(B, Nm, 2 * D).index_put((batch.graph_N, pos_N), both_ND2)
+        nodes_BND, keys_BND = both_BN2.split(D, dim=-1)
         real_BN = torch.zeros(B, Nm, dtype=torch.bool, device=h_ND.device)
         real_BN[batch.graph_N, pos_N] = True
         scores_BKN = torch.einsum("kd,bnd->bkn", self.queries_KD, keys_BND)

@@ -20,7 +20,7 @@ DGL's topological frontiers do: level h is one step for the nodes of height h of
 tree at once (their inputs gathered, their children's states gathered and summed by an
 ``index_add`` into per-node slots, the gates of all of them in one GEMM each), not one
 node at a time. Each level's node and edge lists are padded up to a power-of-two
-**bucket** (at least :data:`MIN_BUCKET`) with a scratch row, so a step's shapes come
+**bucket** (:func:`turnout.models.nodes.bucket`) with a scratch row, so a step's shapes come
 from a small fixed set whatever the trees. :func:`reference_encode` runs the cell one
 node at a time in post-order: the oracle the tests hold the batched encoder to.
 
@@ -36,13 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-MIN_BUCKET = 8
-"""The smallest padded size of a level's node or edge list."""
-
-
-def bucket(n: int) -> int:
-    """``n`` rounded up to a power of two, at least :data:`MIN_BUCKET` (0 stays 0)."""
-    return 0 if n == 0 else max(MIN_BUCKET, 1 << (n - 1).bit_length())
+from turnout.models.nodes import NodeEmbedding, bucket
 
 
 @dataclass
@@ -67,6 +61,8 @@ class TreeBatch:
     """Batch index of each node's parent, -1 for a root."""
     roots_B: torch.Tensor
     """Batch index of each tree's root."""
+    graph_N: torch.Tensor
+    """Which tree each node belongs to."""
     levels: list[Level]
     """Bottom-up: level 0 (the leaves) first."""
 
@@ -90,12 +86,20 @@ def tree_batch(
         [np.where(t[2] >= 0, t[2] + off, -1) for t, off in zip(trees, offsets, strict=False)]
     ).astype(np.int64)
     height = np.concatenate([t[3] for t in trees]).astype(np.int64)
+    H = int(height.max()) if N else -1
+    # Nodes level by level (batch order within a level, as the lists are kept), each
+    # node's position within its level, and the child edges grouped by their parent's level.
+    order = np.argsort(height, kind="stable")
+    starts = np.searchsorted(height[order], np.arange(H + 2))
+    slot_of = np.empty(N, np.int64)
+    slot_of[order] = np.arange(N) - starts[height[order]]
+    kids = np.flatnonzero(parent >= 0)
+    kids = kids[np.argsort(height[parent[kids]], kind="stable")]
+    kid_starts = np.searchsorted(height[parent[kids]], np.arange(H + 2))
     levels = []
-    for h in range(int(height.max()) + 1 if N else 0):
-        nodes = np.flatnonzero(height == h)
-        child = np.flatnonzero((parent >= 0) & (height[np.maximum(parent, 0)] == h))
-        slot_of = np.full(N, -1, np.int64)
-        slot_of[nodes] = np.arange(len(nodes))
+    for h in range(H + 1):
+        nodes = order[starts[h] : starts[h + 1]]
+        child = kids[kid_starts[h] : kid_starts[h + 1]]
         slot = slot_of[parent[child]]
         P = bucket(len(nodes)) if pad else len(nodes)
         Q = bucket(len(child)) if pad else len(child)
@@ -111,6 +115,7 @@ def tree_batch(
         torch.from_numpy(tokens),
         torch.from_numpy(parent),
         torch.from_numpy(offsets[:-1].astype(np.int64)),
+        torch.from_numpy(np.repeat(np.arange(len(trees)), np.diff(offsets))),
         levels,
     )
 
@@ -122,29 +127,20 @@ class TreeLSTM(nn.Module):
         super().__init__()
         D = d_model
         self.d_model = D
-        self.type_emb = nn.Embedding(num_types, D)
-        self.token_emb = nn.Embedding(vocab_size, D)
+        self.embed = NodeEmbedding(num_types, vocab_size, D, init_std)
         self.W_iouf = nn.Linear(D, 4 * D)  # input -> i, o, u, f (with the biases)
         self.U_iou = nn.Linear(D, 3 * D, bias=False)  # children's summed h -> i, o, u
         self.U_f = nn.Linear(D, D, bias=False)  # one child's h -> its forget gate
-        for m in (self.type_emb, self.token_emb, self.W_iouf, self.U_iou, self.U_f):
+        for m in (self.W_iouf, self.U_iou, self.U_f):
             nn.init.normal_(m.weight, std=init_std)
         nn.init.zeros_(self.W_iouf.bias)
         with torch.no_grad():
             self.W_iouf.bias[3 * D :] = 1.0  # forget gates start open, as LSTMs usually do
 
-    def inputs(self, batch: TreeBatch) -> torch.Tensor:
-        """``x_ND``: type embedding plus the mean embedding of the label's tokens."""
-        tokens_NL = batch.tokens_NL
-        real_NL = tokens_NL >= 0
-        emb_NLD = self.token_emb(tokens_NL.clamp_min(0)) * real_NL.unsqueeze(-1)
-        count_N1 = real_NL.sum(-1, keepdim=True).clamp_min(1)
-        return self.type_emb(batch.types_N) + emb_NLD.sum(1) / count_N1
-
     def forward(self, batch: TreeBatch) -> torch.Tensor:
         """``h_ND`` of every node, level by level."""
         D = self.d_model
-        x_ND = self.inputs(batch)
+        x_ND = self.embed(batch.types_N, batch.tokens_NL)
         N = x_ND.shape[0]
         # Every node's input projection at once, with a zero scratch row N for padding.
         wx_MG = torch.cat([self.W_iouf(x_ND), x_ND.new_zeros(1, 4 * D)])
@@ -175,7 +171,7 @@ class TreeLSTM(nn.Module):
 def reference_encode(model: TreeLSTM, batch: TreeBatch) -> torch.Tensor:
     """``h_ND`` computed one node at a time, children before parents (the oracle)."""
     D = model.d_model
-    x_ND = model.inputs(batch)
+    x_ND = model.embed(batch.types_N, batch.tokens_NL)
     N = x_ND.shape[0]
     parent = batch.parent_N.tolist()
     children: list[list[int]] = [[] for _ in range(N)]

@@ -14,7 +14,7 @@ import torch
 from turnout.config.hyper import HyperConfig
 from turnout.config.model import MoEConfig
 from turnout.models.gnn import GraphNet, dense_messages, graph_batch
-from turnout.models.treelstm import MIN_BUCKET
+from turnout.models.nodes import MIN_BUCKET
 from turnout.trainer.data.structure.ast_graph import (
     EDGE_TYPES,
     NODE_TYPES,
@@ -47,7 +47,7 @@ def test_messages_equal_the_dense_adjacency_oracle() -> None:
     net = _net().double()
     batch = graph_batch(_graphs(4), len(EDGE_TYPES))
     layer = net.layers[0]
-    x = net.inputs(batch)
+    x = net.embed(batch.types_N, batch.tokens_NL)
     a = torch.cat([x, x.new_zeros(batch.padded_nodes - x.shape[0], x.shape[1])])
     got = layer.messages(a, batch)[: batch.num_nodes]
     want = dense_messages(layer, x, batch)

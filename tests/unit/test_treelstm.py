@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from turnout.models.treelstm import MIN_BUCKET, TreeLSTM, bucket, reference_encode, tree_batch
+from turnout.models.nodes import MIN_BUCKET, bucket
+from turnout.models.treelstm import TreeLSTM, reference_encode, tree_batch
 from turnout.trainer.data.structure.ast_graph import NODE_TYPES, function_graph, functions
 
 pytestmark = pytest.mark.unit

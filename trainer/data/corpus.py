@@ -80,8 +80,12 @@ def _source(path: Path, key: str) -> Source:
     return Source(str(path.resolve()), file_kind(path), st.st_size, st.st_mtime_ns)
 
 
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = _stdlib_root()
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
@@ -138,6 +142,20 @@ def list_sources(spec: str, key: str = "data.corpus") -> list[Source]:
     if not files:
         raise ConfigError(key, f"no source files found for corpus {spec!r}")
     return [_source(f, key) for f in files]
+
+
+def corpus_root(spec: str, sources: list[Source]) -> str:
+    """The folder a corpus spec names (stdlib: the standard library's; a glob: its folder
+    before the first wildcard; a folder: itself; a file: its folder). Paths relative to it
+    do not change when files are added beside the old ones."""
+    if spec == "stdlib":
+        return str(_stdlib_root().resolve())
+    wild = [i for i, ch in enumerate(spec) if ch in _GLOB_CHARS]
+    head = (os.path.dirname(spec[: wild[0]]) or ".") if wild else spec
+    path = Path(head).expanduser().resolve()
+    if path.is_dir():
+        return str(path)
+    return os.path.dirname(sources[0].path) if sources else str(path.parent)
 
 
 def fingerprint(spec: str, sources: list[Source], *extra: object) -> str:

@@ -22,16 +22,13 @@ def structure_batch(
         tree = tree_batch(
             [(e.types_N, e.tokens_NL, e.parent_N, e.height_N) for e in examples], pad=pad
         )
-        graph_N = torch.repeat_interleave(
-            torch.arange(len(examples)), torch.tensor([len(e.types_N) for e in examples])
-        )
-        batch = StructureBatch(tree, None, graph_N, tree.roots_B)
+        batch = StructureBatch(tree, None)
     else:
         graph = graph_batch(
             [(e.types_N, e.tokens_NL, e.edges_M3) for e in examples],
             len(data.edge_types),
             pad=pad,
         )
-        batch = StructureBatch(None, graph, graph.graph_N, graph.roots_B)
+        batch = StructureBatch(None, graph)
     ids = [data.target_ids(e.name) for e in examples]
     return batch, name_targets(ids, data.max_name, len(data.targets))

@@ -50,9 +50,6 @@ class Split:
             self.names[f],
         )
 
-    def node_counts(self) -> np.ndarray:
-        return np.diff(self.a["node_off"])
-
 
 class StructureData:
     """A built cache (:func:`examples.build`): both splits, the vocabularies, the counts."""

@@ -7,17 +7,17 @@ all, L ``data.ast.label_tokens``.
 ``max_bytes`` of it), parses each with :mod:`ast` and turns every function (methods and
 nested functions included) into one example through :func:`ast_graph.function_graph`:
 the input is the function's graph with its name hidden, the target its name's subtokens.
-Left out, and counted: special methods (``__x__``, unless ``keep_dunders``) and
-functions with fewer than ``min_nodes`` or more than ``max_nodes`` nodes. A file that
-does not parse (a syntax error, a null byte, an encoding it does not declare) is counted
+Left out, and counted: special methods (``__x__``, unless ``keep_dunders``), names with
+no subtoken (``_``) and functions with fewer than ``min_nodes`` or more than
+``max_nodes`` nodes. A file that does not parse (a syntax error, a null byte, an encoding it does not declare) is counted
 and skipped; :func:`build` returns the counts and the first such file, and the caller
 warns once.
 
 **Split by file**, so no file has functions on both sides: a file is held out for
 validation when the first 8 bytes of the SHA-256 of its path relative to the corpus root
-(:func:`corpus_root`: the folder the spec names), read as a fraction of 2^64, fall below
-``val_fraction``. The split depends on the corpus layout only, not on the machine or the
-read order, and files added later do not move the others.
+(``corpus.corpus_root``: the folder the spec names), read as a fraction of 2^64, fall
+below ``val_fraction``. The split depends on the corpus layout only, not on the machine
+or the read order, and files added later do not move the others.
 
 **Cache**: the arrays of each split go to ``<cache_dir>/structure-<fingerprint>/``
 (``train.npz``, ``val.npz``, ``meta.json``), written under a temporary name and renamed
@@ -40,7 +40,6 @@ import hashlib
 import json
 import os
 import shutil
-import sysconfig
 import tempfile
 import warnings
 from collections import Counter
@@ -51,7 +50,7 @@ import numpy as np
 
 from turnout.config.structure import AstConfig
 from turnout.errors import ConfigError
-from turnout.trainer.data.corpus import Source, fingerprint, list_sources
+from turnout.trainer.data.corpus import corpus_root, fingerprint, list_sources
 from turnout.trainer.data.structure.ast_graph import (
     EDGE_TYPES,
     NODE_TYPES,
@@ -77,6 +76,8 @@ class BuildStats:
     functions: int = 0
     kept: int = 0
     dunders: int = 0
+    unnamed: int = 0
+    """Functions whose name has no subtoken to predict (``_``, ``__``)."""
     too_small: int = 0
     too_large: int = 0
     val_files: int = 0
@@ -130,23 +131,6 @@ class _Split:
             line=np.asarray(self.line, np.int32),
             file_index=np.asarray(self.file, np.int32),
         )
-
-
-def corpus_root(spec: str, sources: list[Source]) -> str:
-    """The folder the split hashes paths from: the one the corpus spec names (stdlib:
-    the standard library's; a glob: its folder before the first wildcard; a file: its
-    folder), so adding files beside the old ones moves none of them across the split."""
-    if spec == "stdlib":
-        return str(Path(sysconfig.get_paths()["stdlib"]).resolve())
-    head = spec
-    for i, ch in enumerate(spec):
-        if ch in "*?[":
-            head = os.path.dirname(spec[:i]) or "."
-            break
-    path = Path(head).expanduser().resolve()
-    if path.is_dir():
-        return str(path)
-    return os.path.dirname(sources[0].path) if sources else str(path.parent)
 
 
 def _label_ids(label: str, tok: Tokenizer, L: int, memo: dict[str, list[int]]) -> None:
@@ -216,7 +200,7 @@ def build(
                 stats.dunders += 1
                 continue
             if not subtokens(fn.name):  # '_' and the like: nothing to predict
-                stats.dunders += 1
+                stats.unnamed += 1
                 continue
             g = function_graph(fn)
             if len(g.types) < cfg.min_nodes:
