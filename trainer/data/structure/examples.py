@@ -9,9 +9,9 @@ nested functions included) into one example through :func:`ast_graph.function_gr
 the input is the function's graph with its name hidden, the target its name's subtokens.
 Left out, and counted: special methods (``__x__``, unless ``keep_dunders``), names with
 no subtoken (``_``) and functions with fewer than ``min_nodes`` or more than
-``max_nodes`` nodes. A file that does not parse (a syntax error, a null byte, an encoding it does not declare) is counted
-and skipped; :func:`build` returns the counts and the first such file, and the caller
-warns once.
+``max_nodes`` nodes. A file that does not parse (a syntax error, a null byte, an
+encoding it does not declare) is counted and skipped; :func:`build` returns the counts
+and the first such file, and the caller warns once.
 
 **Split by file**, so no file has functions on both sides: a file is held out for
 validation when the first 8 bytes of the SHA-256 of its path relative to the corpus root
