@@ -136,6 +136,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from turnout.trainer.planner.text import format_plan
 
     cfg = _load(args.items)
+    if cfg.data.structure:
+        raise ConfigError(
+            "data.structure",
+            "turnout plan sizes language models; a function-name model's cost depends on "
+            "its batches: its run reports FLOPs per node and peak memory",
+        )
     print(format_plan(plan(cfg, gpus=args.gpus, gpu=args.gpu)))
     return EXIT_OK
 

@@ -25,10 +25,16 @@ def _device(name: str) -> str:
     return name
 
 
-def _load_checkpoint(args: argparse.Namespace) -> tuple:
+def _load_checkpoint(args: argparse.Namespace, structure_ok: bool = False) -> tuple:
     from turnout.trainer.weights.from_checkpoint import load_for_inference
 
     model, cfg, info = load_for_inference(args.checkpoint, _device(args.device))
+    if cfg.data.structure and not structure_ok:
+        raise ConfigError(
+            "checkpoint",
+            f"{info.folder} is a function-name model (data.structure={cfg.data.structure}): "
+            "it generates no text; `turnout eval` scores it",
+        )
     from turnout.trainer.data import tokenizer_files
 
     tokenizer = tokenizer_files.load(info.folder, cfg)
@@ -117,7 +123,9 @@ def _threshold(args: argparse.Namespace, kind: str | None) -> float | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from turnout.trainer.eval.inference import evaluate_model
 
-    model, cfg, tok = _load_checkpoint(args)
+    model, cfg, tok = _load_checkpoint(args, structure_ok=True)
+    if cfg.data.structure:
+        return _eval_names(model, cfg, args)
     ev = evaluate_model(model, cfg, args.corpus, args.batches, tokenizer=tok)
     print(f"corpus           {ev.corpus} ({ev.windows} held-out windows of {ev.seq_len} tokens)")
     print(f"val_loss         {ev.loss:.4f}  (top-k routing, nats/token)")
@@ -127,6 +135,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"depth_mean       {ev.depth_mean:.2f}  (blocks per token, decode rule)")
     print(f"bits_per_byte    {ev.bits_per_byte:.4f}  (val_loss in bits per UTF-8 byte)")
     print(f"unigram_entropy  {ev.unigram_entropy:.4f}  (unigram baseline, nats/token)")
+    return EXIT_OK
+
+
+def _eval_names(model: object, cfg: object, args: argparse.Namespace) -> int:
+    """``turnout eval`` of a function-name checkpoint: held-out names, scored."""
+    from turnout.trainer.structure.validation import evaluate_names
+
+    ev = evaluate_names(model, cfg, args.corpus, args.batches)  # type: ignore[arg-type]
+    s = ev.score
+    print(f"corpus           {ev.corpus} ({s.examples} held-out functions scored)")
+    print(f"val_loss         {ev.loss:.4f}  (nats per name position)")
+    print(f"f1               {s.f1:.4f}  (subtoken F1; precision {s.precision:.4f}, "
+          f"recall {s.recall:.4f})")  # fmt: skip
+    print(f"exact_match      {s.exact:.4f}")
     return EXIT_OK
 
 

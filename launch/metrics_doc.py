@@ -74,6 +74,18 @@ One MLflow run per job, logged by rank 0 (experiment `tracking.experiment`, defa
 - system metrics (`tracking.system_metrics`): MLflow's CPU, memory, disk, network and
   GPU samples, one sampler per node, named `system/node<N>/...`, every 10 s
   (`MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` changes it).
+
+A function-name run (`data.structure: ast`) counts syntax-tree nodes, not tokens:
+`nodes_per_s` replaces `tokens_per_s`, `flops_per_node` and `dense_flops_per_node`
+(counted on the run's first batches, `trainer/structure/flops.py`) replace the per-token
+pair, `name_entropy` (the entropy of the name positions' classes: the loss of a model
+that ignores the function) replaces `unigram_entropy`, and validation logs `val_loss`
+(nats per scored name position), `val_f1`, `val_precision`, `val_recall` (code2vec's
+subtoken scores) and `val_exact`, without `val_bpb`. Data params: `structure.cache`,
+`structure.files`, `structure.files_failed`, `structure.functions`,
+`structure.train_examples`, `structure.val_examples`, `structure.eval_examples`,
+`structure.targets`. The MoE layers' aux losses and load metrics are those below, by
+message-passing (or attention) layer.
 """
 
 _AUX_INTRO = """\

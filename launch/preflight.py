@@ -7,6 +7,7 @@ other ranks wait: a bad tracking store, checkpoint, upcycling source or corpus i
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from turnout.config import TurnoutConfig
@@ -39,7 +40,9 @@ def preflight(cfg: TurnoutConfig) -> Path:
 def prepare_data(cfg: TurnoutConfig) -> Path:
     """Tokenize the corpus once, on the launcher, and check the splits fit the run.
 
-    Raises ConfigError('data.*' / 'model.vocab_size') before any worker starts.
+    Raises ConfigError('data.*' / 'model.vocab_size') before any worker starts. The
+    function-name task (``data.structure: ast``) parses the corpus into its structure
+    cache instead, and warns once (stderr) about files that did not parse.
     """
     from turnout.config.train import validate_vocab
     from turnout.trainer.data.batches import BatchSampler, open_tokens
@@ -48,6 +51,15 @@ def prepare_data(cfg: TurnoutConfig) -> Path:
     # Not in the config's own validation: a config that only builds a model (plan, tests,
     # upcycling sources) may have any vocabulary; training on a corpus may not.
     validate_vocab(cfg.data, cfg.model.vocab_size)
+    if cfg.data.structure:
+        from turnout.trainer.data.structure.prepare import prepare_structure
+        from turnout.trainer.structure.data import open_structure
+
+        folder, warning = prepare_structure(cfg)
+        if warning:
+            print(f"turnout: warning: {warning}", file=sys.stderr)
+        open_structure(cfg, folder, 0, cfg.launch.num_workers)  # the sampler's checks
+        return folder
 
     path = Path(prepare_corpus(cfg.data, cfg.model.vocab_size))
     # The samplers' own size checks, for every rank's shard (cheap: a memmap).

@@ -48,9 +48,10 @@ def compute_lines(cfg: TurnoutConfig, res: dict[str, Any]) -> list[str]:
         finite_number(res.get("flops_per_token")),
         finite_number(res.get("dense_flops_per_token")),
     )
+    per = res.get("unit") or "token"
     if fpt is not None and dense is not None and dense > 0:
         lines.append(
-            f"  FLOPs per token        {fpt / 1e6:.2f} M train (3x forward), "
+            f"  FLOPs per {per:<13}{fpt / 1e6:.2f} M train (3x forward), "
             f"{fpt / dense:.2f} of the equal-shape dense model's {dense / 1e6:.2f} M"
         )
     total = finite_number(res.get("train_flops"))
@@ -76,6 +77,8 @@ def compute_lines(cfg: TurnoutConfig, res: dict[str, Any]) -> list[str]:
 
 def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
     """The end-of-run summary the user reads (printed by the launcher or torchrun rank 0)."""
+    if cfg.data.structure:
+        return _structure_summary(cfg, res)
     val, ent = res.get("final_val_loss"), res.get("unigram_entropy")
     causal, bpb = res.get("final_val_loss_causal"), res.get("final_val_bpb")
     depth = res.get("final_depth_mean")
@@ -84,9 +87,7 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
         rel = f"  ({100.0 * float(val) / float(ent):.0f}% of the unigram entropy)"
     unit = "byte" if cfg.data.tokenizer == "byte" else "token"
     lines = [
-        "",
-        "turnout: training finished",
-        f"  steps                  {res.get('steps', 'n/a')}",
+        *_head(res),
         f"  final train loss       {_fmt(res.get('final_train_loss'))} nats/{unit}",
         f"  final val loss         {_fmt(val)} nats/{unit}{rel}",
         *(
@@ -107,8 +108,33 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
         f"  corpus unigram entropy {_fmt(ent)} nats/{unit}",
         f"  throughput             {_fmt(res.get('tokens_per_s'), ',.0f')} tokens/s",
         *compute_lines(cfg, res),
-        f"  wall time              {_fmt(res.get('wall_s'), '.1f')} s",
     ]
+    return "\n".join([*lines, *_tail(cfg, res)])
+
+
+def _head(res: dict[str, Any]) -> list[str]:
+    return ["", "turnout: training finished", f"  steps                  {res.get('steps', 'n/a')}"]
+
+
+def _structure_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
+    """The summary of a function-name run (data.structure=ast)."""
+    lines = [
+        *_head(res),
+        f"  task                   function names from the {cfg.model.structure.encoder} "
+        "encoder" + (" with MoE FFNs" if cfg.model.structure.moe else ""),
+        f"  final train loss       {_fmt(res.get('final_train_loss'))} nats/name position",
+        f"  final val loss         {_fmt(res.get('final_val_loss'))} nats/name position",
+        f"  val subtoken F1        {_fmt(res.get('final_val_f1'), '.3f')}",
+        f"  val exact match        {_fmt(res.get('final_val_exact'), '.3f')}",
+        f"  name entropy           {_fmt(res.get('unigram_entropy'))} nats/name position",
+        f"  throughput             {_fmt(res.get('tokens_per_s'), ',.0f')} nodes/s",
+        *compute_lines(cfg, res),
+    ]
+    return "\n".join([*lines, *_tail(cfg, res)])
+
+
+def _tail(cfg: TurnoutConfig, res: dict[str, Any]) -> list[str]:
+    lines = [f"  wall time              {_fmt(res.get('wall_s'), '.1f')} s"]
     if res.get("restarts"):
         lines.append(f"  restarts               {res['restarts']} (after worker failures)")
         lines.append(
@@ -126,4 +152,4 @@ def format_summary(cfg: TurnoutConfig, res: dict[str, Any]) -> str:
         lines.append(f"  MLflow UI              {ui_hint(cfg.tracking.uri)}")
     else:
         lines.append("  MLflow                 disabled (tracking.enabled=false)")
-    return "\n".join(lines)
+    return lines

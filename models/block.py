@@ -25,8 +25,8 @@ from torch import nn
 from turnout.config.model import FFN_DENSE, FFN_MOE, BlockKind, ModelConfig
 from turnout.models.kvcache import KVCache, LayerState
 from turnout.models.layers import Attention, RMSNorm, Rotary, SwiGLU
-from turnout.models.moe import MoELayer, Routed
-from turnout.models.terms import Aux, Term
+from turnout.models.moe import MoELayer, Routed, aux_terms
+from turnout.models.terms import Aux
 
 #: The residual increment of compacted rows in a cached step: ``(x_bMD, pos_bM, counts,
 #: rows, ffn_bM, router_x_ND) -> delta_bMD`` (:meth:`Block.cached_increment`'s form).
@@ -78,17 +78,7 @@ class Block(nn.Module):
                 raise ValueError("routing was given to a block with a dense FFN")
             return self.ffn(h_ND), {}
         y_ND, moe = self.ffn(h_ND, routed)
-        aux: Aux = {
-            Term.MOE_LB: moe.load_balance,
-            Term.MOE_Z: moe.z_loss,
-            Term.MOE_COUNTS: moe.counts_E,
-            Term.MOE_DROP: moe.dropped,
-        }
-        if self.ffn.num_noop:
-            aux[Term.MOE_NOOP] = moe.noop_fraction
-        if moe.hyper_norm is not None:
-            aux[Term.MOE_HYPER] = moe.hyper_norm
-        return y_ND, aux
+        return y_ND, aux_terms(moe, bool(self.ffn.num_noop))
 
     def increment(
         self,

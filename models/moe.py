@@ -45,6 +45,7 @@ from turnout.models.routing import (
     load_balance_loss,
     router_z_loss,
 )
+from turnout.models.terms import Aux, Term
 
 _LOCAL = LocalDispatcher()
 
@@ -66,6 +67,21 @@ class MoEAux:
     hyper_norm: torch.Tensor | None = None
     """Mean L2 norm of the hyper-expert adapter's output per token (detached); None
     without hyper-experts."""
+
+
+def aux_terms(moe: MoEAux, with_noop: bool) -> Aux:
+    """One MoE layer's terms as a block reports them (:class:`Term` -> tensor)."""
+    aux: Aux = {
+        Term.MOE_LB: moe.load_balance,
+        Term.MOE_Z: moe.z_loss,
+        Term.MOE_COUNTS: moe.counts_E,
+        Term.MOE_DROP: moe.dropped,
+    }
+    if with_noop:
+        aux[Term.MOE_NOOP] = moe.noop_fraction
+    if moe.hyper_norm is not None:
+        aux[Term.MOE_HYPER] = moe.hyper_norm
+    return aux
 
 
 @dataclass

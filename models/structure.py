@@ -4,8 +4,10 @@ Shape legend: B functions, N nodes of the batch, Nm the most nodes of one functi
 width, K name positions (``max_name``), V name subtokens (the target vocabulary, ``<unk>``
 first) plus one end class.
 
-The encoder is the Tree-LSTM (:mod:`turnout.models.treelstm`) or the message-passing
-network (:mod:`turnout.models.gnn`, with or without MoE FFNs): node states ``h_ND``.
+The encoder is the Tree-LSTM (:mod:`turnout.models.treelstm`), the message-passing
+network (:mod:`turnout.models.gnn`) or the structure-free baseline, attention over the
+nodes in order (:mod:`turnout.models.seq_encoder`); the latter two with or without MoE
+FFNs. It gives node states ``h_ND``.
 The decoder predicts the name's subtokens at K positions at once (not one after
 another): position k has a learned query that attends over the function's nodes
 (scaled dot product on projected node states, masked to the function), and its context
@@ -19,7 +21,8 @@ first end.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +30,10 @@ from torch import nn
 
 from turnout.config.model import MoEConfig
 from turnout.models.gnn import GraphBatch, GraphNet
-from turnout.models.moe import MoEAux
-from turnout.models.treelstm import TreeBatch, TreeLSTM
+from turnout.models.moe import MoEAux, aux_terms
+from turnout.models.seq_encoder import SeqEncoder
+from turnout.models.terms import Aux, Term, spec
+from turnout.models.treelstm import Level, TreeBatch, TreeLSTM
 
 IGNORE = -100
 """Target id of an unscored position."""
@@ -61,6 +66,29 @@ class StructureBatch:
     def size(self) -> int:
         return int(self.roots_B.shape[0])
 
+    @property
+    def num_nodes(self) -> int:
+        return int(self.graph_N.shape[0])
+
+    def to(self, device: torch.device | str) -> StructureBatch:
+        """The batch with every tensor on ``device``."""
+
+        def move(obj: object) -> object:
+            if isinstance(obj, torch.Tensor):
+                return obj.to(device)
+            if isinstance(obj, list):
+                return [move(o) for o in obj]
+            if isinstance(obj, (TreeBatch, GraphBatch, Level)):
+                moved: dict[str, Any] = {f.name: move(getattr(obj, f.name)) for f in fields(obj)}
+                return replace(obj, **moved)
+            return obj
+
+        tree = move(self.tree) if self.tree is not None else None
+        graph = move(self.graph) if self.graph is not None else None
+        assert tree is None or isinstance(tree, TreeBatch)
+        assert graph is None or isinstance(graph, GraphBatch)
+        return StructureBatch(tree, graph)
+
 
 @dataclass
 class StructureOutput:
@@ -71,6 +99,10 @@ class StructureOutput:
     ce: torch.Tensor | None = None
     """The cross-entropy alone (detached)."""
     moe: list[MoEAux] = field(default_factory=list)
+    stats: list[Aux] = field(default_factory=list)
+    """Each MoE layer's terms, as a language model's ``LMOutput.stats`` (detached)."""
+    terms: dict[Term, torch.Tensor] = field(default_factory=dict)
+    """The aux losses, unweighted, summed over layers (detached)."""
 
 
 def name_targets(ids: list[list[int]], max_name: int, end: int) -> torch.Tensor:
@@ -98,6 +130,8 @@ class StructureModel(nn.Module):
         layers: int,
         moe: MoEConfig | None = None,
         init_std: float = 0.02,
+        n_heads: int = 4,
+        max_nodes: int = 512,
     ) -> None:
         super().__init__()
         self.encoder_kind = encoder
@@ -108,8 +142,14 @@ class StructureModel(nn.Module):
             self.encoder = GraphNet(
                 num_types, vocab_size, edge_types, d_model, ffn_dim, layers, moe, init_std
             )
+        elif encoder == "transformer":
+            self.encoder = SeqEncoder(
+                num_types, vocab_size, d_model, ffn_dim, layers, n_heads, max_nodes, moe, init_std
+            )
         else:
-            raise ValueError(f"unknown encoder {encoder!r}; expected 'treelstm' or 'gnn'")
+            raise ValueError(
+                f"unknown encoder {encoder!r}; expected 'treelstm', 'gnn' or 'transformer'"
+            )
         D = d_model
         self.max_name = max_name
         self.end = targets  # the end class comes after the V target subtokens
@@ -122,6 +162,13 @@ class StructureModel(nn.Module):
         nn.init.normal_(self.keys.weight, std=init_std)
         nn.init.normal_(self.out.weight, std=init_std)
         nn.init.zeros_(self.out.bias)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The encoder's layers (the Tree-LSTM's one cell has none): the index of
+        ``StructureOutput.stats``, as a language model's blocks."""
+        layers = getattr(self.encoder, "layers", None)
+        return layers if isinstance(layers, nn.ModuleList) else nn.ModuleList()
 
     def encode(self, batch: StructureBatch) -> tuple[torch.Tensor, list[MoEAux]]:
         if batch.tree is not None:
@@ -150,7 +197,13 @@ class StructureModel(nn.Module):
         context_BKD = torch.einsum("bkn,bnd->bkd", scores_BKN.softmax(-1), nodes_BND)
         root_BKD = h_ND[start_B].unsqueeze(1).expand(B, self.max_name, D)
         logits_BKV = self.out(torch.cat([context_BKD, root_BKD], dim=-1))
-        out = StructureOutput(logits_BKV, moe=auxes)
+        stats = [aux_terms(a, with_noop=False) for a in auxes]
+        terms: dict[Term, torch.Tensor] = {}
+        for layer in stats:
+            for name, value in layer.items():
+                if spec(name).is_loss:
+                    terms[name] = terms.get(name, 0) + value.detach().float()
+        out = StructureOutput(logits_BKV, moe=auxes, stats=stats, terms=terms)
         if targets_BK is not None:
             ce = F.cross_entropy(
                 logits_BKV.flatten(0, 1), targets_BK.flatten(), ignore_index=IGNORE

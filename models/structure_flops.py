@@ -20,6 +20,9 @@ that). A Tree-LSTM's padded level rows are counted from the batch's lists too.
   node rows; the FFN on the real nodes: a SwiGLU ``3 * 2 N D F``, or the MoE router
   ``2 N D E`` and ``3 * 2 D Fe`` per kept expert row (dropless: ``k N``; in capacity
   mode the rows the plan kept, which the caller passes).
+- Attention layer (the structure-free baseline): on each function's padded ``[Nm, D]``
+  layout, q/k/v ``2 B Nm D 3D`` and the output ``2 B Nm D D``, scores and context
+  ``2 * 2 B Nm Nm D``; the FFN on the real nodes as above.
 - Decoder: keys ``2 N D D``; scores and context ``2 * 2 B K Nm D``; the output layer
   ``2 B K 2D V``.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 from turnout.models.gnn import GraphLayer, GraphNet
 from turnout.models.layers import SwiGLU
 from turnout.models.moe import MoELayer
+from turnout.models.seq_encoder import SeqEncoder
 from turnout.models.structure import StructureBatch, StructureModel
 from turnout.models.treelstm import TreeLSTM
 
@@ -55,19 +59,25 @@ def batch_flops(
             if lv.child_Q.numel():
                 total += 2.0 * lv.nodes_P.numel() * D * 3 * D + 2.0 * lv.child_Q.numel() * D * D
         return total
-    assert isinstance(enc, GraphNet) and batch.graph is not None
+    assert isinstance(enc, (GraphNet, SeqEncoder)) and batch.graph is not None
     P = batch.graph.padded_nodes
     for i, layer in enumerate(enc.layers):
-        assert isinstance(layer, GraphLayer)
-        total += 2.0 * P * D * layer.relations * D + 2.0 * P * D * D
-        ffn = layer.ffn
-        if isinstance(ffn, MoELayer):
-            E, k = ffn.num_experts, ffn.top_k
-            hidden = int(ffn.experts.w_up_EDF.shape[-1])
-            rows = k * N if kept_rows is None else kept_rows[i]
-            total += 2.0 * N * D * E + rows * SWIGLU_MATMULS * 2 * D * hidden
+        if isinstance(layer, GraphLayer):
+            total += 2.0 * P * D * layer.relations * D + 2.0 * P * D * D
         else:
-            assert isinstance(ffn, SwiGLU)
-            hidden = int(ffn.w_up.weight.shape[0])
-            total += N * SWIGLU_MATMULS * 2.0 * D * hidden
+            total += 2.0 * B * Nm * D * 4 * D + 2 * 2.0 * B * Nm * Nm * D
+        total += _ffn_flops(layer.ffn, N, D, None if kept_rows is None else kept_rows[i])
     return total
+
+
+def _ffn_flops(ffn: object, N: int, D: int, rows: int | None) -> float:
+    """A layer's FFN on ``N`` real nodes: a SwiGLU, or the router and ``rows`` expert
+    rows (None: dropless, ``k N``)."""
+    if isinstance(ffn, MoELayer):
+        E, k = ffn.num_experts, ffn.top_k
+        hidden = int(ffn.experts.w_up_EDF.shape[-1])
+        rows = k * N if rows is None else rows
+        return 2.0 * N * D * E + rows * SWIGLU_MATMULS * 2 * D * hidden
+    assert isinstance(ffn, SwiGLU)
+    hidden = int(ffn.w_up.weight.shape[0])
+    return N * SWIGLU_MATMULS * 2.0 * D * hidden

@@ -46,24 +46,28 @@ class IntervalMeter:
     """Steps since the last log line: their losses and their wall time."""
 
     tokens_per_step: int
-    """Tokens one optimizer step trains on, over all ranks."""
+    """Tokens one optimizer step trains on, over all ranks (the default of ``add``)."""
     seconds: float = 0.0
     loss_sum: float = 0.0
     steps: int = 0
+    units: int = 0
 
-    def add(self, loss: float, seconds: float) -> None:
+    def add(self, loss: float, seconds: float, units: int | None = None) -> None:
+        """One step; ``units``: what it trained on when not ``tokens_per_step`` (a
+        structure run's nodes vary by step)."""
         self.loss_sum += loss
         self.seconds += seconds
         self.steps += 1
+        self.units += self.tokens_per_step if units is None else units
 
     def flush(self) -> Interval:
         """The interval so far; the meter starts a new interval."""
         if self.steps == 0:
             out = Interval(math.nan, 0.0, 0)
         else:
-            rate = self.tokens_per_step * self.steps / max(self.seconds, _MIN_SECONDS)
+            rate = self.units / max(self.seconds, _MIN_SECONDS)
             out = Interval(self.loss_sum / self.steps, rate, self.steps)
-        self.seconds, self.loss_sum, self.steps = 0.0, 0.0, 0
+        self.seconds, self.loss_sum, self.steps, self.units = 0.0, 0.0, 0, 0
         return out
 
 
@@ -75,19 +79,24 @@ class RunMeter:
     seconds: float = 0.0
     steps: int = 0
     first_seconds: float = 0.0
+    units: int = 0
+    """Everything the run's steps trained on (the first step included)."""
+    first_units: int = 0
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float, units: int | None = None) -> None:
+        units = self.tokens_per_step if units is None else units
         if self.steps == 0:
-            self.first_seconds = seconds
+            self.first_seconds, self.first_units = seconds, units
         self.seconds += seconds
         self.steps += 1
+        self.units += units
 
     def tokens_per_s(self) -> float:
-        """Training tokens per second over the counted steps (0.0 before any step)."""
-        steps, seconds = self.steps, self.seconds
-        if steps > 1:
-            steps, seconds = steps - 1, seconds - self.first_seconds
-        return self.tokens_per_step * steps / seconds if seconds > 0 else 0.0
+        """Training tokens (units) per second over the counted steps (0.0 before any)."""
+        units, seconds = self.units, self.seconds
+        if self.steps > 1:
+            units, seconds = units - self.first_units, seconds - self.first_seconds
+        return units / seconds if seconds > 0 else 0.0
 
 
 def model_tflops(flops_per_token: float, tokens_per_s: float) -> float:

@@ -1,7 +1,9 @@
 """What a training run builds once on every rank before its first step (:func:`setup`).
 
 Seeds, the token data and its sampler, ``TransformerLM(cfg.model)`` (initialised from
-``train.init_from`` when set, :mod:`turnout.trainer.weights.upcycle`), expert parallelism when
+``train.init_from`` when set, :mod:`turnout.trainer.weights.upcycle`), or, for the
+function-name task (``data.structure: ast``), the structure cache, its sampler and the
+structure model (:mod:`turnout.trainer.structure`), expert parallelism when
 ``groups.ep_size > 1``, the DeepSpeed engine, the MLflow run (opened on rank 0, or the
 launcher's run attached to), this node's system-metrics sampler, the checkpoint run
 folder, the training FLOPs per token (:mod:`turnout.trainer.metrics.compute`) and the device's
@@ -34,9 +36,14 @@ from turnout.trainer.data.batches import (
     token_unigram_entropy,
     tracking_params,
 )
+from turnout.trainer.data.inputs import RunInputs
 from turnout.trainer.engine import build_engine, use_bf16
 from turnout.trainer.metrics.compute import RunFlops, probe_dtype, probe_peak_tflops, run_flops
 from turnout.trainer.resume.recovery import run_folder
+from turnout.trainer.structure.data import open_structure
+from turnout.trainer.structure.flops import structure_run_flops
+from turnout.trainer.structure.model import build_model
+from turnout.trainer.structure.sampler import StructureSampler
 from turnout.trainer.tracking.system import SystemMetrics
 from turnout.trainer.tracking.tracker import Tracker
 from turnout.trainer.trainable import apply_trainable
@@ -85,7 +92,7 @@ class Run:
     groups: ParallelGroups
     engine: Any
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    sampler: BatchSampler
+    sampler: BatchSampler | StructureSampler
     tracker: Tracker
     system: SystemMetrics
     """This node's system-metrics sampler (local rank 0; inactive elsewhere)."""
@@ -111,10 +118,27 @@ class Run:
         return self.groups.world
 
     @property
+    def structure(self) -> bool:
+        """A function-name run: its unit is a syntax-tree node, not a token."""
+        return isinstance(self.sampler, StructureSampler)
+
+    @property
+    def unit(self) -> str:
+        return "node" if self.structure else "token"
+
+    @property
     def tokens_per_step(self) -> int:
-        """Tokens one optimizer step trains on, over all ranks."""
+        """Tokens one optimizer step trains on, over all ranks (a structure run: the
+        functions)."""
         t = self.cfg.train
-        return t.micro_batch_size * t.grad_accum * self.cfg.model.max_seq_len * self.world
+        seq = 1 if self.structure else self.cfg.model.max_seq_len
+        return t.micro_batch_size * t.grad_accum * seq * self.world
+
+    def units(self, step: int) -> int:
+        """What optimizer step ``step`` trains on over all ranks, in :attr:`unit` s."""
+        if isinstance(self.sampler, StructureSampler):
+            return self.sampler.step_nodes(step, self.tokens_per_step)
+        return self.tokens_per_step
 
 
 def setup(
@@ -131,13 +155,15 @@ def setup(
     rank, world = groups.rank, groups.world
     t = cfg.train
     seed_everything(t.seed)
-    data = open_tokens(data_path, cfg.data.val_fraction)
-    sampler = BatchSampler(
-        data, cfg.model.max_seq_len, t.micro_batch_size, rank, world, t.seed, t.eval_batches
+    inputs = (
+        open_structure(cfg, data_path, rank, world)
+        if cfg.data.structure
+        else _token_inputs(cfg, data_path, rank, world)
     )
-    entropy = token_unigram_entropy(data.train, data.vocab_size)
-    model = TransformerLM(cfg.model)
-    model.set_activation_checkpointing(t.activation_checkpointing)
+    sampler = inputs.sampler
+    model = build_model(cfg)
+    if isinstance(model, TransformerLM):  # structure runs refuse it in the config
+        model.set_activation_checkpointing(t.activation_checkpointing)
     if t.init_from and not t.resume:  # a resumed run has its own weights
         init_from(model, cfg)
     install_expert_parallel(model, groups)  # a no-op at ep_size 1
@@ -146,7 +172,7 @@ def setup(
     engine, scheduler = build_engine(model, cfg, groups)
     log.debug("rank %d: engine ready after %.1fs", rank, time.perf_counter() - t0)
     tracker = _start_tracking(cfg, rank, world, attach_to)
-    tracker.log_corpus(tracking_params(data), dataset_inputs(data))
+    tracker.log_corpus(inputs.params, inputs.datasets)
     log.debug("rank %d: tracking ready after %.1fs", rank, time.perf_counter() - t0)
     run_id = str(broadcast_object(tracker.run_id if rank == 0 else "", name="run id"))
     system = SystemMetrics(cfg, run_id)
@@ -154,7 +180,10 @@ def setup(
     run_dir = Path(str(broadcast_object(here, name="run folder")))
     peak, measured = _peak_tflops(cfg, world)
     log.debug("rank %d: peak %.3f TFLOP/s after %.1fs", rank, peak, time.perf_counter() - t0)
-    flops = run_flops(cfg)
+    if isinstance(sampler, StructureSampler):
+        flops = RunFlops(*structure_run_flops(cfg, sampler))
+    else:
+        flops = run_flops(cfg)
     return Run(
         cfg,
         groups,
@@ -164,10 +193,26 @@ def setup(
         tracker,
         system,
         run_dir,
-        entropy,
+        inputs.baseline,
         flops,
         peak,
         measured,
+        inputs.val_tokens_per_byte,
+        inputs.tokenizer_file,
+    )
+
+
+def _token_inputs(cfg: TurnoutConfig, data_path: Path, rank: int, world: int) -> RunInputs:
+    """The token cache, its sampler and what MLflow records of it."""
+    t = cfg.train
+    data = open_tokens(data_path, cfg.data.val_fraction)
+    return RunInputs(
+        BatchSampler(
+            data, cfg.model.max_seq_len, t.micro_batch_size, rank, world, t.seed, t.eval_batches
+        ),
+        token_unigram_entropy(data.train, data.vocab_size),
+        tracking_params(data),
+        dataset_inputs(data),
         data.val_tokens_per_byte,
         data.tokenizer_file,
     )

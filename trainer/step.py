@@ -28,6 +28,7 @@ from turnout.trainer.balance import BiasBalancer
 from turnout.trainer.data.batches import BatchSampler
 from turnout.trainer.metrics.routing import StatsAccumulator
 from turnout.trainer.stop import StopVote
+from turnout.trainer.structure.sampler import StructureSampler
 
 #: A rank's stop request: (the launcher asked, this process was signalled).
 StopAsk = Callable[[], tuple[bool, bool]]
@@ -89,7 +90,7 @@ def agree_finite(loss: torch.Tensor, ce: torch.Tensor, step: int, rank: int, wor
 
 def run_step(
     engine: Any,
-    sampler: BatchSampler,
+    sampler: BatchSampler | StructureSampler,
     step: int,
     grad_accum: int,
     stats: StatsAccumulator,

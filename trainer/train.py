@@ -36,6 +36,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ from turnout.trainer.run_setup import Run, progress_bar, setup
 from turnout.trainer.skips import SkipCounter
 from turnout.trainer.step import NonFiniteLossError, run_step
 from turnout.trainer.stop import PreemptedError, StopVote, signalled, stop_requested
+from turnout.trainer.structure.sampler import StructureSampler
+from turnout.trainer.structure.validation import name_pass
 from turnout.trainer.tracking.model_log import log_run_model
 from turnout.trainer.tracking.store import record_run_id
 
@@ -132,14 +135,21 @@ class TrainResult:
     ``train.steps``)."""
     stop_reason: str = ""
     """Who asked for that stop ('' = no stop)."""
+    unit: str = "token"
+    """What tokens_per_s and flops_per_token count: 'token', or 'node' for the
+    function-name task (data.structure=ast): syntax-tree nodes per second, FLOPs per node."""
+    final_val_f1: float = float("nan")
+    """Function-name task: subtoken F1 of the held-out names (code2vec's)."""
+    final_val_exact: float = float("nan")
+    """Function-name task: fraction of held-out names predicted exactly."""
 
 
 def _log_start(run: Run, step: int) -> None:
-    """Log what is fixed for the run: the baseline loss, FLOPs per token, the peak."""
+    """Log what is fixed for the run: the baseline loss, FLOPs per token (node), the peak."""
     metrics = {
-        "unigram_entropy": run.unigram_entropy,
-        "flops_per_token": run.flops.per_token,
-        "dense_flops_per_token": run.flops.dense_per_token,
+        "name_entropy" if run.structure else "unigram_entropy": run.unigram_entropy,
+        f"flops_per_{run.unit}": run.flops.per_token,
+        f"dense_flops_per_{run.unit}": run.flops.dense_per_token,
         "flop_fraction": run.flops.fraction_of_dense,
         "peak_tflops": run.peak_tflops,
     }
@@ -174,7 +184,7 @@ def _log_interval(
     metrics["peak_memory_mb"] = max(memory)
     metrics.update({f"rank{r}/peak_memory_mb": mb for r, mb in enumerate(memory)})
     tflops = model_tflops(run.flops.per_token, interval.tokens_per_s)
-    metrics.update(loss=interval.loss, lr=lr, tokens_per_s=interval.tokens_per_s)
+    metrics.update({"loss": interval.loss, "lr": lr, f"{run.unit}s_per_s": interval.tokens_per_s})
     metrics.update(tflops=tflops, mfu=mfu(tflops, run.peak_tflops, run.world))
     norm = run.engine.get_global_grad_norm()
     if norm is not None:
@@ -192,11 +202,17 @@ class Validation:
     """Early-exit / ponder models: blocks per token under the decode rule."""
     bpb: float = math.nan
     """``loss`` in bits per byte."""
+    f1: float = math.nan
+    """Function-name task: subtoken F1."""
+    exact: float = math.nan
+    """Function-name task: exact-match fraction."""
 
 
 def _validate(run: Run, done: int, bar: Any) -> Validation:
     """Collective: validation loss(es) after step ``done``, logged."""
     batches = run.cfg.train.eval_batches
+    if isinstance(run.sampler, StructureSampler):
+        return _validate_names(run, run.sampler, done, bar)
     loss = evaluate(run.engine, run.sampler, batches, "topk")
     val = Validation(loss=loss, bpb=bits_per_byte(loss, run.val_tokens_per_byte))
     metrics = {"val_loss": val.loss, "val_bpb": val.bpb}
@@ -212,6 +228,27 @@ def _validate(run: Run, done: int, bar: Any) -> Validation:
     if bar is not None:
         bar.write(
             f"step {done}: val_loss {val.loss:.4f} (unigram entropy {run.unigram_entropy:.4f})"
+        )
+    return val
+
+
+def _validate_names(run: Run, sampler: StructureSampler, done: int, bar: Any) -> Validation:
+    """Collective: the function-name task's held-out loss, F1 and exact match, logged."""
+    over_ranks = partial(all_reduce_sum, name="validation names")
+    res = name_pass(run.engine, sampler, run.cfg.train.eval_batches, run.engine.device, over_ranks)
+    val = Validation(loss=res.loss, f1=res.score.f1, exact=res.score.exact)
+    metrics = {
+        "val_loss": res.loss,
+        "val_f1": res.score.f1,
+        "val_precision": res.score.precision,
+        "val_recall": res.score.recall,
+        "val_exact": res.score.exact,
+    }
+    run.tracker.log_metrics(metrics, step=done, once=True)
+    if bar is not None:
+        bar.write(
+            f"step {done}: val_loss {res.loss:.4f} (name entropy {run.unigram_entropy:.4f}), "
+            f"F1 {res.score.f1:.3f}, exact {res.score.exact:.3f}"
         )
     return val
 
@@ -285,8 +322,9 @@ def train(
                 balancer,
                 ask_stop,
             )
-            interval.add(res.loss, res.seconds)
-            whole.add(res.seconds)
+            units = run.units(step)
+            interval.add(res.loss, res.seconds, units)
+            whole.add(res.seconds, units)
             skips.add(done, res.skipped)
             attempt.record(done)
             if bar is not None:
@@ -312,7 +350,7 @@ def train(
         if start >= t.steps:  # resumed at its last step: nothing to train, still measured
             val = _validate(run, t.steps, bar)
         memory = _peak_memory(run)
-        end = _end_metrics(run, whole, memory, max(0, last - start))
+        end = _end_metrics(run, whole, memory)
         end["skipped_steps"] = float(skips.total)
         run.tracker.log_metrics(end, step=last)
         status = "KILLED" if stop.stop else "FINISHED"
@@ -330,7 +368,9 @@ def train(
     if stop.preempted:  # the launcher goes on: it restarts from this checkpoint
         raise PreemptedError(last, stop.reason(), ckpt)
     model_uri = ""  # after finish: the final metrics are in the store, to link to the model
-    if run.tracker.run_id and cfg.tracking.log_model and ckpt and not stop.stop:
+    if run.structure and run.tracker.run_id and cfg.tracking.log_model:
+        log.info("tracking.log_model: a function-name model is not logged as an MLflow model")
+    elif run.tracker.run_id and cfg.tracking.log_model and ckpt and not stop.stop:
         model_uri = log_run_model(cfg, run.tracker.run_id, ckpt, t.steps)
     return TrainResult(
         final_train_loss=final_train,
@@ -359,14 +399,17 @@ def train(
         model_uri=model_uri,
         stopped_at=last if stop.stop else 0,
         stop_reason=stop.reason() if stop.stop else "",
+        unit=run.unit,
+        final_val_f1=val.f1,
+        final_val_exact=val.exact,
     )
 
 
-def _end_metrics(run: Run, whole: RunMeter, memory: list[float], steps: int) -> dict[str, float]:
+def _end_metrics(run: Run, whole: RunMeter, memory: list[float]) -> dict[str, float]:
     """The whole run's FLOP accounting and peak memory (max over ranks), for MLflow."""
     tflops = model_tflops(run.flops.per_token, whole.tokens_per_s())
     return {
-        "train_flops": run.flops.per_token * run.tokens_per_step * steps,
+        "train_flops": run.flops.per_token * whole.units,
         "run_tflops": tflops,
         "run_mfu": mfu(tflops, run.peak_tflops, run.world),
         "peak_memory_mb": max(memory),

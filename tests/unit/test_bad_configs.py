@@ -21,6 +21,11 @@ pytestmark = pytest.mark.unit
 # (id, argv after `train`, the dotted key the one error line must name)
 CASES = [
     ("unknown-key", ["tiny", "model.bogus=1"], "model.bogus"),
+    ("structure-without-encoder", ["tiny", "data.structure=ast"], "model.structure.encoder"),
+    ("encoder-without-structure", ["ast-gnn", "data.structure="], "data.structure"),
+    ("tree-lstm-has-no-ffn", ["ast-treelstm", "model.structure.moe=true"], "model.structure.moe"),
+    ("ast-bad-range", ["ast-gnn", "data.ast.max_nodes=0"], "data.ast.max_nodes"),
+    ("ast-corpus-without-python", ["ast-gnn", "data.corpus=@binary_dir"], "data.corpus"),
     ("unknown-section", ["tiny", "nosuch.key=1"], "nosuch.key"),
     ("wrong-type-int", ["tiny", "model.d_model=abc"], "model.d_model"),
     ("wrong-type-bool", ["tiny", "tracking.enabled=maybe"], "tracking.enabled"),

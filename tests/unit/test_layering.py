@@ -155,7 +155,12 @@ def room_violations(root: Path, folder: str, package: str) -> list[str]:
         if names is None:
             bad.append(f"{init.relative_to(root)}: no __all__ naming the room's public modules")
             names = []
-        missing = [n for n in names if not (root / folder / room / f"{n}.py").is_file()]
+        here = root / folder / room  # a public module is a file or a package of the room
+        missing = [
+            n
+            for n in names
+            if not ((here / f"{n}.py").is_file() or (here / n / "__init__.py").is_file())
+        ]
         if missing:
             bad.append(f"{init.relative_to(root)}: __all__ names no such module {missing}")
         exports[room] = set(names)

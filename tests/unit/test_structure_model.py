@@ -39,7 +39,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> StructureData:
 
 @pytest.mark.parametrize(
     ("encoder", "moe"),
-    [("treelstm", None), ("gnn", None), ("gnn", MoEConfig(num_experts=4, top_k=2))],
+    [
+        ("treelstm", None),
+        ("gnn", None),
+        ("gnn", MoEConfig(num_experts=4, top_k=2)),
+        ("transformer", None),
+    ],
 )
 def test_each_encoder_fits_a_few_names(
     data: StructureData, encoder: str, moe: MoEConfig | None

@@ -151,7 +151,8 @@ def dataset_inputs(data: TokenData) -> dict[str, tuple[str, str]]:
 # ----------------------------------------------------------------------------- batches
 
 
-def _seed(*parts: int) -> int:
+def slot_seed(*parts: int) -> int:
+    """A generator seed from (seed, step, slot): a slot's sample is a pure function of them."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
@@ -207,7 +208,7 @@ class BatchSampler:
 
     def slot_start(self, step: int, slot: int) -> int:
         """Start of the window of global sample slot ``slot`` at optimizer step ``step``."""
-        rng = np.random.default_rng(_seed(self.seed, step, slot))
+        rng = np.random.default_rng(slot_seed(self.seed, step, slot))
         return int(rng.integers(0, self.data.train.size - self.seq_len))
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,9 +28,9 @@ from turnout.config import TurnoutConfig
 from turnout.config.load import flatten, load_config
 from turnout.errors import CheckpointError, ConfigError
 from turnout.files import CONFIG_FILE
-from turnout.models.lm import TransformerLM
 from turnout.trainer.checkpointing import manifest
 from turnout.trainer.checkpointing.files import read_meta, resolve_resume
+from turnout.trainer.structure.model import build_model
 
 log = logging.getLogger("turnout.trainer")
 KEY = "train.resume"
@@ -38,7 +38,7 @@ KEY = "train.resume"
 
 def _shapes(cfg: TurnoutConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = TransformerLM(cfg.model)
+        model = build_model(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

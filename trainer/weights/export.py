@@ -94,6 +94,10 @@ def export(
     if not state:
         raise ConfigError(KEY, f"{folder} holds no weights")
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    if fmt == "hf" and cfg.data.structure:
+        raise ConfigError(
+            "--format", f"{folder} is a function-name model: it has no Hugging Face form"
+        )
     if fmt == "hf":
         kind, count = write_hf(out_dir, cfg, state, allow_dropless)
     else:

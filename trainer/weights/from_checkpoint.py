@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,9 +32,9 @@ from turnout.config import TurnoutConfig
 from turnout.config.load import load_config
 from turnout.errors import CheckpointError, ConfigError
 from turnout.files import CONFIG_FILE, tag_step
-from turnout.models.lm import TransformerLM
 from turnout.models.pretrained import check_state
 from turnout.trainer.checkpointing.files import consolidated_master, resolve_resume
+from turnout.trainer.structure.model import build_model
 
 KEY = "checkpoint"
 """What our errors name: the CHECKPOINT argument."""
@@ -105,13 +106,13 @@ def consolidated_state(
 
 def load_for_inference(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[TransformerLM, TurnoutConfig, CheckpointInfo]:
+) -> tuple[Any, TurnoutConfig, CheckpointInfo]:
     """Rebuild the trained model from a checkpoint, on ``device`` in ``dtype``, in eval mode."""
     folder = step_folder(path)
     state, cfg, step = consolidated_state(folder)
     ep_size, stage = cfg.parallel.ep_size, cfg.parallel.zero_stage
     saved_dtype = next((v.dtype for v in state.values() if v.is_floating_point()), dtype)
-    model = TransformerLM(cfg.model)
+    model = build_model(cfg)  # a language model, or a function-name model
     check_state(model, state, str(folder), KEY)
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype).eval()

@@ -139,3 +139,21 @@ class Placement(Choice):
     """All workers on one node, or the job waits."""
     STRICT_SPREAD = "STRICT_SPREAD"
     """Every worker on its own node, or the job waits (one worker per node)."""
+
+
+class Structure(Choice):
+    """data.structure: what a run trains on."""
+
+    NONE = ""
+    """The token stream (a language model)."""
+    AST = "ast"
+    """Functions' syntax trees and graphs: predict each function's name."""
+
+
+class Encoder(Choice):
+    """model.structure.encoder: the encoder of the function-name task."""
+
+    NONE = ""
+    TREELSTM = "treelstm"
+    GNN = "gnn"
+    TRANSFORMER = "transformer"

@@ -20,6 +20,7 @@ from turnout.config.choices import (
 from turnout.config.depth import positive as _positive
 from turnout.config.depth import validate_depth
 from turnout.config.hyper import HyperConfig, validate_hyper
+from turnout.config.structure import StructureModelConfig
 from turnout.errors import ConfigError
 
 #: The FFN of a block: a dense SwiGLU or a Mixture-of-Experts layer.
@@ -261,6 +262,8 @@ class ModelConfig:
     """Adaptive computation ('ponder' blocks): PonderNet halting, loss and decode rule."""
     recursion: RecursionConfig = field(default_factory=RecursionConfig)
     """Mixture-of-Recursions ('recursion' entry): shared group, depth router, KV policy."""
+    structure: StructureModelConfig = field(default_factory=StructureModelConfig)
+    """The function-name task's encoder (data.structure=ast) instead of a language model."""
 
     def block_kinds(self) -> list[str]:
         """The kind of each of the n_layers blocks (the pattern cycled)."""
@@ -290,6 +293,8 @@ class ModelConfig:
         return self.moe.shared_experts * self.expert_hidden()
 
     def uses_moe(self) -> bool:
+        if self.structure.encoder:  # a structure model: its FFNs, not the layer pattern
+            return self.structure.moe
         return any(k.has_moe for k in self.blocks())
 
     def uses_mod(self) -> bool:

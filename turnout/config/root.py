@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from turnout.config.choices import Placement, Recompute, Trainable
+from turnout.config.choices import Balance, Encoder, Placement, Recompute, Structure, Trainable
 from turnout.config.model import ModelConfig, validate_model
 from turnout.config.parallel import ParallelConfig, validate_parallel
 from turnout.config.train import (
@@ -93,13 +93,18 @@ def validate(cfg: TurnoutConfig) -> None:
         raise ConfigError("parallel.backend", "nccl needs launch.use_gpu=true")
     validate_data(cfg.data)
     validate_train(cfg.train)
+    _validate_structure_run(cfg)
     if cfg.train.activation_checkpointing == Recompute.MOE and not cfg.model.uses_moe():
         raise ConfigError(
             "train.activation_checkpointing",
             "'moe' recomputes the blocks with an MoE FFN and model.layer_pattern has none; "
             "use 'full' or 'none'",
         )
-    if cfg.train.trainable != Trainable.ALL and not _has_routers(cfg.model):
+    if (
+        cfg.train.trainable != Trainable.ALL
+        and not cfg.model.structure.encoder
+        and not _has_routers(cfg.model)
+    ):
         raise ConfigError(
             "train.trainable",
             f"is {cfg.train.trainable!r} but model.layer_pattern has no routed block "
@@ -112,3 +117,53 @@ def _has_routers(model: ModelConfig) -> bool:
     """Whether the model has a router (MoD, MoE, a ponder halting head or a recursion
     router) to train."""
     return any(k.mod_routed or k.has_moe or k.ponder or k.recursion for k in model.blocks())
+
+
+def _validate_structure_run(cfg: TurnoutConfig) -> None:
+    """The function-name task (data.structure=ast) and its encoder go together; what the
+    structure models do not have is refused here, naming the key."""
+    enc = cfg.model.structure.encoder
+    if enc not in Encoder.values():
+        raise ConfigError("model.structure.encoder", f"must be {Encoder.spelled()}, got {enc!r}")
+    if not enc:
+        if cfg.data.structure:
+            raise ConfigError(
+                "model.structure.encoder",
+                f"data.structure={cfg.data.structure} needs an encoder: 'treelstm', 'gnn' or "
+                "'transformer'",
+            )
+        if cfg.model.structure.moe:
+            raise ConfigError(
+                "model.structure.moe", "is for a structure encoder (gnn, transformer)"
+            )
+        return
+    if cfg.data.structure != Structure.AST:
+        raise ConfigError(
+            "data.structure", f"model.structure.encoder={enc} reads syntax trees: set it to 'ast'"
+        )
+    m = cfg.model
+    if m.layer_pattern != ["dense"]:
+        raise ConfigError(
+            "model.layer_pattern",
+            f"a structure encoder ({enc}) has no language-model blocks: set it to [dense] "
+            "(MoE FFNs: model.structure.moe=true)",
+        )
+    if m.structure.moe and enc == Encoder.TREELSTM:
+        raise ConfigError("model.structure.moe", "the Tree-LSTM has no FFN; use gnn or transformer")
+    if m.structure.moe and m.moe.balance != Balance.AUX:
+        raise ConfigError("model.moe.balance", "structure models balance experts with 'aux' only")
+    if m.structure.moe and m.moe.hyper.enabled:
+        raise ConfigError("model.moe.hyper.enabled", "hyper-experts are for language models")
+    if m.structure.moe and m.moe.num_noop_experts:
+        raise ConfigError("model.moe.num_noop_experts", "no-op experts are for language models")
+    refused = {
+        "data.val_corpus": cfg.data.val_corpus,
+        "train.init_from": cfg.train.init_from,
+        "train.trainable": cfg.train.trainable != Trainable.ALL,
+        "train.activation_checkpointing": cfg.train.activation_checkpointing != Recompute.NONE,
+    }
+    for key, value in refused.items():
+        if value:
+            raise ConfigError(
+                key, "is not supported with data.structure=ast (the function-name task)"
+            )

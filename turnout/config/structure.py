@@ -1,4 +1,5 @@
-"""The structured-data options (``data.ast``): how functions become examples.
+"""The structured-data options (``data.ast``: how functions become examples) and the
+structure model's (``model.structure``: which encoder reads them).
 
 ``validate_structure`` raises ``ConfigError(key, message)`` naming the dotted key.
 """
@@ -27,6 +28,19 @@ class AstConfig:
     keep_dunders: bool = False
     """Keep special methods (__init__, __repr__, ...): their names say little about
     their bodies and would be a large share of the examples."""
+
+
+@dataclass
+class StructureModelConfig:
+    encoder: str = ""
+    """'' (a language model over the token stream), or the encoder of the function-name
+    task (data.structure=ast): 'treelstm' (Child-Sum Tree-LSTM over the syntax tree),
+    'gnn' (message passing over the syntax graph, model.n_layers layers) or 'transformer'
+    (bidirectional attention over the function's nodes in source order, the baseline
+    without structure). Width model.d_model, FFN model.ffn_dim."""
+    moe: bool = False
+    """gnn / transformer: every layer's FFN is an MoE layer of model.moe (router,
+    dispatcher, capacity or dropless, expert parallelism)."""
 
 
 def validate_structure(cfg: AstConfig, prefix: str = "data.ast") -> None:

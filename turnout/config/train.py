@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from turnout.config.choices import Precision, Recompute, Trainable
+from turnout.config.choices import Precision, Recompute, Structure, Trainable
+from turnout.config.structure import AstConfig, validate_structure
 from turnout.errors import ConfigError
 
 
@@ -39,6 +40,11 @@ class DataConfig:
     """data.tokenizer=bpe learns its merges from at most this many bytes of the corpus."""
     workers: int = 0
     """Tokenizer processes, one shard each at a time (0 = one per CPU core)."""
+    structure: str = ""
+    """'' (train on the token stream) or 'ast': parse the corpus's Python files and train
+    model.structure.encoder to predict each function's name from its body."""
+    ast: AstConfig = field(default_factory=AstConfig)
+    """How functions become examples (data.structure=ast)."""
 
 
 #: ``train.resume`` value: the newest checkpoint of a run of the same config, or fresh.
@@ -169,6 +175,9 @@ def validate_data(cfg: DataConfig) -> None:
     for name in ("bpe_train_bytes", "workers"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"data.{name}", f"must be >= 0, got {getattr(cfg, name)}")
+    if cfg.structure not in Structure.values():
+        raise ConfigError("data.structure", f"must be {Structure.spelled()}, got {cfg.structure!r}")
+    validate_structure(cfg.ast)
 
 
 def validate_vocab(cfg: DataConfig, vocab_size: int) -> None:

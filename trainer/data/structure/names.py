@@ -36,8 +36,11 @@ class NameScore:
     examples: int
 
 
-def score(predicted: Iterable[Sequence[str]], truth: Iterable[Sequence[str]]) -> NameScore:
-    """Subtoken precision, recall and F1 summed over examples, and exact match."""
+def counts(
+    predicted: Iterable[Sequence[str]], truth: Iterable[Sequence[str]]
+) -> tuple[int, int, int, int, int]:
+    """(true positives, false positives, false negatives, exact matches, examples), the
+    sums :func:`from_counts` scores (they add over batches and ranks)."""
     tp = fp = fn = exact = n = 0
     for pred, true in zip(predicted, truth, strict=True):
         p, t = {s.lower() for s in pred}, {s.lower() for s in true}
@@ -46,7 +49,16 @@ def score(predicted: Iterable[Sequence[str]], truth: Iterable[Sequence[str]]) ->
         fn += len(t - p)
         exact += [s.lower() for s in pred] == [s.lower() for s in true]
         n += 1
+    return tp, fp, fn, exact, n
+
+
+def from_counts(tp: float, fp: float, fn: float, exact: float, n: float) -> NameScore:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return NameScore(precision, recall, f1, exact / n if n else 0.0, n)
+    return NameScore(precision, recall, f1, exact / n if n else 0.0, int(n))
+
+
+def score(predicted: Iterable[Sequence[str]], truth: Iterable[Sequence[str]]) -> NameScore:
+    """Subtoken precision, recall and F1 summed over examples, and exact match."""
+    return from_counts(*counts(predicted, truth))
