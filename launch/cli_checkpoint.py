@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from turnout.config import TurnoutConfig
@@ -140,9 +141,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_names(model: object, cfg: object, args: argparse.Namespace) -> int:
     """``turnout eval`` of a function-name checkpoint: held-out names, scored."""
+    from turnout.trainer.checkpointing.files import read_meta
     from turnout.trainer.structure.validation import evaluate_names
+    from turnout.trainer.weights.from_checkpoint import step_folder
 
-    ev = evaluate_names(model, cfg, args.corpus, args.batches)  # type: ignore[arg-type]
+    targets = read_meta(step_folder(args.checkpoint)).get("client", {}).get("name_targets")
+    ev = evaluate_names(model, cfg, args.corpus, args.batches, targets)  # type: ignore[arg-type]
     s = ev.score
     print(f"corpus           {ev.corpus} ({s.examples} held-out functions scored)")
     print(f"val_loss         {ev.loss:.4f}  (nats per name position)")
@@ -161,6 +165,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         check_flags(args.format, args.tracking_uri, args.register_as)
     elif args.tracking_uri is not None or args.register_as is not None:
         raise ConfigError("--mlflow", "--tracking-uri and --register-as need --mlflow")
+    if args.mlflow:
+        from turnout.models.pretrained import is_export
+        from turnout.trainer.weights.from_checkpoint import checkpoint_config, step_folder
+
+        source = args.checkpoint
+        folder = Path(source).expanduser() if is_export(source) else step_folder(source)
+        if checkpoint_config(folder).data.structure:
+            raise ConfigError(
+                "--mlflow",
+                "a function-name model has no MLflow model form (it generates no text)",
+            )
     done = export(args.checkpoint, args.out, args.format, args.allow_dropless)
     print(
         f"turnout: exported step {done.step} ({done.kind}, {done.num_tensors} tensors, "
@@ -215,7 +230,11 @@ def add_checkpoint_commands(sub: Any) -> None:
     )
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="validation loss of a checkpoint (top-k and causal routing)")
+    p = sub.add_parser(
+        "eval",
+        help="validation loss of a checkpoint (top-k and causal routing; a function-name "
+        "model: F1)",
+    )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help=ckpt_help)
     p.add_argument(
         "--corpus",

@@ -77,9 +77,18 @@ def write_speed(folder: Path, nbytes: int = PROBE_BYTES) -> float:
 
 def checkpoint_seconds(cfg: TurnoutConfig, bytes_per_s: float) -> tuple[int, float]:
     """(the checkpoint's bytes, seconds to write them at ``bytes_per_s``)."""
-    from turnout.trainer.planner.plan import plan
+    from turnout.trainer.planner.plan import CHECKPOINT_BYTES_PER_PARAM, plan
 
-    nbytes = plan(cfg).checkpoint_bytes
+    if cfg.data.structure:  # the planner sizes language models; count the model itself
+        import torch
+
+        from turnout.trainer.structure.model import build_model
+
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_model(cfg).parameters())
+        nbytes = params * CHECKPOINT_BYTES_PER_PARAM
+    else:
+        nbytes = plan(cfg).checkpoint_bytes
     return nbytes, nbytes / bytes_per_s
 
 

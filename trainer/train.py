@@ -255,7 +255,9 @@ def _validate_names(run: Run, sampler: StructureSampler, done: int, bar: Any) ->
 
 def _checkpoint(run: Run, done: int) -> str:
     """Collective: save the state after step ``done``; return the checkpoint folder."""
-    state = {"step": done, "seed": run.cfg.train.seed, "world_size": run.world}
+    state: dict[str, Any] = {"step": done, "seed": run.cfg.train.seed, "world_size": run.world}
+    if isinstance(run.sampler, StructureSampler):  # what each name class means, for eval
+        state["name_targets"] = list(run.sampler.data.targets)
     t0 = time.perf_counter()
     folder = checkpoint.save(
         run.engine, run.run_dir, done, state, run.groups, run.cfg, run.tokenizer_file

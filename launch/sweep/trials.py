@@ -93,6 +93,12 @@ def _grid_trials(spec: SweepSpec, index: int, grid: SweepGrid) -> list[Trial]:
             where = f"grids[{index}] ({name}) trial {tid}"
             try:
                 cfg = load_config(spec.source, [*base, f"train.seed={seed}"])
+                if cfg.data.structure:
+                    raise ConfigError(
+                        "data.structure",
+                        "a sweep sizes language models by FLOPs per token; a function-name "
+                        "run's cost follows its batches (benchmarks/structure_names.py)",
+                    )
                 per_token = run_flops(cfg).per_token
                 steps = math.floor(budget / (per_token * tokens_per_step(cfg)))
                 if steps < 1:

@@ -46,7 +46,7 @@ def test_counts_agree_with_torch_flop_counter(
 ) -> None:
     torch.manual_seed(0)
     model = StructureModel(
-        encoder, len(data.node_types), 256, len(data.edge_types), len(data.targets),
+        encoder, len(data.node_types), 256, len(data.edge_types), data.classes,
         data.max_name, d_model=16, ffn_dim=24, layers=2, moe=moe,
     )  # fmt: skip
     batch, _ = structure_batch(data, "train", range(5), encoder, pad=pad)

@@ -53,7 +53,7 @@ def test_each_encoder_fits_a_few_names(
     names come back exactly, so the encoder, decoder and targets are wired to learn."""
     torch.manual_seed(0)
     model = StructureModel(
-        encoder, len(data.node_types), 256, len(data.edge_types), len(data.targets),
+        encoder, len(data.node_types), 256, len(data.edge_types), data.classes,
         data.max_name, d_model=32, ffn_dim=64, layers=2, moe=moe, init_std=0.1,
     )  # fmt: skip
     batch, targets = structure_batch(data, "train", range(8), encoder)

@@ -13,7 +13,6 @@ import torch
 from turnout.config.load import load_config
 from turnout.config.structure import AstConfig
 from turnout.errors import ConfigError
-from turnout.models.structure import StructureModel
 from turnout.trainer.data.structure.batches import structure_batch
 from turnout.trainer.data.structure.dataset import StructureData
 from turnout.trainer.data.structure.examples import build
@@ -55,6 +54,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> StructureData:
         (["train.trainable=routers"], "train.trainable"),
         (["train.activation_checkpointing=full"], "train.activation_checkpointing"),
         (["model.structure.encoder=graph"], "model.structure.encoder"),
+        (["data.tokenizer=bpe", "model.vocab_size=512"], "data.tokenizer"),
+        (["model.structure.encoder=treelstm", "parallel.zero_stage=3"], "parallel.zero_stage"),
+        (["tracking.register_as=names"], "tracking.register_as"),
         (["data.structure=trees"], "data.structure"),
     ],
 )
@@ -123,11 +125,12 @@ def test_a_batch_moves_with_every_tensor(data: StructureData) -> None:
 def test_the_validation_pass_scores_what_the_model_predicts(
     data: StructureData,
 ) -> None:
+    """The model as a run builds it (its classes from the config: 30 subtokens, <unk>
+    and the end, more than the json package's names fill)."""
     torch.manual_seed(0)
-    model = StructureModel(
-        "gnn", len(data.node_types), 256, len(data.edge_types), len(data.targets),
-        data.max_name, d_model=16, ffn_dim=24, layers=1, init_std=0.5,
-    )  # fmt: skip
+    cfg = load_config("ast-gnn", ["data.ast.target_vocab=30", "model.d_model=16"])
+    model = structure_model(cfg)
+    assert model.end == data.classes == 31 > len(data.targets)
     sampler = StructureSampler(data, "gnn", 3, 0, 1, seed=0, eval_batches=2)
     res = name_pass(model, sampler, 2, torch.device("cpu"))
     predicted, truth, ces = [], [], []
@@ -159,7 +162,23 @@ def test_flops_per_node_of_a_dense_model_are_its_dense_twins(
 
 def test_the_name_entropy_is_a_proper_entropy(data: StructureData) -> None:
     h = target_entropy(data)
-    assert 0 < h < math.log(len(data.targets) + 1)
+    assert 0 < h < math.log(data.classes + 1)
+
+
+def test_a_checkpoints_name_classes_replace_the_caches(data: StructureData) -> None:
+    """``turnout eval`` reads names with the classes the model learnt: a subtoken keeps
+    its class id whatever this corpus's frequencies, and unused classes read as <unk>."""
+    name = next(n for n in data.splits["train"].names if len(data.target_ids(n)) > 1)
+    theirs = ["<unk>", *reversed(data.targets[1:])]
+    before = data.target_ids(name)
+    other = StructureData(data.folder)
+    other.use_targets(theirs)
+    after = other.target_ids(name)
+    assert [theirs[i] for i in after] == [data.targets[i] for i in before]
+    assert after != before
+    assert other.target_words([data.classes - 1]) == ["<unk>"]  # beyond the 16 filled
+    with pytest.raises(ValueError):
+        other.use_targets(["x", *theirs])
 
 
 def test_meters_count_the_units_given() -> None:

@@ -44,7 +44,8 @@ def _shapes(cfg: TurnoutConfig) -> dict[str, tuple[int, ...]]:
 
 def _model_key_that_differs(new: TurnoutConfig, old: TurnoutConfig) -> str:
     a, b = flatten(new), flatten(old)
-    keys = [k for k in a if k.startswith("model.") and a[k] != b.get(k)]
+    shaped = ("model.", "data.ast.")  # data.ast sets a structure model's classes, positions
+    keys = [k for k in a if k.startswith(shaped) and a[k] != b.get(k)]
     return keys[0] if keys else KEY
 
 

@@ -20,7 +20,7 @@ from turnout.trainer.structure.sampler import StructureSampler
 def target_entropy(data: StructureData) -> float:
     """Entropy (nats) of the scored name positions' classes over the training split: the
     loss of a model that ignores the function."""
-    end = len(data.targets)
+    end = data.classes
     counts: Counter[int] = Counter()
     for name in data.splits["train"].names:
         ids = data.target_ids(name)

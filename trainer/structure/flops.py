@@ -4,7 +4,10 @@ A structure model's cost per node depends on the batch (a function's size, the p
 level lists and edge lists, the decoder's padded node layout), so it is counted, not
 derived: :func:`~turnout.models.structure_flops.batch_flops` on the first micro batch of
 the run's first :data:`SAMPLE_STEPS` steps (the same batches on every rank), summed and
-divided by their real nodes, times 3 for forward and backward. The dense twin (MoE FFNs
+divided by their real nodes, times 3 for forward and backward. 256 steps because the
+attention baseline's cost per node follows each batch's longest function: over 8 steps
+its estimate ranged 1.83-2.86 MFLOPs per node across 4 seeds, over 256 steps 2.09-2.18
+(the graph network's 1.51-1.54, the Tree-LSTM's 1.10-1.10), about 0.3 s at start-up. The dense twin (MoE FFNs
 replaced by dense ones of ``model.ffn_dim``) is counted on the same batches, on the meta
 device.
 """
@@ -20,7 +23,7 @@ from turnout.trainer.data.structure.batches import structure_batch
 from turnout.trainer.structure.model import dense_twin, structure_model
 from turnout.trainer.structure.sampler import StructureSampler
 
-SAMPLE_STEPS = 8
+SAMPLE_STEPS = 256
 TRAIN_PER_FORWARD = 3
 
 

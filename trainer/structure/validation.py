@@ -30,7 +30,8 @@ log = logging.getLogger("turnout.trainer")
 @dataclass(frozen=True)
 class NamePass:
     loss: float
-    """Mean cross-entropy of the scored name positions (nats), over batches and ranks."""
+    """Cross-entropy per scored name position (nats): each batch's mean, averaged over
+    the batches and ranks."""
     score: NameScore
     corpus: str = ""
 
@@ -67,11 +68,18 @@ def name_pass(
 
 
 def evaluate_names(
-    model: StructureModel, cfg: TurnoutConfig, corpus: str | None = None, batches: int | None = None
+    model: StructureModel,
+    cfg: TurnoutConfig,
+    corpus: str | None = None,
+    batches: int | None = None,
+    targets: list[str] | None = None,
 ) -> NamePass:
     """``turnout eval`` of a function-name model (one process): the held-out functions the
     training run validated on (``train.eval_batches`` batches of ``micro_batch_size x
-    num_workers``), or ``batches`` of them, of ``corpus`` (default: the run's)."""
+    num_workers``), or ``batches`` of them, of ``corpus`` (default: the run's).
+    ``targets``: the name classes the model was trained with (its checkpoint's); they
+    replace the cache's, so another corpus (or another Python's stdlib) is read and
+    scored with the model's own class meanings."""
     from turnout.trainer.data.structure.prepare import prepare_structure
 
     n_batches = cfg.train.eval_batches if batches is None else batches
@@ -82,16 +90,12 @@ def evaluate_names(
     folder, warning = prepare_structure(cfg)
     if warning:
         log.warning("%s", warning)
+    data = StructureData(folder)
+    if targets is not None:
+        data.use_targets(targets)
     per_batch = cfg.train.micro_batch_size * cfg.launch.num_workers
-    sampler = StructureSampler(
-        StructureData(folder),
-        cfg.model.structure.encoder,
-        per_batch,
-        0,
-        1,
-        cfg.train.seed,
-        n_batches,
-    )
+    encoder = cfg.model.structure.encoder
+    sampler = StructureSampler(data, encoder, per_batch, 0, 1, cfg.train.seed, n_batches)
     device = next(model.parameters()).device
     res = name_pass(model, sampler, n_batches, device)
     return replace(res, corpus=cfg.data.corpus)

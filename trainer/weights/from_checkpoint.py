@@ -1,4 +1,5 @@
-"""Load a turnout checkpoint into a plain ``TransformerLM`` in one process, for inference.
+"""Load a turnout checkpoint into a plain model in one process, for inference: a
+``TransformerLM``, or the ``StructureModel`` of a function-name run.
 
 ``load_for_inference(path, device)`` takes a run folder (its ``latest`` step is used) or a
 step folder and needs no config, no process group and no DeepSpeed engine: it reads

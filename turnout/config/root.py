@@ -156,7 +156,20 @@ def _validate_structure_run(cfg: TurnoutConfig) -> None:
         raise ConfigError("model.moe.hyper.enabled", "hyper-experts are for language models")
     if m.structure.moe and m.moe.num_noop_experts:
         raise ConfigError("model.moe.num_noop_experts", "no-op experts are for language models")
+    if cfg.data.tokenizer != "byte":
+        raise ConfigError(
+            "data.tokenizer",
+            "the function-name task reads node labels as bytes: 'byte' only (a checkpoint "
+            "of it carries no tokenizer.json yet)",
+        )
+    if enc == Encoder.TREELSTM and cfg.parallel.zero_stage == 3:
+        raise ConfigError(
+            "parallel.zero_stage",
+            "ZeRO-3 gathers a weight at each call, and the Tree-LSTM calls its cell once per "
+            "tree level, a number that differs between ranks: use 0, 1 or 2",
+        )
     refused = {
+        "tracking.register_as": cfg.tracking.register_as,
         "data.val_corpus": cfg.data.val_corpus,
         "train.init_from": cfg.train.init_from,
         "train.trainable": cfg.train.trainable != Trainable.ALL,

@@ -56,7 +56,7 @@ class TrainConfig:
     steps: int = 300
     """Optimizer steps."""
     micro_batch_size: int = 8
-    """Sequences per rank per micro step."""
+    """Sequences (a function-name run: functions) per rank per micro step."""
     grad_accum: int = 1
     """Micro steps per optimizer step."""
     lr: float = 3e-3

@@ -31,4 +31,4 @@ def structure_batch(
         )
         batch = StructureBatch(None, graph)
     ids = [data.target_ids(e.name) for e in examples]
-    return batch, name_targets(ids, data.max_name, len(data.targets))
+    return batch, name_targets(ids, data.max_name, data.classes)

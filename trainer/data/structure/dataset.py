@@ -56,6 +56,7 @@ class StructureData:
 
     def __init__(self, folder: str | Path) -> None:
         folder = Path(folder)
+        self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
         self.splits = {
             s: Split(np.load(folder / f"{s}.npz"), self.meta["names"][s]) for s in ("train", "val")
@@ -66,13 +67,25 @@ class StructureData:
         self._target_id = {t: i for i, t in enumerate(self.targets)}
         self.stats = BuildStats(**self.meta["stats"])
         self.max_name = int(self.meta["options"]["max_name_subtokens"])
+        self.classes = int(self.meta["options"]["target_vocab"]) + 1
+        """Name classes a model of this config has (``<unk>`` and ``data.ast.target_vocab``
+        subtokens; a corpus with fewer leaves the last unused); the end class follows."""
+
+    def use_targets(self, targets: list[str]) -> None:
+        """Read names with another class list (a checkpoint's): the same subtoken keeps
+        the class it was trained as, whatever this corpus's frequencies."""
+        if len(targets) > self.classes or targets[:1] != [UNK]:
+            raise ValueError(f"{len(targets)} name classes do not fit a model of {self.classes}")
+        self.targets = list(targets)
+        self._target_id = {t: i for i, t in enumerate(self.targets)}
 
     def target_ids(self, name: str) -> list[int]:
         """The name's first ``max_name_subtokens`` subtokens as target ids (``<unk>`` = 0)."""
         return [self._target_id.get(s, 0) for s in subtokens(name)[: self.max_name]]
 
     def target_words(self, ids: list[int]) -> list[str]:
-        return [self.targets[i] for i in ids]
+        """The subtokens of class ids (an unused class reads as ``<unk>``)."""
+        return [self.targets[i] if i < len(self.targets) else UNK for i in ids]
 
     def unk_id(self) -> int:
         return self._target_id[UNK]
