@@ -7,9 +7,9 @@ the run's first :data:`SAMPLE_STEPS` steps (the same batches on every rank), sum
 divided by their real nodes, times 3 for forward and backward. 256 steps because the
 attention baseline's cost per node follows each batch's longest function: over 8 steps
 its estimate ranged 1.83-2.86 MFLOPs per node across 4 seeds, over 256 steps 2.09-2.18
-(the graph network's 1.51-1.54, the Tree-LSTM's 1.10-1.10), about 0.3 s at start-up. The dense twin (MoE FFNs
-replaced by dense ones of ``model.ffn_dim``) is counted on the same batches, on the meta
-device.
+(the graph network's 1.51-1.54, the Tree-LSTM's 1.10-1.10), about 0.3 s at start-up.
+The dense twin (MoE FFNs replaced by dense ones of ``model.ffn_dim``) is counted on the
+same batches, on the meta device.
 """
 
 from __future__ import annotations
