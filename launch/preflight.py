@@ -52,13 +52,18 @@ def prepare_data(cfg: TurnoutConfig) -> Path:
     # upcycling sources) may have any vocabulary; training on a corpus may not.
     validate_vocab(cfg.data, cfg.model.vocab_size)
     if cfg.data.structure:
+        from turnout.trainer.data.structure.dataset import StructureData
         from turnout.trainer.data.structure.prepare import prepare_structure
-        from turnout.trainer.structure.data import open_structure
+        from turnout.trainer.structure.sampler import StructureSampler
 
         folder, warning = prepare_structure(cfg)
         if warning:
             print(f"turnout: warning: {warning}", file=sys.stderr)
-        open_structure(cfg, folder, 0, cfg.launch.num_workers)  # the sampler's checks
+        t = cfg.train  # the sampler's own checks (a held-out function exists)
+        encoder = cfg.model.structure.encoder
+        workers = cfg.launch.num_workers
+        cache = StructureData(folder)
+        StructureSampler(cache, encoder, t.micro_batch_size, 0, workers, t.seed, t.eval_batches)
         return folder
 
     path = Path(prepare_corpus(cfg.data, cfg.model.vocab_size))

@@ -25,12 +25,13 @@ from turnout.models.layers import RMSNorm, SwiGLU
 from turnout.models.moe import MoEAux, MoELayer
 from turnout.models.nodes import NodeEmbedding
 
+Layout = tuple[torch.Tensor, torch.Tensor, int]
+"""``(pos_N, real_BN, Nm)``: a batch's functions laid out as ``[B, Nm]`` rows."""
 
-def padded_layout(
-    graph_N: torch.Tensor, roots_B: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+
+def padded_layout(graph_N: torch.Tensor, roots_B: torch.Tensor) -> Layout:
     """Each real node's position in its function (``pos_N``), the ``[B, Nm]`` mask of real
-    slots, and ``Nm``."""
+    slots, and ``Nm``: the layout the attention encoder and the name decoder share."""
     pos_N = torch.arange(graph_N.shape[0], device=graph_N.device) - roots_B[graph_N]
     Nm = int(pos_N.max()) + 1
     real_BN = torch.zeros(roots_B.shape[0], Nm, dtype=torch.bool, device=graph_N.device)
@@ -101,9 +102,12 @@ class SeqEncoder(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=init_std)
 
-    def forward(self, batch: GraphBatch) -> tuple[torch.Tensor, list[MoEAux]]:
-        """The final node states ``[N, D]`` and each MoE layer's aux (the edges unread)."""
-        pos_N, real_BN, Nm = padded_layout(batch.graph_N, batch.roots_B)
+    def forward(
+        self, batch: GraphBatch, layout: Layout | None = None
+    ) -> tuple[torch.Tensor, list[MoEAux]]:
+        """The final node states ``[N, D]`` and each MoE layer's aux (the edges unread);
+        ``layout``: the batch's :func:`padded_layout`, when the caller has it."""
+        pos_N, real_BN, Nm = layout or padded_layout(batch.graph_N, batch.roots_B)
         if Nm > self.pos_emb.num_embeddings:
             raise ValueError(
                 f"a function of {Nm} nodes is longer than the {self.pos_emb.num_embeddings} "

@@ -31,7 +31,7 @@ from torch import nn
 from turnout.config.model import MoEConfig
 from turnout.models.gnn import GraphBatch, GraphNet
 from turnout.models.moe import MoEAux, aux_terms
-from turnout.models.seq_encoder import SeqEncoder
+from turnout.models.seq_encoder import Layout, SeqEncoder, padded_layout
 from turnout.models.terms import Aux, Term, spec
 from turnout.models.treelstm import Level, TreeBatch, TreeLSTM
 
@@ -98,7 +98,6 @@ class StructureOutput:
     losses, weighted by ``model.moe.aux_loss_coef`` and ``z_loss_coef``."""
     ce: torch.Tensor | None = None
     """The cross-entropy alone (detached)."""
-    moe: list[MoEAux] = field(default_factory=list)
     stats: list[Aux] = field(default_factory=list)
     """Each MoE layer's terms, as a language model's ``LMOutput.stats`` (detached)."""
     terms: dict[Term, torch.Tensor] = field(default_factory=dict)
@@ -157,8 +156,10 @@ class StructureModel(nn.Module):
         self.keys = nn.Linear(D, D, bias=False)
         self.out = nn.Linear(2 * D, targets + 1)
         # The MoE layers' aux losses, weighted as in a language model (model.moe.*).
-        self.lb_coef = moe.aux_loss_coef if moe is not None else 0.0
-        self.z_coef = moe.z_loss_coef if moe is not None else 0.0
+        self.coefs = {
+            Term.MOE_LB: moe.aux_loss_coef if moe is not None else 0.0,
+            Term.MOE_Z: moe.z_loss_coef if moe is not None else 0.0,
+        }
         nn.init.normal_(self.keys.weight, std=init_std)
         nn.init.normal_(self.out.weight, std=init_std)
         nn.init.zeros_(self.out.bias)
@@ -170,48 +171,54 @@ class StructureModel(nn.Module):
         layers = getattr(self.encoder, "layers", None)
         return layers if isinstance(layers, nn.ModuleList) else nn.ModuleList()
 
-    def encode(self, batch: StructureBatch) -> tuple[torch.Tensor, list[MoEAux]]:
+    def encode(
+        self, batch: StructureBatch, layout: Layout | None = None
+    ) -> tuple[torch.Tensor, list[MoEAux]]:
+        """Node states and each MoE layer's aux; ``layout``: the batch's padded layout
+        when the caller has it (the attention encoder needs it too)."""
         if batch.tree is not None:
             return self.encoder(batch.tree), []
         assert batch.graph is not None
+        if isinstance(self.encoder, SeqEncoder):
+            return self.encoder(batch.graph, layout)
         h_ND, auxes = self.encoder(batch.graph)
         return h_ND, auxes
 
     def forward(
         self, batch: StructureBatch, targets_BK: torch.Tensor | None = None
     ) -> StructureOutput:
-        h_ND, auxes = self.encode(batch)
-        B, D = batch.size, h_ND.shape[1]
         # Each function's nodes into a padded [B, Nm, D] layout (its own nodes first).
+        layout = padded_layout(batch.graph_N, batch.roots_B)
+        pos_N, real_BN, Nm = layout
+        h_ND, auxes = self.encode(batch, layout)
+        B, D = batch.size, h_ND.shape[1]
         start_B = batch.roots_B
-        pos_N = torch.arange(h_ND.shape[0], device=h_ND.device) - start_B[batch.graph_N]
-        Nm = int(pos_N.max()) + 1
         both_ND2 = torch.cat([h_ND, self.keys(h_ND)], dim=-1)  # keys on the real nodes only
         both_BN2 = h_ND.new_zeros(B, Nm, 2 * D).index_put((batch.graph_N, pos_N), both_ND2)
         nodes_BND, keys_BND = both_BN2.split(D, dim=-1)
-        real_BN = torch.zeros(B, Nm, dtype=torch.bool, device=h_ND.device)
-        real_BN[batch.graph_N, pos_N] = True
         scores_BKN = torch.einsum("kd,bnd->bkn", self.queries_KD, keys_BND)
         scores_BKN = scores_BKN / math.sqrt(D)
         scores_BKN = scores_BKN.masked_fill(~real_BN.unsqueeze(1), float("-inf"))
         context_BKD = torch.einsum("bkn,bnd->bkd", scores_BKN.softmax(-1), nodes_BND)
         root_BKD = h_ND[start_B].unsqueeze(1).expand(B, self.max_name, D)
         logits_BKV = self.out(torch.cat([context_BKD, root_BKD], dim=-1))
-        stats = [aux_terms(a, with_noop=False) for a in auxes]
+        # The layers' terms as a language model reports them: losses weighted into the
+        # loss and summed into ``terms``, everything detached into ``stats``.
+        aux_loss = logits_BKV.new_zeros((), dtype=torch.float32)
         terms: dict[Term, torch.Tensor] = {}
-        for layer in stats:
-            for name, value in layer.items():
+        stats: list[Aux] = []
+        for aux in (aux_terms(a, with_noop=False) for a in auxes):
+            for name, value in aux.items():
                 if spec(name).is_loss:
+                    aux_loss = aux_loss + self.coefs[name] * value.float()
                     terms[name] = terms.get(name, 0) + value.detach().float()
-        out = StructureOutput(logits_BKV, moe=auxes, stats=stats, terms=terms)
+            stats.append({name: value.detach() for name, value in aux.items()})
+        out = StructureOutput(logits_BKV, stats=stats, terms=terms)
         if targets_BK is not None:
             ce = F.cross_entropy(
                 logits_BKV.flatten(0, 1), targets_BK.flatten(), ignore_index=IGNORE
             )
-            aux = ce.new_zeros(())
-            for a in auxes:
-                aux = aux + self.lb_coef * a.load_balance + self.z_coef * a.z_loss
-            out.loss = ce + aux
+            out.loss = ce + aux_loss
             out.ce = ce.detach()
         return out
 

@@ -151,12 +151,39 @@ def dataset_inputs(data: TokenData) -> dict[str, tuple[str, str]]:
 # ----------------------------------------------------------------------------- batches
 
 
-def slot_seed(*parts: int) -> int:
-    """A generator seed from (seed, step, slot): a slot's sample is a pure function of them."""
+def _slot_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
-class BatchSampler:
+class SlotRule:
+    """Global sample slots dealt to ranks, the rule every sampler shares.
+
+    Slot ``j`` of optimizer step ``s`` draws its sample from a generator seeded with
+    (seed, s, j); micro step ``m`` of rank ``r`` takes micro batch ``k = m * world + r``,
+    i.e. slots ``k*B .. k*B + B-1``. Validation deals fixed positions round-robin."""
+
+    def __init__(self, micro_batch: int, rank: int, world: int, seed: int) -> None:
+        self.micro_batch = micro_batch
+        self.rank = rank
+        self.world = world
+        self.seed = seed
+
+    def slots(self, micro: int) -> range:
+        """The global slots of this rank's micro step ``micro``."""
+        first = (micro * self.world + self.rank) * self.micro_batch
+        return range(first, first + self.micro_batch)
+
+    def slot_rng(self, step: int, slot: int) -> np.random.Generator:
+        """The generator of global slot ``slot`` at optimizer step ``step``."""
+        return np.random.default_rng(_slot_seed(self.seed, step, slot))
+
+    def deal(self, positions: np.ndarray, eval_batches: int) -> np.ndarray:
+        """This rank's ``[eval_batches, B]`` share of ``eval_batches x B x world``
+        validation positions, dealt round-robin."""
+        return positions[self.rank :: self.world].reshape(eval_batches, self.micro_batch)
+
+
+class BatchSampler(SlotRule):
     """Random windows of ``seq_len + 1`` tokens from the training split, by global slot.
 
     An optimizer step trains on a global batch of ``micro_batch x grad_accum x world``
@@ -179,12 +206,9 @@ class BatchSampler:
         seed: int,
         eval_batches: int = 1,
     ) -> None:
+        super().__init__(micro_batch, rank, world, seed)
         self.data = data
         self.seq_len = seq_len
-        self.micro_batch = micro_batch
-        self.rank = rank
-        self.world = world
-        self.seed = seed
         if data.train.size < seq_len + 1:
             raise ConfigError(
                 "data.corpus",
@@ -199,7 +223,7 @@ class BatchSampler:
             )
         total = eval_batches * micro_batch * world
         starts = np.linspace(0, data.val.size - seq_len - 1, num=total).astype(np.int64)
-        self.eval_starts = starts[rank::world].reshape(eval_batches, micro_batch)
+        self.eval_starts = self.deal(starts, eval_batches)
 
     def _windows(self, tokens: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
@@ -208,13 +232,11 @@ class BatchSampler:
 
     def slot_start(self, step: int, slot: int) -> int:
         """Start of the window of global sample slot ``slot`` at optimizer step ``step``."""
-        rng = np.random.default_rng(slot_seed(self.seed, step, slot))
-        return int(rng.integers(0, self.data.train.size - self.seq_len))
+        return int(self.slot_rng(step, slot).integers(0, self.data.train.size - self.seq_len))
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens_BS, targets_BS) long tensors for this rank at (step, micro)."""
-        first = (micro * self.world + self.rank) * self.micro_batch
-        starts = np.array([self.slot_start(step, first + b) for b in range(self.micro_batch)])
+        starts = np.array([self.slot_start(step, j) for j in self.slots(micro)])
         return self._windows(self.data.train, starts)
 
     def eval_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

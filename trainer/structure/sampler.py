@@ -2,13 +2,15 @@
 
 Shape legend: B functions of a micro batch, K name positions.
 
-The rule is the token sampler's (:class:`turnout.trainer.data.batches.BatchSampler`):
-global sample slot ``j`` of optimizer step ``s`` is the training function drawn by a
-generator seeded with (seed, s, j), and micro step ``m`` of rank ``r`` takes slots
-``(m * world + r) * B ..`` ``+ B - 1``. So a run resumed at another world size (the
-global batch kept through ``train.grad_accum``) trains on the same micro batches, and
-the data position is the step alone. Validation takes ``eval_batches x B x world``
-functions spread evenly over the held-out files' functions, dealt round-robin to ranks.
+The slots are the token sampler's (:class:`turnout.trainer.data.batches.SlotRule`):
+global sample slot ``j`` of optimizer step ``s`` is the training function its generator
+draws, and micro step ``m`` of rank ``r`` takes slots ``(m * world + r) * B ..``
+``+ B - 1``. So a run resumed at another world size (the global batch kept through
+``train.grad_accum``) trains on the same micro batches, and the data position is the
+step alone. A step's draws are kept until the next step: the rank's batches and the
+step's node count (every rank's slots) read them once. Validation takes
+``eval_batches x B x world`` functions spread evenly over the held-out files'
+functions, dealt round-robin to ranks.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import torch
 
 from turnout.errors import ConfigError
 from turnout.models.structure import StructureBatch
-from turnout.trainer.data.batches import slot_seed
+from turnout.trainer.data.batches import SlotRule
 from turnout.trainer.data.structure.batches import structure_batch
 from turnout.trainer.data.structure.dataset import StructureData
 
 
-class StructureSampler:
+class StructureSampler(SlotRule):
     def __init__(
         self,
         data: StructureData,
@@ -34,12 +36,10 @@ class StructureSampler:
         seed: int,
         eval_batches: int = 1,
     ) -> None:
+        super().__init__(micro_batch, rank, world, seed)
         self.data = data
         self.encoder = encoder
-        self.micro_batch = micro_batch
-        self.rank = rank
-        self.world = world
-        self.seed = seed
+        self._drawn: tuple[int, dict[int, int]] = (-1, {})
         self.train_size = len(data.splits["train"])
         val_size = len(data.splits["val"])
         if val_size == 0:
@@ -51,17 +51,20 @@ class StructureSampler:
         self.train_nodes = np.diff(offsets)
         total = eval_batches * micro_batch * world
         picks = np.linspace(0, val_size - 1, num=total).round().astype(np.int64)
-        self.eval_examples = picks[rank::world].reshape(eval_batches, micro_batch)
+        self.eval_examples = self.deal(picks, eval_batches)
         self.eval_distinct = int(np.unique(picks).size)
 
     def slot_example(self, step: int, slot: int) -> int:
         """The training function of global sample slot ``slot`` at optimizer step ``step``."""
-        rng = np.random.default_rng(slot_seed(self.seed, step, slot))
-        return int(rng.integers(0, self.train_size))
+        if self._drawn[0] != step:
+            self._drawn = (step, {})
+        drawn = self._drawn[1]
+        if slot not in drawn:
+            drawn[slot] = int(self.slot_rng(step, slot).integers(0, self.train_size))
+        return drawn[slot]
 
     def indices(self, step: int, micro: int = 0) -> list[int]:
-        first = (micro * self.world + self.rank) * self.micro_batch
-        return [self.slot_example(step, first + b) for b in range(self.micro_batch)]
+        return [self.slot_example(step, j) for j in self.slots(micro)]
 
     def batch(self, step: int, micro: int = 0) -> tuple[StructureBatch, torch.Tensor]:
         """(the batch, its ``[B, K]`` name targets) for this rank at (step, micro)."""
